@@ -1,0 +1,146 @@
+"""Per-step overhead of sonde's default probe against an unmonitored loop, and against peers.
+
+Everything is measured side by side in one process, interleaved in rounds so that machine
+noise hits all variants alike; the table prints the median per-step time of each variant
+divided by the unmonitored loop's.
+
+    python benchmarks/overhead.py [--steps 30] [--rounds 5] [--no-peers]
+
+Variants: ``sonde`` (the default probe: every topic of every layer, all default metrics,
+every step, recorded to a SQLite store), ``wandb.watch(log="all", log_freq=1)`` in offline
+mode, and TensorBoard ``add_histogram`` of every parameter and gradient every step. The
+peers are skipped, with a note, when their packages are missing (``pip install -e .[benchmark]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+import sonde
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(1024, 1024), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1], nn.Linear(1024, 10))
+    return model, torch.randn(256, 1024), torch.randint(0, 10, (256,))
+
+
+def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(64, 10),
+    )
+    return model, torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+
+Monitor = Callable[[nn.Module, torch.optim.Optimizer, str], contextlib.AbstractContextManager]
+
+
+@contextlib.contextmanager
+def unmonitored(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Iterator[Callable[..., None]]:
+    yield lambda **kw: None
+
+
+@contextlib.contextmanager
+def with_sonde(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Iterator[Callable[..., None]]:
+    with sonde.probe(model, optimizer=opt, store=os.path.join(tmp, "bench.db")) as p:
+        yield p.log
+
+
+@contextlib.contextmanager
+def with_wandb(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Iterator[Callable[..., None]]:
+    import wandb
+
+    run = wandb.init(mode="offline", dir=tmp, project="sonde-bench", reinit=True)
+    wandb.watch(model, log="all", log_freq=1)
+    yield lambda **kw: wandb.log({"loss": kw["loss"].item()})
+    wandb.unwatch(model)
+    run.finish()
+
+
+@contextlib.contextmanager
+def with_tensorboard(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Iterator[Callable[..., None]]:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(tmp, "tb"))
+    step = [0]
+
+    def log(**kw: torch.Tensor) -> None:
+        # Gradients are read after opt.step() here, before zero_grad (see train()).
+        for name, param in model.named_parameters():
+            writer.add_histogram(name, param, step[0])
+            if param.grad is not None:
+                writer.add_histogram(name + ".grad", param.grad, step[0])
+        writer.add_scalar("loss", kw["loss"].item(), step[0])
+        step[0] += 1
+
+    yield log
+    writer.close()
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor: Monitor, steps: int, tmp: str) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    with monitor(model, opt, tmp) as log:
+        for i in range(steps + 3):
+            if i == 3:  # warm-up steps (allocator, first-step histogram edges) are not timed
+                start = time.perf_counter()
+            out = model(x)
+            loss = loss_fn(out, y)
+            loss.backward()
+            opt.step()
+            log(loss=loss, labels=y, outputs=out)
+            opt.zero_grad()
+        elapsed = time.perf_counter() - start
+    return elapsed / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-peers", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    variants: dict[str, Monitor] = {"unmonitored": unmonitored, "sonde": with_sonde}
+    if not args.no_peers:
+        peers = (("wandb.watch", "wandb", with_wandb), ("tensorboard", "tensorboard", with_tensorboard))
+        for name, module, monitor in peers:
+            try:
+                __import__(module)
+                variants[name] = monitor
+            except ImportError:
+                print(f"[skip] {name}: `{module}` not installed (pip install -e .[benchmark])", file=sys.stderr)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
+    print(f"{'model':8s} {'variant':14s} {'ms/step':>9s} {'ratio':>7s}")
+    for model_name, build in (("mlp", mlp), ("cnn", cnn)):
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, monitor in variants.items():
+                torch.manual_seed(0)
+                model, x, y = build()
+                with tempfile.TemporaryDirectory() as tmp:
+                    times[name].append(train(model, x, y, monitor, args.steps, tmp))
+        base = statistics.median(times["unmonitored"])
+        for name, values in times.items():
+            median = statistics.median(values)
+            print(f"{model_name:8s} {name:14s} {median * 1e3:9.2f} {median / base:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

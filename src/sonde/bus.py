@@ -1,0 +1,198 @@
+"""Routes captures to metric instances and turns a finished step into Records.
+
+One metric instance exists per (phase, layer, topic, metric); it is cloned lazily from the
+template the user configured. A capture reaches the instances whose schedule accepts the
+step (evaluation passes are recorded whenever they happen). At the end of a step,
+:meth:`Bus.flush` moves every staged partial state to the host in one batched transfer per
+device, folds it in, computes, resets, and returns the step's Records.
+
+Example:
+    >>> import torch
+    >>> from sonde.metrics import Mean
+    >>> bus = Bus("run", [Mean()], topics=["activations"], schedule=lambda step: True)
+    >>> bus.publish("fc", "activations", torch.ones(3), phase="train", step=0)
+    >>> [(r.layer, r.metric, r.value) for r in bus.flush("train", 0)]
+    [('fc', 'mean', 1.0)]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from sonde.metrics.base import Capture, Metric, TensorMemo
+from sonde.records import Record
+from sonde.schedules import Schedule
+
+__all__ = ["Bus"]
+
+log = logging.getLogger("sonde")
+
+
+class Bus:
+    """Subscriptions of metrics to topics, with their schedules, and the per-step flush."""
+
+    def __init__(self, run: str, metrics: Sequence[Metric], *, topics: Iterable[str], schedule: Schedule) -> None:
+        self.run = run
+        self.schedule = schedule
+        wanted = set(topics)
+        self.templates: dict[str, list[Metric]] = {}
+        for metric in metrics:
+            for topic in metric.topics:
+                if topic in wanted:
+                    self.templates.setdefault(topic, []).append(metric)
+        self._instances: dict[tuple[str, str, str], list[Metric]] = {}
+        self._touched: dict[str, dict[tuple[str, str], list[Metric]]] = {"train": {}, "eval": {}}
+        self._wants_cache: tuple[int, dict[str, bool]] = (-1, {})
+        self.memo = TensorMemo()
+        self._failed_metrics: set[str] = set()
+
+    @property
+    def topics(self) -> set[str]:
+        """Topics at least one metric subscribes to."""
+        return set(self.templates)
+
+    def scheduled(self, metric: Metric, step: int) -> bool:
+        return (metric.schedule or self.schedule)(step)
+
+    def wants(self, topic: str, step: int, phase: str = "train") -> bool:
+        """Whether any metric records ``topic`` at ``step``: lets hooks skip work cheaply."""
+        templates = self.templates.get(topic)
+        if not templates:
+            return False
+        if phase == "eval":
+            return True
+        cached_step, cache = self._wants_cache
+        if cached_step != step:
+            cache = {}
+            self._wants_cache = (step, cache)
+        if topic not in cache:
+            cache[topic] = any(self.scheduled(m, step) for m in templates)
+        return cache[topic]
+
+    def publish(
+        self,
+        layer: str,
+        topic: str,
+        tensor: torch.Tensor,
+        *,
+        phase: str,
+        step: int,
+        labels: torch.Tensor | None = None,
+    ) -> None:
+        """Hand one captured tensor to every metric subscribed to it at this step."""
+        key = (phase, layer, topic)
+        instances = self._instances.get(key)
+        if instances is None:
+            instances = [m.clone() for m in self.templates.get(topic, ())]
+            self._instances[key] = instances
+        capture = Capture(tensor, layer=layer, topic=topic, phase=phase, step=step, labels=labels, memo=self.memo)
+        touched = self._touched[phase]
+        for template, instance in zip(self.templates.get(topic, ()), instances, strict=True):
+            if phase == "train" and not self.scheduled(template, step):
+                continue
+            try:
+                instance.update(capture)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never break training
+                self._report(instance, exc)
+                continue
+            instance.updates += 1
+            touched.setdefault((layer, topic), [])
+            if instance not in touched[(layer, topic)]:
+                touched[(layer, topic)].append(instance)
+
+    def pending(self, phase: str) -> bool:
+        return bool(self._touched[phase])
+
+    def flush(self, phase: str, step: int) -> list[Record]:
+        """Compute every metric touched in ``phase`` since the last flush; return their Records."""
+        touched = self._touched[phase]
+        self._touched[phase] = {}
+        self.memo.clear()
+        if not touched:
+            return []
+        host = _to_host(value for instances in touched.values() for m in instances for _, value in m.staged)
+        records: list[Record] = []
+        values: dict[tuple[str, str, str], Any] = {}
+        derived: list[tuple[str, str, Metric]] = []
+        for (layer, topic), instances in touched.items():
+            for metric in instances:
+                if getattr(metric, "derived", False):
+                    derived.append((layer, topic, metric))
+                    continue
+                try:
+                    metric.absorb_staged(host)
+                    result = metric.compute()
+                except Exception as exc:  # noqa: BLE001
+                    self._report(metric, exc)
+                    result = {}
+                metric.reset()
+                for name, value in result.items():
+                    values[(layer, topic, name)] = value
+                    records.append(Record(self.run, step, phase, layer, topic, name, value))
+        for layer, topic, metric in derived:
+            for name, value in metric.derive(values, layer, topic).items():  # type: ignore[attr-defined]
+                records.append(Record(self.run, step, phase, layer, topic, name, value))
+            metric.reset()
+        return records
+
+    def _report(self, metric: Metric, exc: Exception) -> None:
+        if metric.name not in self._failed_metrics:
+            self._failed_metrics.add(metric.name)
+            log.error(
+                "sonde: metric %r failed (%s: %s); training goes on, its values are missing where it fails",
+                metric.name, type(exc).__name__, exc,
+            )
+
+
+def _to_host(staged: Iterable[Any]) -> dict[int, np.ndarray]:
+    """Host copies of staged partials: one transfer per accelerator, none for CPU tensors.
+
+    A staged partial is a tensor, or a tuple of 0-d tensors and floats read back as one vector.
+    """
+    host: dict[int, np.ndarray] = {}
+    device_parts: dict[torch.device, list[torch.Tensor]] = {}
+    pending: list[tuple[int, Any]] = []
+    seen: set[int] = set()
+    for value in staged:
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        parts = value if isinstance(value, tuple) else (value,)
+        if all(not isinstance(p, torch.Tensor) or p.device.type == "cpu" for p in parts):
+            host[id(value)] = _cpu_value(value)
+            continue
+        pending.append((id(value), value))
+        for part in parts:
+            if isinstance(part, torch.Tensor) and part.device.type != "cpu":
+                device_parts.setdefault(part.device, []).append(part)
+    if pending:
+        fetched: dict[int, np.ndarray] = {}
+        for group in device_parts.values():
+            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in group]).cpu().numpy()
+            offset = 0
+            for tensor in group:
+                fetched[id(tensor)] = flat[offset : offset + tensor.numel()].reshape(tensor.shape)
+                offset += tensor.numel()
+        for key, value in pending:
+            if isinstance(value, tuple):
+                host[key] = np.array([_part_value(p, fetched) for p in value], dtype=np.float64)
+            else:
+                host[key] = fetched[id(value)]
+    return host
+
+
+def _cpu_value(value: Any) -> np.ndarray:
+    if isinstance(value, tuple):
+        return np.array([float(p) for p in value], dtype=np.float64)
+    return value.detach().numpy().astype(np.float64, copy=False)
+
+
+def _part_value(part: Any, fetched: dict[int, np.ndarray]) -> float:
+    if isinstance(part, torch.Tensor):
+        return float(fetched[id(part)]) if part.device.type != "cpu" else float(part)
+    return float(part)

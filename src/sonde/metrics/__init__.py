@@ -1,0 +1,49 @@
+"""Built-in metrics. Each registers under the ``sonde.metrics`` entry-point group, as a plugin's would.
+
+Example:
+    >>> from sonde.metrics import Histogram, registry
+    >>> registry()["histogram"] is Histogram
+    True
+"""
+
+from __future__ import annotations
+
+from sonde.metrics.base import Capture, Metric
+from sonde.metrics.registry import DEFAULT_METRICS, registry, resolve_metrics
+from sonde.metrics.stats import (
+    AbsMean,
+    Histogram,
+    Max,
+    Mean,
+    Min,
+    NonfiniteFrac,
+    Norm,
+    Std,
+    TensorStats,
+    UpdateRatio,
+    Var,
+    ZeroFrac,
+)
+from sonde.metrics.training import Loss, TrainAccuracy
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "AbsMean",
+    "Capture",
+    "Histogram",
+    "Loss",
+    "Max",
+    "Mean",
+    "Metric",
+    "Min",
+    "NonfiniteFrac",
+    "Norm",
+    "Std",
+    "TensorStats",
+    "TrainAccuracy",
+    "UpdateRatio",
+    "Var",
+    "ZeroFrac",
+    "registry",
+    "resolve_metrics",
+]

@@ -1,0 +1,200 @@
+"""The Metric extension point: declared mergeable state, ``update`` and ``compute``.
+
+A metric is updated on the training thread with a :class:`Capture` and must stay on the
+tensor's device there: it *stages* small partial states with :meth:`Metric.stage` instead of
+reading values. At the end of a recorded step the probe moves every staged tensor of every
+metric to the host in one batched transfer, folds each partial into the metric's host state
+with the state's declared ``reduce``, and calls :meth:`Metric.compute`.
+
+Declared state is what makes merging free: ``merge(other)`` folds another instance's state in
+with the same reduce functions, for several batches, processes or ranks alike.
+
+Example:
+    >>> import numpy as np, torch
+    >>> class Peak(Metric):
+    ...     name = "peak"
+    ...     def __init__(self, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.add_state("peak", default=-np.inf, reduce="max")
+    ...     def update(self, capture):
+    ...         self.stage("peak", capture.tensor.detach().max())
+    ...     def compute(self):
+    ...         return {"peak": float(self.state["peak"])}
+    >>> m = Peak()
+    >>> m.update(Capture(torch.tensor([1.0, 5.0])))
+    >>> m.absorb_staged({id(t): t.numpy() for _, t in m.staged})
+    >>> m.compute()
+    {'peak': 5.0}
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from sonde.errors import ConfigError
+from sonde.schedules import Schedule, as_schedule
+
+__all__ = ["Capture", "Metric", "Reduce"]
+
+Reduce = Callable[[Any, Any], Any]
+
+_REDUCERS: dict[str, Reduce] = {
+    "sum": lambda a, b: a + b,
+    "max": np.maximum,
+    "min": np.minimum,
+    "cat": lambda a, b: np.concatenate([a, b]),
+}
+
+
+class Capture:
+    """A tensor seen by a probe, with what the metrics need to know about it.
+
+    ``cached(key, fn)`` computes ``fn(tensor)`` once per tensor version for all metrics of a
+    step (the activations of one layer are often the inputs of the next: same tensor, one
+    reduction). The capture holds the tensor only while metrics update.
+    """
+
+    __slots__ = ("_memo", "labels", "layer", "phase", "step", "tensor", "topic")
+
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        *,
+        layer: str = "",
+        topic: str = "",
+        phase: str = "train",
+        step: int = 0,
+        labels: torch.Tensor | None = None,
+        memo: TensorMemo | None = None,
+    ) -> None:
+        self.tensor = tensor
+        self.layer = layer
+        self.topic = topic
+        self.phase = phase
+        self.step = step
+        self.labels = labels
+        self._memo = memo
+
+    def cached(self, key: str, fn: Callable[[torch.Tensor], Any]) -> Any:
+        if self._memo is None:
+            return fn(self.tensor)
+        return self._memo.get(self.tensor, key, fn)
+
+
+class TensorMemo:
+    """Per-step memo of reductions keyed by tensor identity and version, holding no tensor alive."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int, str], tuple[Any, Any]] = {}
+
+    def get(self, tensor: torch.Tensor, key: str, fn: Callable[[torch.Tensor], Any]) -> Any:
+        entry_key = (id(tensor), tensor._version, key)
+        entry = self._entries.get(entry_key)
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        value = fn(tensor)
+        self._entries[entry_key] = (weakref.ref(tensor), value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class Metric:
+    """Base class of all metrics.
+
+    Class attributes:
+        name: the registry name users pass in ``metrics=[...]``.
+        outputs: the metric names this class emits in Records (default: ``(name,)``).
+        topics: the topics it applies to when selected by name.
+        requires: other metric names it needs on the same layer (pulled in automatically).
+
+    Args:
+        every: an int or a schedule ``step -> bool`` overriding the probe's ``every=``.
+    """
+
+    name: ClassVar[str] = ""
+    outputs: ClassVar[tuple[str, ...]] = ()
+    topics: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, every: int | Schedule | None = None) -> None:
+        self.schedule: Schedule | None = None if every is None else as_schedule(every)
+        self._defaults: dict[str, tuple[Any, Reduce]] = {}
+        self.state: dict[str, Any] = {}
+        self.staged: list[tuple[str, Any]] = []
+        self.updates = 0
+
+    # -- declared state -------------------------------------------------------------------
+    def add_state(self, name: str, default: Any, reduce: str | Reduce = "sum") -> None:
+        """Declare a piece of mergeable host state with its reduce (sum, max, min, cat or a function)."""
+        if isinstance(reduce, str):
+            if reduce not in _REDUCERS:
+                raise ConfigError(f"reduce= expects one of {sorted(_REDUCERS)} or a function, got {reduce!r}")
+            reduce = _REDUCERS[reduce]
+        self._defaults[name] = (default, reduce)
+        self.state[name] = copy.deepcopy(default)
+
+    def stage(self, name: str, value: torch.Tensor | tuple[torch.Tensor | float, ...]) -> None:
+        """Queue a device-side partial for state ``name`` (a tensor, or a tuple of 0-d tensors and
+        floats read back as one vector); it is folded in after the step's batched transfer."""
+        self.staged.append((name, value))
+
+    def absorb(self, name: str, value: Any) -> None:
+        """Fold a host-side partial into state ``name`` with its declared reduce."""
+        _, reduce = self._defaults[name]
+        current = self.state[name]
+        self.state[name] = value if current is None else reduce(current, value)
+
+    def absorb_staged(self, host: dict[int, np.ndarray]) -> None:
+        """Fold in every staged partial, given their host copies keyed by ``id`` of the staged tensor."""
+        for name, tensor in self.staged:
+            value = host[id(tensor)]
+            self.absorb(name, value if value.ndim else value.item())
+        self.staged.clear()
+
+    def merge(self, other: Metric) -> None:
+        """Fold another instance's state into this one (other batches, processes or ranks)."""
+        for name, value in other.state.items():
+            self.absorb(name, value)
+        self.updates += other.updates
+
+    def reset(self) -> None:
+        for name, (default, _) in self._defaults.items():
+            self.state[name] = copy.deepcopy(default)
+        self.staged.clear()
+        self.updates = 0
+
+    # -- to override --------------------------------------------------------------------------
+    def update(self, capture: Capture) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, Any]:
+        """Return ``{metric name: float or 1-D numpy array}`` from the host state."""
+        raise NotImplementedError
+
+    def emits(self) -> tuple[str, ...]:
+        return self.outputs or (self.name,)
+
+    def combine(self, other: Metric) -> Metric | None:
+        """One metric doing the work of ``self`` and ``other`` (shared reductions), or None."""
+        return None
+
+    def clone(self) -> Metric:
+        """A fresh instance with the same configuration (one per layer × topic × phase)."""
+        fresh = copy.deepcopy(self)
+        fresh.reset()
+        return fresh
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def emitted_names(metrics: Iterable[Metric]) -> list[str]:
+    return [name for m in metrics for name in m.emits()]

@@ -1,0 +1,47 @@
+"""``sonde.probe``: attach probes to a model. One module per framework adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sonde.errors import ProbeError
+from sonde.probe.core import Probe
+
+__all__ = ["Probe", "probe"]
+
+
+def probe(model: Any, **kwargs: Any) -> Probe:
+    """Attach probes to ``model`` for one run; use as a context manager.
+
+    Args:
+        model: a ``torch.nn.Module`` (other frameworks have their own adapters).
+        run: run name; default: the model class name made unique in the store.
+        store: path of the SQLite store (default ``sonde.db``), a SQLAlchemy URL, or None.
+        server: URL of a running ``sonde serve`` (not available in this version).
+        optimizer: the optimizer; its steps are sonde's steps and give ``*_updates``.
+        layers: a callable ``(name, module) -> bool`` or a list of names/globs.
+        topics: topics to capture (default: all); see ``sonde.topics.TOPICS``.
+        metrics: metric names and/or configured ``sonde.metrics`` instances (default: all built-ins).
+        every: record step k when ``k % every == 0``, or any schedule ``step -> bool``.
+        depth: None for leaf modules (and modules owning parameters), k for modules k levels down.
+        sinks: extra sinks by name (``"tensorboard"``, ``"csv"``, ``"console"``) or instance.
+        resume: append to an existing run of the same name instead of refusing.
+
+    Example:
+        >>> import torch, sonde
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+        >>> with sonde.probe(model, store=None) as p:
+        ...     _ = model(torch.randn(8, 4)).sum().backward()
+    """
+    try:
+        import torch.nn
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None  # type: ignore[assignment]
+    if torch is not None and isinstance(model, torch.nn.Module):
+        from sonde.probe.torch import TorchProbe
+
+        return TorchProbe(model, **kwargs)
+    raise ProbeError(
+        f"sonde.probe expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}; "
+        "for Keras use sonde.keras.SondeCallback"
+    )

@@ -1,0 +1,210 @@
+"""The framework-independent half of a probe: run, bus, sinks, steps and phases.
+
+A framework adapter (``probe/torch.py`` is the reference) finds layers, installs hooks and
+calls :meth:`Probe.publish`; this class decides which step a capture belongs to, when a step
+is finished, and where the Records go.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from sonde.bus import Bus
+from sonde.errors import ConfigError
+from sonde.metrics.base import Metric
+from sonde.metrics.registry import resolve_metrics
+from sonde.records import NETWORK, Record
+from sonde.schedules import Schedule, as_schedule
+from sonde.sinks import LayerInfo, RunInfo, Sink, SinkRunner, resolve_sinks
+from sonde.topics import STEP_TOPICS, TOPICS
+
+__all__ = ["Probe"]
+
+log = logging.getLogger("sonde")
+
+
+class Probe:
+    """A probe attached to one model for one run. Use it as a context manager.
+
+    Steps are 0-based. A train step is *finished* when the next train step starts or the probe
+    closes, so values logged right after ``optimizer.step()`` still belong to the step that
+    produced them. Evaluation passes (model in eval mode or gradients disabled) are recorded in
+    phase ``eval`` at the step whose weights they used, all eval batches merged into one value.
+    """
+
+    framework = ""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        run: str | None,
+        store: Any,
+        server: str | None,
+        metrics: Sequence[str | Metric] | None,
+        topics: Sequence[str] | None,
+        every: int | Schedule,
+        sinks: Sequence[str | Sink] | None,
+        resume: bool,
+        layers: list[LayerInfo],
+        config: dict[str, Any],
+    ) -> None:
+        if server is not None:
+            raise ConfigError(
+                "server= needs the sonde server, which this version does not ship yet; "
+                "record locally with store='sonde.db' (the default)"
+            )
+        if topics is not None:
+            unknown = [t for t in topics if t not in TOPICS]
+            if unknown or isinstance(topics, str):
+                raise ConfigError(f"unknown topic(s) {unknown or topics!r}; topics are: {', '.join(TOPICS)}")
+        self.schedule = as_schedule(every)
+        self.metrics = resolve_metrics(metrics)
+        sink_list = resolve_sinks(sinks)
+        if store is not None:
+            from sonde.sinks.store import StoreSink
+            from sonde.store import Store, open_store
+
+            store_obj = store if isinstance(store, Store) else open_store(store)
+            if run is None:
+                run = store_obj.unique_run_name(model_name.lower())
+            sink_list.insert(0, StoreSink(store_obj))
+        if run is None:
+            run = f"{model_name.lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run = run
+        self.info = RunInfo(
+            name=run, model=model_name, framework=self.framework, config=config, layers=layers, resume=resume
+        )
+        self._runners: list[SinkRunner] = []
+        try:
+            for sink in sink_list:
+                sink.open(self.info)  # on this thread: a bad path fails here, not at step 1000
+                self._runners.append(SinkRunner(sink))
+        except Exception:
+            for runner in self._runners:
+                runner.close("failed")
+            raise
+        self.bus = Bus(run, self.metrics, topics=TOPICS if topics is None else topics, schedule=self.schedule)
+        self.step = self.info.first_step
+        self._step_started = False  # a train forward (or log) happened in the current step
+        self._step_closed = False  # the optimizer stepped: the next train forward starts a new step
+        self.closed = False
+
+    # -- steps -------------------------------------------------------------------------------
+    def wants(self, topic: str, phase: str = "train") -> bool:
+        return not self.closed and self.bus.wants(topic, self.eval_step if phase == "eval" else self.step, phase)
+
+    @property
+    def eval_step(self) -> int:
+        """Step an evaluation pass is filed under: the step whose weights it sees."""
+        return self.step + 1 if self._step_closed else self.step
+
+    def begin_train_forward(self) -> bool:
+        """Called at each train-mode forward of the root; returns True when a new step began."""
+        self.finish_eval()
+        if self._step_started and (self._step_closed or not self.steps_on_optimizer):
+            self.finish_step()
+            self.step += 1
+            self._step_closed = False
+            self._step_started = True
+            return True
+        new = not self._step_started
+        self._step_started = True
+        return new
+
+    steps_on_optimizer = False
+
+    def optimizer_stepped(self) -> None:
+        self._step_started = True
+        self._step_closed = True
+
+    def finish_step(self) -> None:
+        self._emit(self.bus.flush("train", self.step))
+
+    def finish_eval(self) -> None:
+        if self.bus.pending("eval"):
+            self._emit(self.bus.flush("eval", self.eval_step))
+
+    def publish(self, layer: str, topic: str, tensor: Any, *, phase: str, step: int | None = None, **kw: Any) -> None:
+        if step is None:
+            step = self.eval_step if phase == "eval" else self.step
+        self.bus.publish(layer, topic, tensor, phase=phase, step=step, **kw)
+
+    def _emit(self, records: list[Record]) -> None:
+        if records:
+            for runner in self._runners:
+                runner.submit(records)
+
+    # -- user API ----------------------------------------------------------------------------
+    def log(self, **values: Any) -> None:
+        """Log per-step, network-wide values: ``loss``, ``labels`` and ``outputs``.
+
+        Tensors stay on their device; nothing is read back here. ``labels`` with ``outputs``
+        give ``train_accuracy``.
+
+        Example:
+            ``p.log(loss=loss, labels=y, outputs=out)``
+        """
+        unknown = sorted(set(values) - set(STEP_TOPICS))
+        if unknown:
+            raise ConfigError(f"Probe.log() takes {', '.join(STEP_TOPICS)}; got unexpected {', '.join(unknown)}")
+        if self.closed:
+            raise ConfigError("Probe.log() called after the probe closed; log inside the `with sonde.probe(...)` block")
+        phase = self.current_phase()
+        if phase == "train":
+            self._step_started = True
+        labels = values.get("labels")
+        for topic in ("loss", "outputs"):
+            value = values.get(topic)
+            if value is None or not self.wants(topic, phase):
+                continue
+            tensor = self.as_tensor(value, topic)
+            self.publish(NETWORK, topic, tensor, phase=phase, labels=labels if topic == "outputs" else None)
+
+    def current_phase(self) -> str:
+        return "train"
+
+    def as_tensor(self, value: Any, topic: str) -> Any:
+        raise NotImplementedError
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every sink has written what was recorded so far (finished steps only)."""
+        for runner in self._runners:
+            runner.flush(timeout)
+
+    def close(self, status: str = "finished") -> None:
+        """Record the last step, remove every hook and close the sinks. Idempotent."""
+        if self.closed:
+            return
+        try:
+            self.finish_eval()
+            if self._step_started:
+                self.finish_step()
+        finally:
+            self.closed = True
+            self.detach()
+            for runner in self._runners:
+                runner.close(status)
+            failed = [r.sink.name for r in self._runners if r.failed is not None]
+            if failed:
+                log.error("sonde: run %r finished with failed sink(s): %s (see errors above)", self.run, failed)
+
+    def detach(self) -> None:
+        """Remove the framework hooks (adapters override)."""
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close("failed" if exc_type is not None else "finished")
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            log.warning("sonde: probe for run %r was never closed; use `with sonde.probe(...)`", self.run)
+

@@ -1,0 +1,146 @@
+"""The store's tables and their numbered migrations.
+
+Every table is declared once, with SQLAlchemy Core, in types both SQLite and PostgreSQL
+understand. The schema is never created directly: :func:`migrate` reads the version in
+``schema_version`` (0 for a new or empty database) and applies each numbered migration above
+it, each in its own transaction together with the row that records it. Applying twice is a
+no-op, and a database written by an older sonde is brought up to date when it is opened.
+
+Timestamps (``started_at``, ``updated_at``, ``ended_at``, ``applied_at``) are UTC seconds since
+the epoch, as floats: one portable type, ordered and cheap to compare.
+
+Example:
+    >>> from sqlalchemy import create_engine
+    >>> engine = create_engine("sqlite://")
+    >>> migrate(engine)
+    1
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Double,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    select,
+)
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "layers", "metadata", "migrate", "records", "runs", "schema_version"]
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", Double, nullable=False),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("model", Text, nullable=False, default=""),
+    Column("framework", Text, nullable=False, default=""),
+    Column("config", Text, nullable=False, default="{}"),  # JSON object
+    Column("status", Text, nullable=False, default="running"),  # running | finished | failed
+    Column("started_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("ended_at", Double, nullable=True),
+    # Kept up to date by every write, so that listing runs and resuming one never scans records.
+    Column("last_step", Integer, nullable=True),
+)
+
+layers = Table(
+    "layers",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("type", Text, nullable=False, default=""),
+    Column("param_shapes", Text, nullable=False, default="{}"),  # JSON {param: [dims]}
+    UniqueConstraint("run_id", "name", name="uq_layers_run_name"),
+)
+
+records = Table(
+    "records",
+    metadata,
+    # INTEGER on SQLite makes the key the rowid itself (no second b-tree); BIGINT elsewhere.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("phase", Text, nullable=False),
+    Column("layer", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("metric", Text, nullable=False),
+    Column("value", Double, nullable=True),  # scalar metrics (NULL for arrays; SQLite also stores NaN as NULL)
+    Column("array", LargeBinary, nullable=True),  # 1-D float64, little-endian bytes
+    Index("ix_records_series", "run_id", "layer", "topic", "metric", "step"),
+)
+
+
+def _migration_1(conn: Connection) -> None:
+    """Create runs, layers and records with their indexes."""
+    # checkfirst keeps this safe on a database where a crash left some of the tables behind.
+    metadata.create_all(conn, tables=[runs, layers, records], checkfirst=True)
+
+
+#: Numbered migrations; the position in the list plus one is the version each one produces.
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+
+#: The schema version this code writes.
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def current_version(conn: Connection) -> int:
+    """The highest applied migration, 0 when none (or no ``schema_version`` table) exists."""
+    if not conn.dialect.has_table(conn, schema_version.name):
+        return 0
+    return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the database up to :data:`SCHEMA_VERSION`; returns the version it is at afterwards.
+
+    Raises:
+        RuntimeError: the database was written by a newer sonde (its version is above ours).
+
+    Example:
+        >>> from sqlalchemy import create_engine
+        >>> e = create_engine("sqlite://")
+        >>> migrate(e), migrate(e)
+        (1, 1)
+    """
+    with engine.connect() as conn, conn.begin():
+        metadata.create_all(conn, tables=[schema_version], checkfirst=True)
+    # Writes take the database's write lock up front (see store.py), so two processes opening
+    # a new store at once apply each migration exactly once: the second sees the first's rows.
+    with engine.connect().execution_options(sonde_write=True) as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("LOCK TABLE schema_version IN EXCLUSIVE MODE")
+        version = current_version(conn)
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the store has schema version {version} but this sonde knows only up to "
+                f"{SCHEMA_VERSION}; upgrade sonde to read it"
+            )
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[number - 1](conn)
+            conn.execute(schema_version.insert().values(version=number, applied_at=time.time()))
+    return max(version, SCHEMA_VERSION)

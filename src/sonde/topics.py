@@ -1,0 +1,25 @@
+"""The topic vocabulary of DESIGN.md: what a probe can capture."""
+
+from __future__ import annotations
+
+__all__ = ["PARAM_TOPICS", "STEP_TOPICS", "TENSOR_TOPICS", "TOPICS", "UPDATE_OF"]
+
+#: Per-layer topics carrying a tensor.
+TENSOR_TOPICS = (
+    "activations",
+    "inputs",
+    "output_grads",
+    "weights",
+    "biases",
+    "weight_grads",
+    "bias_grads",
+    "weight_updates",
+    "bias_updates",
+)
+#: Per-step, network-wide topics, fed through ``Probe.log``.
+STEP_TOPICS = ("loss", "labels", "outputs")
+TOPICS = TENSOR_TOPICS + STEP_TOPICS
+#: Topics read off a layer's parameters rather than its forward/backward pass.
+PARAM_TOPICS = ("weights", "biases", "weight_grads", "bias_grads", "weight_updates", "bias_updates")
+#: The parameter topic each update topic is a change of.
+UPDATE_OF = {"weight_updates": "weights", "bias_updates": "biases"}
