@@ -45,6 +45,15 @@ class Bus:
             for topic in metric.topics:
                 if topic in wanted:
                     self.templates.setdefault(topic, []).append(metric)
+        for metric in metrics:  # metrics of Records need their inputs on the topics they read
+            for topic, source in metric.reads_topics.items():
+                if topic not in wanted:
+                    continue
+                for needed in metric.requires:
+                    provider = next((m for m in metrics if needed in m.emits()), None)
+                    subscribed = self.templates.setdefault(source, [])
+                    if provider is not None and provider not in subscribed:
+                        subscribed.append(provider)
         self._instances: dict[tuple[str, str, str], list[Metric]] = {}
         self._touched: dict[str, dict[tuple[str, str], list[Metric]]] = {"train": {}, "eval": {}}
         self._wants_cache: tuple[int, dict[str, bool]] = (-1, {})

@@ -94,11 +94,12 @@ def print_summary(result: DemoResult) -> None:
     for run, values in loss:
         print(f"  {run}: loss {values.iloc[0]:.3f} -> {values.iloc[-1]:.3f}")
     dead = frame[(frame.topic == "activations") & (frame.metric == "zero_frac") & (frame.phase == "train")]
-    if len(dead):
-        last = dead.sort_values("step").groupby(["run", "layer"], as_index=False)["value"].last()
-        worst = last.sort_values("value", ascending=False).iloc[0]
-        print(f"  most inactive layer: {worst['run']} / {worst['layer']}: "
-              f"{worst['value']:.0%} of its outputs are exactly zero")
+    last: dict[tuple[str, str], float] = {}
+    for run, layer, value in dead.sort_values("step")[["run", "layer", "value"]].itertuples(index=False):
+        last[(str(run), str(layer))] = float(value)
+    if last:
+        (run, layer), value = max(last.items(), key=lambda item: item[1])
+        print(f"  most inactive layer: {run} / {layer}: {value:.0%} of its outputs are exactly zero")
     print(f"\nStore:       {result.store}   (pandas: sonde.load({result.store!r}, run=...))")
     print(f"CSV:         {os.path.join(result.logdir, '<run>', 'records.csv')}")
     print(f"TensorBoard: {result.logdir}")

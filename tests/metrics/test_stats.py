@@ -259,12 +259,9 @@ def test_merge_with_empty_summary_is_identity() -> None:
     np.testing.assert_array_equal(merge_summaries(s, EMPTY_SUMMARY.copy()), s)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: summarize computes the mean in float32 (shift + s1/n), so merging batches of "
-    "large-mean data adds the rounding of each batch mean to m2 (var off by ~4e-4 relative)",
-)
 def test_merge_of_large_mean_batches_keeps_variance_precision() -> None:
+    # Each batch mean must reach the merge in float64: a float32 mean (ulp 1e-3 at 1e4) would add
+    # its rounding to m2 through Chan's delta term and put var off by ~4e-4 relative.
     rng = np.random.default_rng(0)
     data = (1e4 + 1e-2 * rng.standard_normal(10_000)).astype(np.float32)
     got = summary_stats(merged(np.array_split(data, 7)))

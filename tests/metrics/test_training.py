@@ -251,11 +251,6 @@ def test_update_ratio_of_zero_weights_is_nan() -> None:
     assert np.isfinite(got[(0, "0", "weight_updates")]) and got[(0, "0", "weight_updates")] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: topics=['weight_updates'] subscribes norm only to weight_updates, so the weights "
-    "norm update_ratio divides by is never recorded and update_ratio is silently missing",
-)
 def test_update_ratio_with_only_update_topics_selected() -> None:
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(3, 2))

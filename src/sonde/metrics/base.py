@@ -114,6 +114,9 @@ class Metric:
         outputs: the metric names this class emits in Records (default: ``(name,)``).
         topics: the topics it applies to when selected by name.
         requires: other metric names it needs on the same layer (pulled in automatically).
+        reads_topics: for a metric of Records, the other topic each of its topics reads
+            (``update_ratio`` on ``weight_updates`` reads ``weights``): the required metrics
+            are subscribed to those topics too.
 
     Args:
         every: an int or a schedule ``step -> bool`` overriding the probe's ``every=``.
@@ -123,6 +126,7 @@ class Metric:
     outputs: ClassVar[tuple[str, ...]] = ()
     topics: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[tuple[str, ...]] = ()
+    reads_topics: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, every: int | Schedule | None = None) -> None:
         self.schedule: Schedule | None = None if every is None else as_schedule(every)
@@ -148,6 +152,8 @@ class Metric:
 
     def absorb(self, name: str, value: Any) -> None:
         """Fold a host-side partial into state ``name`` with its declared reduce."""
+        if value is None:
+            return  # an empty partial (a never-updated instance being merged)
         _, reduce = self._defaults[name]
         current = self.state[name]
         self.state[name] = value if current is None else reduce(current, value)

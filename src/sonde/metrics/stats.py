@@ -84,7 +84,7 @@ class TensorStats(Metric):
         self.stage("summary", capture.cached("summary", F.summarize_raw))
 
     def absorb(self, name: str, value: Any) -> None:
-        if name == "summary" and len(value) != len(F.EMPTY_SUMMARY):
+        if name == "summary" and value is not None and len(value) != len(F.EMPTY_SUMMARY):
             value = F.finish_summary(value)  # a raw partial fresh from the device
         super().absorb(name, value)
 
@@ -236,6 +236,7 @@ class UpdateRatio(Metric):
     name = "update_ratio"
     topics = tuple(UPDATE_OF)
     requires = ("norm",)
+    reads_topics: ClassVar[dict[str, str]] = UPDATE_OF
     derived: ClassVar[bool] = True
 
     def update(self, capture: Capture) -> None:

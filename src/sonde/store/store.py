@@ -176,6 +176,12 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.where!r})"
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- writing --------------------------------------------------------------------------
 
     def _write_conn(self) -> Connection:
