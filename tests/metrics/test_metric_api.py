@@ -142,11 +142,6 @@ def test_merge_with_a_fresh_instance_changes_nothing() -> None:
     assert_matches(fresh.compute(), expected(batches))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: Metric.absorb folds a None state (never updated) with the reduce, "
-    "so merge_summaries(summary, None) raises TypeError",
-)
 def test_builtin_merge_with_a_never_updated_instance() -> None:
     m = Mean()
     feed(m, [np.array([1.0, 2.0, 6.0])])
