@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -40,6 +41,26 @@ __all__ = [
 
 N, MEAN, M2, MIN, MAX, ABS_SUM, ZEROS, NANS, INFS = range(9)
 EMPTY_SUMMARY = np.array([0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0, 0.0, 0.0])
+
+
+_scratch = threading.local()
+
+
+def scratch(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A reusable buffer shaped like flat ``like`` (per thread, device and dtype).
+
+    Fresh multi-megabyte allocations on the CPU are served by mmap and pay a page fault per
+    4 KiB on first touch, which costs more than the arithmetic; reusing one buffer avoids it.
+    """
+    dtype = dtype or like.dtype
+    buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    key = (like.device, dtype)
+    buffer = buffers.get(key)
+    n = like.numel()
+    if buffer is None or buffer.numel() < n:
+        buffer = torch.empty(n, dtype=dtype, device=like.device)
+        buffers[key] = buffer
+    return buffer[:n]
 
 
 def _flat_float(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +86,8 @@ def summarize_raw(x: torch.Tensor) -> tuple[torch.Tensor | float, ...]:
         return (0.0,)
     first = v[0]
     shift = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
-    centred = v - shift
+    centred = torch.sub(v, shift, out=scratch(v))
+    s1, s2 = centred.sum(), torch.dot(centred, centred)
     lo, hi = torch.aminmax(v)
     if v.device.type == "cpu" and math.isfinite(float(lo)) and math.isfinite(float(hi)):
         # Reading a CPU scalar costs no device sync; finite extremes mean no NaN and no Inf
@@ -75,10 +97,8 @@ def summarize_raw(x: torch.Tensor) -> tuple[torch.Tensor | float, ...]:
     else:
         nans = torch.isnan(v).sum()
         infs = torch.isinf(v).sum()
-    return (
-        float(n), shift, centred.sum(), torch.dot(centred, centred), lo, hi, v.abs().sum(),
-        torch.count_nonzero(v), nans, infs,
-    )
+    abs_sum = torch.abs(v, out=scratch(v)).sum()  # the buffer is free again: s1 and s2 are taken
+    return (float(n), shift, s1, s2, lo, hi, abs_sum, torch.count_nonzero(v), nans, infs)
 
 
 def finish_summary(raw: np.ndarray) -> np.ndarray:
@@ -159,12 +179,13 @@ def histogram_counts(
     """
     v = _flat_float(x)
     scale = bins / (hi - lo)
-    position = torch.sub(v, lo).mul_(scale).clamp_(0, bins - 1)
+    position = torch.sub(v, lo, out=scratch(v)).mul_(scale).clamp_(0, bins - 1)
     if v.device.type == "cpu":
         # Clamping bounds every number, so a non-finite sum means NaN, which cannot be binned.
         if not nan_free and not math.isfinite(float(position.sum())):
             position = position[~torch.isnan(position)]
-        return torch.bincount(position.to(torch.uint8 if bins <= 256 else torch.int64), minlength=bins)
+        index = scratch(position, torch.uint8 if bins <= 256 else torch.int64).copy_(position)
+        return torch.bincount(index, minlength=bins)
     # On accelerators bincount would sync to size its output; index_add_ does not.
     valid = ~torch.isnan(position)
     index = torch.nan_to_num(position, nan=0.0).to(torch.int64)

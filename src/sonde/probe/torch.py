@@ -172,6 +172,7 @@ class TorchProbe(Probe):
         self._names: dict[int, list[str]] = {}
         self._before: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
         self._warned: set[str] = set()
+        self._buffers: dict[int, torch.Tensor] = {}
         self._attach()
 
     # -- attaching ---------------------------------------------------------------------------
@@ -208,6 +209,7 @@ class TorchProbe(Probe):
             handle.remove()
         self._handles.clear()
         self._before.clear()
+        self._buffers.clear()
         if getattr(self.model, "_sonde_probe", None) is not None:
             del self.model._sonde_probe
 
@@ -314,15 +316,24 @@ class TorchProbe(Probe):
                         is_bias = _param_topic(param_name) == "biases"
                         if id(param) in in_optimizer and (want_b if is_bias else want_w):
                             topic = "bias_updates" if is_bias else "weight_updates"
-                            self._before.append((layer, topic, param, param.detach().clone()))
+                            self._before.append((layer, topic, param, self._copy_of(param)))
 
         self._guard("optimizer pre-step capture", run)
+
+    def _copy_of(self, param: torch.Tensor) -> torch.Tensor:
+        """The parameter's value now, in a buffer kept across steps (reallocating costs page faults)."""
+        buffer = self._buffers.get(id(param))
+        if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
+            buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
+            self._buffers[id(param)] = buffer
+        return buffer.copy_(param.detach())
 
     def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         def run() -> None:
             with torch.no_grad():
                 for layer, topic, param, before in self._before:
-                    self.publish(layer, topic, param.detach() - before, phase="train")
+                    # The copy becomes the update in place: no allocation on the hot path.
+                    self.publish(layer, topic, torch.sub(param.detach(), before, out=before), phase="train")
             self._before.clear()
 
         self._guard("weight update capture", run)
