@@ -7,7 +7,8 @@ divided by the unmonitored loop's.
     python benchmarks/overhead.py [--steps 30] [--rounds 5] [--no-peers]
 
 Variants: ``sonde`` (the default probe: every topic of every layer, all default metrics,
-every step, recorded to a SQLite store), ``wandb.watch(log="all", log_freq=1)`` in offline
+every step, recorded to a SQLite store), ``sonde every=10`` (the same, recording one step in
+ten), ``wandb.watch(log="all", log_freq=1)`` in offline
 mode, and TensorBoard ``add_histogram`` of every parameter and gradient every step. The
 peers are skipped, with a note, when their packages are missing (``pip install -e .[benchmark]``).
 """
@@ -58,6 +59,12 @@ def unmonitored(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Itera
 @contextlib.contextmanager
 def with_sonde(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Iterator[Callable[..., None]]:
     with sonde.probe(model, optimizer=opt, store=os.path.join(tmp, "bench.db")) as p:
+        yield p.log
+
+
+@contextlib.contextmanager
+def with_sonde_every_10(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Iterator[Callable[..., None]]:
+    with sonde.probe(model, optimizer=opt, store=os.path.join(tmp, "bench.db"), every=10) as p:
         yield p.log
 
 
@@ -116,7 +123,7 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    variants: dict[str, Monitor] = {"unmonitored": unmonitored, "sonde": with_sonde}
+    variants: dict[str, Monitor] = {"unmonitored": unmonitored, "sonde": with_sonde, "sonde every=10": with_sonde_every_10}
     if not args.no_peers:
         peers = (("wandb.watch", "wandb", with_wandb), ("tensorboard", "tensorboard", with_tensorboard))
         for name, module, monitor in peers:
@@ -127,7 +134,7 @@ def main() -> None:
                 print(f"[skip] {name}: `{module}` not installed (pip install -e .[benchmark])", file=sys.stderr)
     os.environ.setdefault("WANDB_SILENT", "true")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
-    print(f"{'model':8s} {'variant':14s} {'ms/step':>9s} {'ratio':>7s}")
+    print(f"{'model':8s} {'variant':16s} {'ms/step':>9s} {'ratio':>7s}")
     for model_name, build in (("mlp", mlp), ("cnn", cnn)):
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
@@ -139,7 +146,7 @@ def main() -> None:
         base = statistics.median(times["unmonitored"])
         for name, values in times.items():
             median = statistics.median(values)
-            print(f"{model_name:8s} {name:14s} {median * 1e3:9.2f} {median / base:6.2f}x")
+            print(f"{model_name:8s} {name:16s} {median * 1e3:9.2f} {median / base:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from conftest import Collect
 from torch import nn
 
 import sonde
+from conftest import Collect
 from sonde.errors import ConfigError, LayerFilterError, ProbeError, StoreError
 from sonde.topics import TENSOR_TOPICS
 

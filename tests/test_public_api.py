@@ -1,0 +1,54 @@
+"""The public surface is exactly what the README documents."""
+
+from __future__ import annotations
+
+import inspect
+
+import sonde
+import sonde.functional
+import sonde.metrics
+import sonde.sinks
+
+
+def test_top_level_exports() -> None:
+    assert sorted(sonde.__all__) == sorted(
+        [
+            "TOPICS", "ConfigError", "LayerFilterError", "Probe", "ProbeError", "Record", "RunExistsError",
+            "SondeError", "StoreError", "every", "load", "log_spaced", "probe",
+        ]
+    )
+    for name in sonde.__all__:
+        assert getattr(sonde, name) is not None
+
+
+def test_probe_signature_follows_the_design() -> None:
+    from sonde.probe.torch import TorchProbe
+
+    params = list(inspect.signature(TorchProbe.__init__).parameters)
+    assert params == [
+        "self", "model", "run", "store", "server", "optimizer", "layers", "topics", "metrics", "every", "depth",
+        "sinks", "resume",
+    ]
+
+
+def test_topics_are_the_design_vocabulary() -> None:
+    assert sonde.TOPICS == (
+        "activations", "inputs", "output_grads", "weights", "biases", "weight_grads", "bias_grads",
+        "weight_updates", "bias_updates", "loss", "labels", "outputs",
+    )
+
+
+def test_builtin_metrics_and_sinks_register_through_entry_points() -> None:
+    metrics = sonde.metrics.registry()
+    for name in ("mean", "std", "var", "min", "max", "abs_mean", "norm", "zero_frac", "nonfinite_frac",
+                 "histogram", "update_ratio", "loss", "train_accuracy", "stats"):
+        assert name in metrics
+    assert {"store", "tensorboard", "csv", "console"} <= set(sonde.sinks.registry())
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    for module in (sonde, sonde.metrics, sonde.functional):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if callable(obj) and not isinstance(obj, tuple):
+                assert inspect.getdoc(obj), f"{module.__name__}.{name} has no docstring"
