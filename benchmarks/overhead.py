@@ -123,7 +123,9 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    variants: dict[str, Monitor] = {"unmonitored": unmonitored, "sonde": with_sonde, "sonde every=10": with_sonde_every_10}
+    variants: dict[str, Monitor] = {
+        "unmonitored": unmonitored, "sonde": with_sonde, "sonde every=10": with_sonde_every_10,
+    }
     if not args.no_peers:
         peers = (("wandb.watch", "wandb", with_wandb), ("tensorboard", "tensorboard", with_tensorboard))
         for name, module, monitor in peers:

@@ -139,8 +139,9 @@ def test_tuple_dict_and_dataclass_outputs_use_the_first_float_tensor(collect: Co
             self.proj = nn.Linear(5, 2)
 
         def forward(self, x: torch.Tensor) -> dict[str, object]:
-            seq, (h, c) = self.lstm(x)
-            return {"ids": torch.zeros(2, dtype=torch.long), "out": Out(torch.ones(1, dtype=torch.bool), self.proj(seq))}
+            seq, _state = self.lstm(x)
+            hidden = self.proj(seq)
+            return {"ids": torch.zeros(2, dtype=torch.long), "out": Out(torch.ones(1, dtype=torch.bool), hidden)}
 
     model = Blocks()
     seen: dict[str, torch.Tensor] = {}
