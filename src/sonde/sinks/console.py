@@ -152,7 +152,10 @@ class ConsoleSink(Sink):
             return
         self._step = record.step if self._step is None else max(self._step, record.step)
         if record.layer == NETWORK:
-            label = record.metric if record.phase == "train" else f"{record.phase}/{record.metric}"
+            if record.topic == "outputs" and record.metric != "train_accuracy":
+                return  # statistics of the logits would crowd out loss and accuracy
+            metric = "accuracy" if record.phase != "train" and record.metric == "train_accuracy" else record.metric
+            label = metric if record.phase == "train" else f"{record.phase}/{metric}"
             self._network[label] = value
         elif record.phase == "train":
             # Every probed layer gets its row at first sight, even before its activations arrive.
