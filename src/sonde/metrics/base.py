@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -201,6 +201,3 @@ class Metric:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
-
-def emitted_names(metrics: Iterable[Metric]) -> list[str]:
-    return [name for m in metrics for name in m.emits()]
