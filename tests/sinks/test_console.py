@@ -105,3 +105,17 @@ def test_live_display_through_sink_runner() -> None:
     final = out[out.rindex("sonde · mlp"):]
     assert "step 4" in final and "loss 0.2" in final
     assert "layer0" in final and "layer1" in final
+
+
+def test_eval_records_filed_at_the_next_step_do_not_advance_progress_and_logits_stats_stay_out() -> None:
+    stream = StringIO()
+    sink = ConsoleSink(stream=stream)
+    sink.log_interval = 0.0
+    sink.open(RunInfo(name=RUN))
+    sink.write([
+        _loss(68, 0.3),
+        Record(RUN, 68, "train", "", "outputs", "mean", 1.5),
+        _loss(69, 0.2, phase="eval"),
+        Record(RUN, 69, "eval", "", "outputs", "train_accuracy", 0.9),
+    ])
+    assert stream.getvalue().splitlines()[-1] == "step 68  loss 0.3  eval/loss 0.2  eval/accuracy 0.9"

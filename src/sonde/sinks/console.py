@@ -150,7 +150,8 @@ class ConsoleSink(Sink):
             value = float(record.value)
         except (TypeError, ValueError):
             return
-        self._step = record.step if self._step is None else max(self._step, record.step)
+        if record.phase == "train":  # an eval pass is filed at the next step: it must not advance progress
+            self._step = record.step if self._step is None else max(self._step, record.step)
         if record.layer == NETWORK:
             if record.topic == "outputs" and record.metric != "train_accuracy":
                 return  # statistics of the logits would crowd out loss and accuracy
