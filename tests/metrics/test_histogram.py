@@ -7,28 +7,16 @@ finite and not all equal; counts = ``np.histogram`` of the values clipped into
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import sonde
+from conftest import Collect
 from sonde.functional import histogram_counts, histogram_edges
 from sonde.metrics import Histogram
 from sonde.records import Record
-from sonde.sinks import Sink
-
-
-class Collect(Sink):
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def write(self, records: Sequence[Record]) -> None:
-        self.records.extend(records)
 
 
 def reference_edges(values: np.ndarray, bins: int) -> np.ndarray:

@@ -11,21 +11,10 @@ import torch
 from torch import nn
 
 import sonde
+from conftest import Collect
 from sonde.errors import ConfigError
 from sonde.metrics import Mean, Metric, Norm, registry, resolve_metrics
 from sonde.metrics.base import Capture
-from sonde.records import Record
-from sonde.sinks import Sink
-
-
-class Collect(Sink):
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def write(self, records: Sequence[Record]) -> None:
-        self.records.extend(records)
 
 
 def l2_combine(a: Any, b: Any) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -19,21 +18,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sonde
+from conftest import Collect
 from sonde.functional import EMPTY_SUMMARY, merge_summaries, summarize, summary_stats
 from sonde.records import Record
-from sonde.sinks import Sink
 
 STATS = ("mean", "std", "var", "min", "max", "abs_mean", "norm", "zero_frac", "nonfinite_frac")
-
-
-class Collect(Sink):
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def write(self, records: Sequence[Record]) -> None:
-        self.records.extend(records)
 
 
 def numpy_stats(values: np.ndarray) -> dict[str, float]:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,19 +16,9 @@ import torch
 from torch import nn
 
 import sonde
+from conftest import Collect
 from sonde.functional import accuracy_counts
 from sonde.records import Record
-from sonde.sinks import Sink
-
-
-class Collect(Sink):
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def write(self, records: Sequence[Record]) -> None:
-        self.records.extend(records)
 
 
 def values(records: list[Record], metric: str, phase: str = "train") -> dict[tuple[int, str, str], float]:
