@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sonde-installed
 
-.PHONY: demo test lint typecheck bench install clean
+.PHONY: demo test lint typecheck bench install clean chromium
 
 install: $(STAMP)
 
@@ -23,7 +23,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) lint typecheck
+# Browser tests drive Debian's Chromium through Playwright (Playwright's own download fails here).
+chromium:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  echo "make: could not install Debian's chromium; browser tests will be skipped with a reason"
+
+test: $(STAMP) lint typecheck chromium
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
