@@ -13,8 +13,8 @@ import sonde.sinks
 def test_top_level_exports() -> None:
     assert sorted(sonde.__all__) == sorted(
         [
-            "TOPICS", "ConfigError", "LayerFilterError", "Probe", "ProbeError", "Record", "RunExistsError",
-            "SondeError", "StoreError", "every", "load", "log_spaced", "probe",
+            "TOPICS", "ConfigError", "Graph", "LayerFilterError", "Probe", "ProbeError", "Record", "RunExistsError",
+            "SondeError", "StoreError", "every", "graph", "load", "log_spaced", "probe",
         ]
     )
     for name in sonde.__all__:

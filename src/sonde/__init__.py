@@ -3,12 +3,13 @@
 Example:
     >>> import sonde
     >>> sorted(sonde.__all__)[:3]
-    ['ConfigError', 'LayerFilterError', 'Probe']
+    ['ConfigError', 'Graph', 'LayerFilterError']
 """
 
 from __future__ import annotations
 
 from sonde.errors import ConfigError, LayerFilterError, ProbeError, RunExistsError, SondeError, StoreError
+from sonde.graph import Graph, graph  # the function shadows the subpackage name: sonde.graph(model, x)
 from sonde.load import load
 from sonde.probe import Probe, probe
 from sonde.records import Record
@@ -18,6 +19,7 @@ from sonde.topics import TOPICS
 __all__ = [
     "TOPICS",
     "ConfigError",
+    "Graph",
     "LayerFilterError",
     "Probe",
     "ProbeError",
@@ -26,6 +28,7 @@ __all__ = [
     "SondeError",
     "StoreError",
     "every",
+    "graph",
     "load",
     "log_spaced",
     "probe",

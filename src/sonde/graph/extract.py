@@ -1,0 +1,306 @@
+"""Tracing a forward pass into a :class:`~sonde.graph.model.Graph`.
+
+How: the model's module tree is copied with every parameter and buffer replaced by a *meta*
+tensor (shapes and dtypes, no storage), so the copy costs no real memory and its forward no
+compute; module pre/post hooks on the copy see every module call and a
+:class:`torch.overrides.TorchFunctionMode` sees every functional operation between modules.
+Each tensor remembers the node that produced it (by identity), which gives the edges. A
+forward that cannot run on meta tensors (``if mask.any():`` reads a value) is traced again on
+real tensors: the copy then shares the real parameters (no copy; under ``torch.no_grad()``)
+and works on clones of the buffers, and the global random state is restored afterwards, so the
+model and the training run are left exactly as they were.
+
+Names follow the probe's: module paths, ``name:2`` for a second call of a module in one
+forward pass; functions are ``<enclosing module call>/<function>`` (``layer1.0/add``), ``:2``
+for repeats.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from sonde.graph.model import Graph, GraphError, Node
+
+__all__ = ["graph"]
+
+#: Functions that only change how a tensor is viewed; ``Graph.prune`` removes them.
+TRIVIAL_FUNCTIONS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze",
+    "expand", "expand_as", "detach", "to", "type", "float", "double", "half", "bfloat16", "identity", "data",
+    "transpose", "permute", "t", "T", "mT",
+})
+#: Modules that do not change values (dropout counts only when inactive).
+TRIVIAL_MODULES = frozenset({"Identity", "Flatten", "Unflatten"})
+_DROPOUT = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"})
+
+_HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def graph(model: nn.Module, example_input: Any, *, device: str = "auto") -> Graph:
+    """Trace one forward pass of ``model`` on ``example_input`` into a :class:`Graph`.
+
+    Args:
+        model: any ``torch.nn.Module``; it is not modified (the trace runs on a copy of its module tree).
+        example_input: a tensor, a tuple/list of positional arguments, or a dict of keyword arguments
+            (``{"input_ids": ids, "attention_mask": mask}``). Only shapes and dtypes matter on the meta device.
+        device: ``"auto"`` (meta device, real tensors if the forward cannot run on meta), ``"meta"`` or
+            ``"real"``.
+
+    Returns:
+        the graph; ``graph.device`` says which way it was traced.
+
+    Raises:
+        GraphError: the forward pass failed; the message names the operation and the module it ran in.
+
+    Example:
+        >>> import torch, sonde
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> g = sonde.graph(model, torch.zeros(16, 4))
+        >>> [(n.name, n.output_shapes) for n in g.nodes if n.kind == "module"]
+        [('0', [[16, 8]]), ('1', [[16, 8]]), ('2', [[16, 2]])]
+    """
+    if not isinstance(model, nn.Module):
+        raise GraphError(f"sonde.graph expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+    if device not in ("auto", "meta", "real"):
+        raise GraphError(f"device= expects 'auto', 'meta' or 'real', got {device!r}")
+    meta_error: GraphError | None = None
+    if device in ("auto", "meta"):
+        try:
+            return _trace(model, example_input, meta=True)
+        except GraphError as exc:
+            if device == "meta":
+                raise
+            meta_error = exc
+    try:
+        return _trace(model, example_input, meta=False)
+    except GraphError as exc:
+        if meta_error is not None:
+            raise GraphError(f"{exc} (on the meta device too: {meta_error})") from exc
+        raise
+
+
+def _trace(model: nn.Module, example_input: Any, *, meta: bool) -> Graph:
+    shadow = _shadow(model, meta=meta)
+    if meta:
+        example_input = _map_tensors(example_input, lambda t: torch.empty_like(t, device="meta"))
+    args: tuple[Any, ...]
+    if isinstance(example_input, dict):
+        args, kwargs = (), dict(example_input)
+    elif isinstance(example_input, (tuple, list)):
+        args, kwargs = tuple(example_input), {}
+    else:
+        args, kwargs = (example_input,), {}
+    tracer = _Tracer(shadow)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        return tracer.run(args, kwargs, type(model).__name__, "meta" if meta else "real")
+
+
+def _shadow(model: nn.Module, *, meta: bool) -> nn.Module:
+    """A copy of the module tree without hooks: meta parameters and buffers, or shared parameters and cloned buffers."""
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = (nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+                           if meta else param)
+    for buffer in model.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device="meta") if meta else buffer.detach().clone()
+    try:
+        shadow = copy.deepcopy(model, memo)
+    except Exception as exc:  # any copy failure means the same thing to the caller
+        raise GraphError(f"cannot copy {type(model).__name__}'s module tree to trace it: {type(exc).__name__}: {exc}"
+                         ) from exc
+    for module in shadow.modules():
+        for attr in _HOOK_ATTRS:
+            hooks = getattr(module, attr, None)
+            if hooks:
+                hooks.clear()
+    return shadow
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return type(value)({k: _map_tensors(v, fn) for k, v in value.items()}) if type(value) is dict else {
+            k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [_map_tensors(v, fn) for v in value]
+        return type(value)(items) if type(value) in (tuple, list) else items
+    return value
+
+
+def _tensors(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in ``value`` with its path (``0``, ``logits``, ``1.0``), depth-first."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+        return
+    if isinstance(value, dict):
+        items: Any = ((str(k), v) for k, v in value.items())
+    elif isinstance(value, (tuple, list)):
+        items = ((str(i), v) for i, v in enumerate(value))
+    elif is_dataclass(value) and not isinstance(value, type):
+        items = ((f.name, getattr(value, f.name)) for f in fields(value))
+    else:
+        return
+    for key, item in items:
+        yield from _tensors(item, f"{path}.{key}" if path else key)
+
+
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if name == "__get__":  # a property such as Tensor.T or Tensor.data
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", name)
+    if name.startswith("__") and name.endswith("__") and len(name) > 4:
+        name = name[2:-2]
+        if name.startswith(("r", "i")) and name[1:] in ("add", "sub", "mul", "truediv", "floordiv", "matmul", "pow",
+                                                          "mod", "and", "or", "xor", "lshift", "rshift"):
+            name = name[1:] + ("_" if name[0] == "i" else "")
+    return name
+
+
+def _shapes(tensors: list[torch.Tensor]) -> tuple[list[list[int]], list[str]]:
+    return [list(t.shape) for t in tensors], [str(t.dtype).removeprefix("torch.") for t in tensors]
+
+
+class _Tracer(TorchFunctionMode):
+    """Module hooks plus a torch-function mode, building nodes and edges as the forward runs."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self.root = root
+        self.nodes: list[Node] = []
+        self.edges: dict[tuple[str, str], None] = {}
+        self.producer: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        self.stack: list[tuple[str, bool]] = []  # (call name, atomic)
+        self.calls: dict[str, int] = {}
+        self.quiet = 0  # > 0 while sonde's own hook code runs: its tensor calls are not the model's
+        self.last_op = "forward"
+        self.handles: list[Any] = []
+        self.names = {id(m): n for n, m in root.named_modules() if n}
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _source(self, tensor: torch.Tensor) -> str | None:
+        entry = self.producer.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        return None
+
+    def _produce(self, tensor: torch.Tensor, name: str) -> None:
+        self.producer[id(tensor)] = (weakref.ref(tensor), name)
+
+    def _connect(self, inputs: Any, name: str) -> None:
+        for _, tensor in _tensors(inputs):
+            source = self._source(tensor)
+            if source is not None and source != name:
+                self.edges[(source, name)] = None
+
+    def _numbered(self, base: str) -> str:
+        count = self.calls.get(base, 0) + 1
+        self.calls[base] = count
+        return base if count == 1 else f"{base}:{count}"
+
+    @property
+    def _parent(self) -> str | None:
+        return self.stack[-1][0] if self.stack else None
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.quiet += 1
+        try:
+            path = self.names[id(module)]
+            atomic = next(module.children(), None) is None
+            name = self._numbered(path)
+            op = type(module).__name__
+            inactive = not module.training or getattr(module, "p", 1) == 0
+            trivial = op in TRIVIAL_MODULES or (op in _DROPOUT and inactive)
+            own = {k: list(p.shape) for k, p in module.named_parameters(recurse=False)}
+            count = sum(p.numel() for p in module.parameters())
+            self.nodes.append(Node(name, "module", op, self._parent, params=own, num_params=count, trivial=trivial))
+            if atomic:
+                self._connect((args, kwargs), name)
+            self.stack.append((name, atomic))
+            self.last_op = f"{op}.forward"
+        finally:
+            self.quiet -= 1
+
+    def _post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self.quiet += 1
+        try:
+            name, atomic = self.stack.pop()
+            outputs = [t for _, t in _tensors(output)]
+            node = next(n for n in reversed(self.nodes) if n.name == name)
+            node.output_shapes, node.dtypes = _shapes(outputs)
+            if atomic:
+                for tensor in outputs:
+                    self._produce(tensor, name)
+        finally:
+            self.quiet -= 1
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.quiet or (self.stack and self.stack[-1][1]):
+            return func(*args, **kwargs)
+        op = _op_name(func)
+        self.last_op = op
+        try:
+            out = func(*args, **kwargs)
+        except Exception as exc:
+            where = f"module {self._parent!r}" if self.stack else "the model's top-level forward"
+            raise GraphError(f"cannot trace {type(self.root).__name__}: {op!r} in {where} failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        outputs = [t for _, t in _tensors(out)]
+        if not outputs:
+            return out
+        parent = self._parent
+        name = self._numbered(f"{parent}/{op}" if parent else op)
+        trivial = op in TRIVIAL_FUNCTIONS or (op == "dropout" and not (args[2] if len(args) > 2 else
+                                                                       kwargs.get("training", True)))
+        shapes, dtypes = _shapes(outputs)
+        self.nodes.append(Node(name, "function", op, parent, shapes, dtypes, trivial=trivial))
+        self._connect((args, kwargs), name)
+        for tensor in outputs:
+            self._produce(tensor, name)
+        return out
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], model: str, device: str) -> Graph:
+        single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+        for path, tensor in _tensors({**{str(i): a for i, a in enumerate(args)}, **kwargs}):
+            name = "input" if single else f"input.{path}"
+            shapes, dtypes = _shapes([tensor])
+            self.nodes.append(Node(name, "input", "Tensor", None, shapes, dtypes))
+            self._produce(tensor, name)
+        for module in self.root.modules():
+            if module is not self.root:
+                self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+                self.handles.append(module.register_forward_hook(self._post, with_kwargs=True))
+        try:
+            with self:
+                output = self.root(*args, **kwargs)
+        except GraphError:
+            raise
+        except Exception as exc:
+            where = f"module {self._parent!r}" if self.stack else "the model's top-level forward"
+            raise GraphError(f"cannot trace {model}: its forward failed in {where} after {self.last_op!r}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            for handle in self.handles:
+                handle.remove()
+        found = list(_tensors(output))
+        for path, tensor in found:
+            name = "output" if isinstance(output, torch.Tensor) else f"output.{path}"
+            shapes, dtypes = _shapes([tensor])
+            self.nodes.append(Node(name, "output", "Tensor", None, shapes, dtypes))
+            source = self._source(tensor)
+            if source is not None:
+                self.edges[(source, name)] = None
+        return Graph(self.nodes, self.edges, model=model, device=device)
