@@ -16,8 +16,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--store", default="sonde.db", help="SQLite store path (default: sonde.db)")
     demo.add_argument("--logdir", default="runs", help="TensorBoard/CSV directory (default: runs)")
     demo.add_argument("--epochs", type=int, default=3)
+    serve = commands.add_parser("serve", help="serve the REST API and the dashboard (or one role of the server)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --token)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port (default 8080 for all/frontend, 8081 evaluator, 8082 aggregator)")
+    serve.add_argument("--store", default="sonde.db", help="SQLite path or postgresql://... URL (default: sonde.db)")
+    serve.add_argument("--role", default="all", choices=["all", "aggregator", "evaluator", "frontend"],
+                       help="what this process does (default: all three roles in one process)")
+    serve.add_argument("--token", default=None, help="access token clients must send (default: $SONDE_TOKEN)")
+    serve.add_argument("--evaluator-url", default=None, help="evaluator to use (default http://127.0.0.1:8081)")
+    serve.add_argument("--frontend-url", default=None, help="frontend to report to (default http://127.0.0.1:8080)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command == "serve":
+        from sonde.errors import SondeError
+        from sonde.server.app import serve as run_server
+
+        try:
+            run_server(host=args.host, port=args.port, store=args.store, role=args.role, token=args.token,
+                       evaluator_url=args.evaluator_url, frontend_url=args.frontend_url)
+        except SondeError as exc:
+            parser.exit(2, f"sonde serve: {exc}\n")
+        return 0
     if args.command == "demo":
         from sonde.demo import print_summary, run_demo
 

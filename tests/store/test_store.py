@@ -132,7 +132,8 @@ def test_migrations_are_idempotent(tmp_path: Path) -> None:
     for _ in range(3):
         open_store(path).close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 
 
 def test_opening_a_version_0_store_migrates_it(tmp_path: Path) -> None:
@@ -143,7 +144,7 @@ def test_opening_a_version_0_store_migrates_it(tmp_path: Path) -> None:
     try:
         assert {"runs", "layers", "records"} <= set(inspect(store.engine).get_table_names())
         index = inspect(store.engine).get_indexes("records")[0]
-        assert index["column_names"] == ["run_id", "layer", "topic", "metric", "step"]
+        assert index["column_names"] == ["run_id", "layer", "topic", "metric", "phase", "step"]
         store.start_run(RunInfo("r"), resume=False)
         store.write("r", [rec("r", 0, "l", "m", 1.0)])
         assert len(store.load("r")) == 1

@@ -13,7 +13,7 @@ Example:
     >>> from sqlalchemy import create_engine
     >>> engine = create_engine("sqlite://")
     >>> migrate(engine)
-    1
+    2
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     Table,
     Text,
     UniqueConstraint,
@@ -39,7 +40,19 @@ from sqlalchemy import (
     select,
 )
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "layers", "metadata", "migrate", "records", "runs", "schema_version"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "batches",
+    "graphs",
+    "layers",
+    "metadata",
+    "migrate",
+    "records",
+    "runs",
+    "schema_version",
+    "series",
+]
 
 metadata = MetaData()
 
@@ -91,7 +104,43 @@ records = Table(
     Column("metric", Text, nullable=False),
     Column("value", Double, nullable=True),  # scalar metrics (NULL for arrays; SQLite also stores NaN as NULL)
     Column("array", LargeBinary, nullable=True),  # 1-D float64, little-endian bytes
-    Index("ix_records_series", "run_id", "layer", "topic", "metric", "step"),
+    # Every plotting query is a range of this index (see queries.py); phase is in it so that a
+    # train series is read without touching the eval rows, and the reverse.
+    Index("ix_records_series", "run_id", "layer", "topic", "metric", "phase", "step"),
+)
+
+
+# The batch ids already stored, so that a client replaying a batch (after a timeout, a restart)
+# stores nothing twice. Written in the same transaction as the batch's records.
+batches = Table(
+    "batches",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("batch_id", Text, nullable=False),
+    Column("received_at", Double, nullable=False),
+    PrimaryKeyConstraint("run_id", "batch_id", name="pk_batches"),
+)
+
+# A run's topology (sonde.graph's JSON), one per run.
+graphs = Table(
+    "graphs",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True, autoincrement=False),
+    Column("graph", Text, nullable=False),  # JSON object
+    Column("updated_at", Double, nullable=False),
+)
+
+# The catalog of series a run has: one row per (phase, layer, topic, metric), kept by every
+# write. Listing what a run recorded, or the layers of a heatmap, then never scans records.
+series = Table(
+    "series",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("phase", Text, nullable=False),
+    Column("layer", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("metric", Text, nullable=False),
+    PrimaryKeyConstraint("run_id", "phase", "layer", "topic", "metric", name="pk_series"),
 )
 
 
@@ -101,8 +150,19 @@ def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[runs, layers, records], checkfirst=True)
 
 
+def _migration_2(conn: Connection) -> None:
+    """Add batch ids (idempotent ingest), graphs and the series catalog, filled from existing records."""
+    metadata.create_all(conn, tables=[batches, graphs, series], checkfirst=True)
+    # Version 1's index lacked the phase column; rebuild it as declared above.
+    index = next(i for i in records.indexes if i.name == "ix_records_series")
+    index.drop(conn, checkfirst=True)
+    index.create(conn)
+    columns = [records.c.run_id, records.c.phase, records.c.layer, records.c.topic, records.c.metric]
+    conn.execute(series.insert().from_select([c.name for c in columns], select(*columns).distinct()))
+
+
 #: Numbered migrations; the position in the list plus one is the version each one produces.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -125,7 +185,7 @@ def migrate(engine: Engine) -> int:
         >>> from sqlalchemy import create_engine
         >>> e = create_engine("sqlite://")
         >>> migrate(e), migrate(e)
-        (1, 1)
+        (2, 2)
     """
     with engine.connect() as conn, conn.begin():
         metadata.create_all(conn, tables=[schema_version], checkfirst=True)

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 from sqlalchemy import ColumnElement, Connection, Engine, Update, case, create_engine, event, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -29,7 +31,8 @@ from sqlalchemy.pool import StaticPool
 from sonde.errors import ConfigError, RunExistsError, StoreError
 from sonde.records import Record
 from sonde.sinks.base import RunInfo
-from sonde.store.schema import layers, migrate, records, runs
+from sonde.store import queries
+from sonde.store.schema import batches, graphs, layers, migrate, records, runs, series
 
 __all__ = ["Store", "open_store"]
 
@@ -89,7 +92,10 @@ def _engine_for(path_or_url: str | Path) -> tuple[Engine, str]:
     if text.startswith("sqlite:"):
         return _sqlite_engine(text), text
     if text.startswith("postgresql"):
-        return create_engine(text, pool_pre_ping=True), text
+        url = make_url(text)
+        if url.drivername == "postgresql":  # psycopg 3 is the driver sonde ships with, not psycopg2
+            url = url.set(drivername="postgresql+psycopg")
+        return create_engine(url, pool_pre_ping=True), url.render_as_string(hide_password=True)
     if "://" in text:
         raise StoreError(
             f"unsupported store URL '{text}'; use a file path ('sonde.db'), 'sqlite:///path.db' "
@@ -145,6 +151,15 @@ def open_store(path_or_url: str | Path = "sonde.db", *, create: bool = True) -> 
     return Store(engine, where)
 
 
+#: The most columns a heatmap or histogram view asks for (each is one bound parameter of an IN list).
+_MAX_COLUMNS = 5000
+
+
+def _check_limit(name: str, value: int, most: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ConfigError(f"{name} must be an integer from 1 to {most}; got {value!r}")
+
+
 def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
     if value is None:
         return None
@@ -166,6 +181,7 @@ class Store:
         self.where = where
         self._lock = threading.RLock()
         self._run_ids: dict[str, int] = {}
+        self._series: dict[int, set[tuple[str, str, str, str]]] = {}  # catalog rows known to exist
         insert = records.insert().compile(dialect=engine.dialect, column_keys=list(_INSERT_KEYS))
         self._insert_sql = str(insert)
         # Positional drivers (sqlite3: ``?``) take tuples in the compiled order; named ones take dicts.
@@ -288,8 +304,32 @@ class Store:
         Raises:
             StoreError: the batch could not be stored; nothing of it was.
         """
-        if not batch:
-            return
+        self._store(run, batch, None)
+
+    def write_batch(self, run: str, batch_id: str, batch: Sequence[Record]) -> bool:
+        """Append Records like :meth:`write`, once per ``batch_id``: a replayed batch stores nothing.
+
+        The batch id is written in the same transaction as the Records, so a client that retries
+        after a timeout (not knowing whether its batch arrived) can never store it twice.
+
+        Returns:
+            True when the batch was stored, False when ``batch_id`` had already been stored for ``run``.
+
+        Raises:
+            ConfigError: no run has that name, or ``batch_id`` is empty.
+            StoreError: the batch could not be stored; nothing of it was.
+
+        Example:
+            >>> [store.write_batch("mlp", "3f2a...", records) for _ in range(2)]   # doctest: +SKIP
+            [True, False]
+        """
+        if not isinstance(batch_id, str) or not batch_id:
+            raise ConfigError(f"batch_id must be a non-empty string; got {batch_id!r}")
+        return self._store(run, batch, batch_id)
+
+    def _store(self, run: str, batch: Sequence[Record], batch_id: str | None) -> bool:
+        if not batch and batch_id is None:
+            return True
         run_id = self._run_ids.get(run) or self._read(lambda conn: self._run_id(conn, run))
         try:
             rows = [self._row(run_id, r) for r in batch]
@@ -297,17 +337,58 @@ class Store:
             bad = next(r for r in batch if not _storable(r.value))
             raise StoreError(f"cannot store {bad!r}: value must be a float or a 1-D float array ({exc})") from exc
         steps = [r.step for r in batch if isinstance(r.step, int)]
-        params: list[Any] = rows
-        if not self._insert_positional:  # e.g. psycopg: %(name)s placeholders
-            params = [dict(zip(_INSERT_KEYS, row, strict=True)) for row in rows]
+        keys = {(r.phase, r.layer, r.topic, r.metric) for r in batch}
         try:
             with self._lock, self._write_conn() as conn, conn.begin():
-                # The statement is compiled once (see __init__) and handed straight to the driver's
-                # executemany: SQLAlchemy's per-row parameter processing would halve the throughput.
-                conn.exec_driver_sql(self._insert_sql, params)
-                conn.execute(self._touch(run_id, max(steps, default=None)))
+                if batch_id is not None:
+                    seen = select(batches.c.batch_id).where(batches.c.run_id == run_id, batches.c.batch_id == batch_id)
+                    if conn.execute(seen).first() is not None:
+                        return False
+                    # Under PostgreSQL a concurrent writer of the same batch blocks here on the
+                    # primary key until the first commits, then fails: caught below as a duplicate.
+                    conn.execute(batches.insert().values(run_id=run_id, batch_id=batch_id, received_at=time.time()))
+                if rows:
+                    self._insert(conn, rows)
+                    self._catalog(conn, run_id, keys)
+                    conn.execute(self._touch(run_id, max(steps, default=None)))
+        except IntegrityError as exc:
+            if batch_id is not None and self._batch_seen(run_id, batch_id):
+                return False  # a concurrent writer stored the same batch first
+            raise StoreError(f"cannot write {len(rows)} records of run '{run}' to {self.where}: {exc}") from exc
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot write {len(rows)} records of run '{run}' to {self.where}: {exc}") from exc
+        return True
+
+    def _batch_seen(self, run_id: int, batch_id: str) -> bool:
+        query = select(batches.c.batch_id).where(batches.c.run_id == run_id, batches.c.batch_id == batch_id)
+        return self._read(lambda conn: conn.execute(query).first() is not None)
+
+    def _insert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        if conn.dialect.name == "postgresql":
+            # COPY is several times faster than executemany of INSERTs on PostgreSQL.
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            with cursor.copy(f"COPY records ({', '.join(_INSERT_KEYS)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return
+        params: list[Any] = rows
+        if not self._insert_positional:  # a named-placeholder driver
+            params = [dict(zip(_INSERT_KEYS, row, strict=True)) for row in rows]
+        # The statement is compiled once (see __init__) and handed straight to the driver's
+        # executemany: SQLAlchemy's per-row parameter processing would halve the throughput.
+        conn.exec_driver_sql(self._insert_sql, params)
+
+    def _catalog(self, conn: Connection, run_id: int, keys: set[tuple[str, str, str, str]]) -> None:
+        known = self._series.setdefault(run_id, set())
+        new = keys - known
+        if not new:
+            return
+        rows = [{"run_id": run_id, "phase": p, "layer": la, "topic": t, "metric": m} for p, la, t, m in new]
+        insert: Any = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(series)
+        conn.execute(insert.on_conflict_do_nothing(), rows)
+        # Only after commit would be exact; a rolled-back batch leaves a catalog entry behind at
+        # worst, which the next write of that series makes true again.
+        known.update(new)
 
     @staticmethod
     def _row(run_id: int, r: Record) -> tuple[Any, ...]:
@@ -315,7 +396,10 @@ class Store:
         if isinstance(v, np.ndarray) and v.ndim > 0:
             return (run_id, r.step, r.phase, r.layer, r.topic, r.metric, None,
                     np.ascontiguousarray(v, dtype=_FLOAT64).tobytes())
-        return (run_id, r.step, r.phase, r.layer, r.topic, r.metric, float(v), None)
+        f = float(v)
+        # NaN is stored as NULL on every database (SQLite does so by itself), so that min, max
+        # and mean skip it alike on SQLite and PostgreSQL.
+        return (run_id, r.step, r.phase, r.layer, r.topic, r.metric, f if f == f else None, None)
 
     @staticmethod
     def _touch(run_id: int, last: int | None) -> Update:
@@ -442,6 +526,167 @@ class Store:
         # Sort here, not in SQL: text collation differs between databases, Python's order does not.
         df = df.sort_values(["run", "step", "layer", "topic", "metric"], kind="stable", ignore_index=True)
         return df
+
+    # -- runs, graphs and plotting queries ---------------------------------------------------
+
+    def has_run(self, run: str) -> bool:
+        """Whether a run of that name is in the store."""
+        if run in self._run_ids:
+            return True
+        found = self._read(lambda conn: conn.execute(select(runs.c.id).where(runs.c.name == run)).scalar())
+        return found is not None
+
+    def run_info(self, run: str) -> dict[str, Any] | None:
+        """One run as a dict (name, model, framework, config, status, steps, times, layers), None if absent.
+
+        Times are UTC seconds since the epoch; ``steps`` is the last recorded step plus one.
+
+        Example:
+            >>> store.run_info("mlp")["status"]   # doctest: +SKIP
+            'finished'
+        """
+        found = self._read(lambda conn: self._run_dicts(conn, run))
+        return found[0] if found else None
+
+    def run_infos(self) -> list[dict[str, Any]]:
+        """Every run as :meth:`run_info` gives it, oldest first."""
+        return self._read(lambda conn: self._run_dicts(conn, None))
+
+    @staticmethod
+    def _run_dicts(conn: Connection, run: str | None) -> list[dict[str, Any]]:
+        counts = (select(layers.c.run_id, func.count().label("n")).group_by(layers.c.run_id)).subquery()
+        query = (select(runs, func.coalesce(counts.c.n, 0).label("n_layers"))
+                 .join_from(runs, counts, counts.c.run_id == runs.c.id, isouter=True)
+                 .order_by(runs.c.started_at, runs.c.id))
+        if run is not None:
+            query = query.where(runs.c.name == run)
+        return [{"name": row["name"], "model": row["model"], "framework": row["framework"],
+                 "config": json.loads(row["config"]), "status": row["status"],
+                 "steps": 0 if row["last_step"] is None else int(row["last_step"]) + 1,
+                 "started_at": row["started_at"], "updated_at": row["updated_at"], "ended_at": row["ended_at"],
+                 "layers": int(row["n_layers"])} for row in conn.execute(query).mappings()]
+
+    def delete_run(self, run: str) -> None:
+        """Delete ``run`` with its layers, Records, graph, series catalog and batch ids.
+
+        Raises:
+            ConfigError: no run has that name.
+
+        Example:
+            >>> store.delete_run("mlp-2")   # doctest: +SKIP
+        """
+        try:
+            with self._lock, self._write_conn() as conn, conn.begin():
+                run_id = self._run_id(conn, run)
+                # Children first and explicitly: SQLite enforces no foreign keys unless asked to.
+                for table in (records, series, batches, graphs, layers):
+                    conn.execute(table.delete().where(table.c.run_id == run_id))
+                conn.execute(runs.delete().where(runs.c.id == run_id))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot delete run '{run}' from {self.where}: {exc}") from exc
+        finally:
+            run_id_cached = self._run_ids.pop(run, None)
+            if run_id_cached is not None:
+                self._series.pop(run_id_cached, None)
+
+    def put_graph(self, run: str, graph: dict[str, Any]) -> None:
+        """Store ``run``'s topology (any JSON object, e.g. ``sonde.graph(...).to_json()``), replacing any.
+
+        Raises:
+            ConfigError: no run has that name, or ``graph`` is not a JSON-serialisable dict.
+        """
+        if not isinstance(graph, dict):
+            raise ConfigError(f"a graph must be a JSON object (dict); got {type(graph).__name__}")
+        try:
+            text = json.dumps(graph, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"the graph of run '{run}' is not JSON-serialisable: {exc}") from exc
+        try:
+            with self._lock, self._write_conn() as conn, conn.begin():
+                run_id = self._run_id(conn, run)
+                conn.execute(graphs.delete().where(graphs.c.run_id == run_id))
+                conn.execute(graphs.insert().values(run_id=run_id, graph=text, updated_at=time.time()))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot store the graph of run '{run}' in {self.where}: {exc}") from exc
+
+    def get_graph(self, run: str) -> dict[str, Any] | None:
+        """``run``'s stored graph, None when none was stored.
+
+        Raises:
+            ConfigError: no run has that name.
+        """
+        def query(conn: Connection) -> str | None:
+            run_id = self._run_id(conn, run)
+            return conn.execute(select(graphs.c.graph).where(graphs.c.run_id == run_id)).scalar()
+
+        text = self._read(query)
+        return None if text is None else dict(json.loads(text))
+
+    def available(self, run: str) -> list[tuple[str, str, str]]:
+        """The (phase, topic, metric) triples ``run`` has Records of, sorted.
+
+        Example:
+            >>> store.available("mlp")[:2]   # doctest: +SKIP
+            [('train', 'activations', 'mean'), ('train', 'activations', 'std')]
+        """
+        def query(conn: Connection) -> list[tuple[str, str, str]]:
+            run_id = self._run_id(conn, run)
+            stmt = select(series.c.phase, series.c.topic, series.c.metric).where(series.c.run_id == run_id).distinct()
+            return sorted((str(p), str(t), str(m)) for p, t, m in conn.execute(stmt))
+
+        return self._read(query)
+
+    def series(self, run: str, layer: str, topic: str, metric: str, phase: str = "train", max_points: int = 2000,
+               start: int | None = None, end: int | None = None) -> dict[str, list[Any]]:
+        """One scalar metric over steps, downsampled in SQL to at most ``max_points`` buckets.
+
+        Returns ``{"step", "value", "min", "max"}``: per bucket its first step, mean, minimum and
+        maximum, so a one-step spike survives in ``max``. ``start``/``end`` bound the steps (inclusive).
+
+        Raises:
+            ConfigError: no run has that name, or ``max_points`` is below 1.
+
+        Example:
+            >>> s = store.series("mlp", "fc1", "weights", "norm", max_points=500)   # doctest: +SKIP
+            >>> len(s["step"]) <= 500                                               # doctest: +SKIP
+            True
+        """
+        _check_limit("max_points", max_points, 1_000_000)
+        return self._read(lambda conn: queries.series(
+            conn, self._run_id(conn, run), layer, topic, metric, phase, max_points, start, end))
+
+    def heatmap(self, run: str, topic: str, metric: str, phase: str = "train",
+                max_steps: int = 400) -> dict[str, list[Any]]:
+        """Every layer's value of one topic's metric: ``{"layers", "steps", "values"}`` (rows in forward order).
+
+        At most ``max_steps`` recorded steps, picked evenly; a missing or NaN cell is None.
+
+        Raises:
+            ConfigError: no run has that name, or ``max_steps`` is not in 1..5000.
+
+        Example:
+            >>> h = store.heatmap("mlp", "weight_grads", "norm")   # doctest: +SKIP
+            >>> h["layers"], len(h["values"][0]) == len(h["steps"])   # doctest: +SKIP
+            (['fc1', 'fc2'], True)
+        """
+        _check_limit("max_steps", max_steps, _MAX_COLUMNS)
+        return self._read(lambda conn: queries.heatmap(conn, self._run_id(conn, run), topic, metric, phase, max_steps))
+
+    def histograms(self, run: str, layer: str, topic: str, phase: str = "train",
+                   max_steps: int = 200) -> dict[str, list[Any]]:
+        """One layer's ``histogram`` counts over training: ``{"steps", "edges", "counts"}``.
+
+        Raises:
+            ConfigError: no run has that name, or ``max_steps`` is not in 1..5000.
+
+        Example:
+            >>> h = store.histograms("mlp", "fc1", "weights")   # doctest: +SKIP
+            >>> len(h["counts"][0]) == len(h["edges"]) - 1      # doctest: +SKIP
+            True
+        """
+        _check_limit("max_steps", max_steps, _MAX_COLUMNS)
+        return self._read(lambda conn: queries.histograms(conn, self._run_id(conn, run), layer, topic, phase,
+                                                          max_steps))
 
     def close(self) -> None:
         """Release the store's connections; the Store must not be used afterwards."""

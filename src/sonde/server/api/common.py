@@ -1,0 +1,74 @@
+"""What every router shares: the store dependency, text checks, JSON-safe numbers, the error body.
+
+Every error the API returns is a 4xx (or, for a fault of the server itself, a 5xx) with a JSON body
+``{"error": "<what was wrong>"}``; :func:`fail` raises one.
+
+Example:
+    >>> safe_floats([1.0, float("nan"), float("inf")])
+    [1.0, None, None]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Annotated, Any, NoReturn
+
+from fastapi import HTTPException, Path, Request
+from pydantic import AfterValidator
+
+from sonde.store import Store
+
+__all__ = ["MAX_NAME", "RunName", "Text", "check_text", "fail", "need_run", "safe_floats", "store_of"]
+
+#: Longest run, layer, topic, metric or phase name the API accepts.
+MAX_NAME = 1000
+
+
+def fail(status: int, message: str) -> NoReturn:
+    """Raise the HTTP error ``status`` whose JSON body is ``{"error": message}``."""
+    raise HTTPException(status_code=status, detail=message)
+
+
+def check_text(value: str, what: str = "text") -> str:
+    """``value`` if a database can store it as text, else ValueError saying why.
+
+    NUL characters (PostgreSQL refuses them in text) and lone surrogates (not encodable as UTF-8)
+    are the two things a JSON or URL string can carry that no database takes.
+    """
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters; got {value[:60]!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be valid Unicode text (no lone surrogates); got {value[:60]!r}") from None
+    return value
+
+
+#: A string the store can hold; validation fails (422) otherwise.
+Text = Annotated[str, AfterValidator(check_text)]
+
+#: A run name in a URL path.
+RunName = Annotated[str, Path(min_length=1, max_length=MAX_NAME, description="run name")]
+
+
+def store_of(request: Request) -> Store:
+    """The app's store (set by ``create_app``)."""
+    store: Store = request.app.state.store
+    return store
+
+
+def need_run(store: Store, run: str) -> str:
+    """``run`` when the store has it; 400 for a name no database could hold, 404 when absent."""
+    try:
+        check_text(run, "run name")
+    except ValueError as exc:
+        fail(400, str(exc))
+    if not store.has_run(run):
+        fail(404, f"no run '{run}'; GET /api/v1/runs lists the runs there are")
+    return run
+
+
+def safe_floats(values: Iterable[Any]) -> list[float | None]:
+    """Floats for JSON: NaN and ±inf (which JSON cannot carry) become null."""
+    return [v if v is not None and math.isfinite(v) else None for v in values]

@@ -1,0 +1,125 @@
+"""Record ingest: msgpack batches, idempotent by batch id.
+
+Body (``Content-Type: application/msgpack``)::
+
+    {"batch_id": "<uuid>", "records": [[step, phase, layer, topic, metric, value], ...]}
+
+``value`` is a number or a list of numbers (a histogram, a spectrum). A batch is stored whole or
+not at all; replaying a stored batch id answers 200 with ``"duplicate": true`` and stores nothing.
+
+Example:
+    >>> rows = [[0, "train", "fc1", "weights", "norm", 1.5]]
+    >>> body = msgpack.packb({"batch_id": "b1", "records": rows})                    # doctest: +SKIP
+    >>> client.post("/api/v1/runs/mlp/records", content=body,
+    ...             headers={"content-type": "application/msgpack"}).json()           # doctest: +SKIP
+    {'accepted': 1, 'duplicate': False}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from sonde.records import Record
+from sonde.server.api.common import MAX_NAME, RunName, check_text, fail, need_run, store_of
+
+__all__ = ["decode_batch", "router"]
+
+router = APIRouter(tags=["records"])
+
+#: Largest step the store holds (a 32-bit signed integer column on PostgreSQL).
+MAX_STEP = 2**31 - 1
+#: Longest array value in one Record.
+MAX_ARRAY = 1_000_000
+
+_SCHEMA = {
+    "type": "object",
+    "required": ["batch_id", "records"],
+    "properties": {
+        "batch_id": {"type": "string", "minLength": 1, "maxLength": 200},
+        "records": {
+            "type": "array",
+            "items": {
+                "type": "array", "minItems": 6, "maxItems": 6,
+                "prefixItems": [
+                    {"type": "integer", "minimum": 0, "maximum": MAX_STEP},
+                    {"type": "string"}, {"type": "string"}, {"type": "string"}, {"type": "string"},
+                    {"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]},
+                ],
+            },
+        },
+    },
+}
+
+
+def _name(value: Any, what: str, index: int) -> str:
+    if not isinstance(value, str) or (not value and what != "layer") or len(value) > MAX_NAME:
+        fail(422, f"record {index}: {what} must be a string of at most {MAX_NAME} characters"
+                  f"{'' if what == 'layer' else ' (not empty)'}; got {value!r:.80}")
+    try:
+        return check_text(value, f"record {index}: {what}")
+    except ValueError as exc:
+        fail(422, str(exc))
+
+
+def _value(value: Any, index: int) -> float | np.ndarray:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            fail(422, f"record {index}: value {value} does not fit a float64")
+    if isinstance(value, (list, tuple)) and len(value) <= MAX_ARRAY and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        try:
+            return np.asarray(value, dtype=np.float64)
+        except OverflowError:
+            fail(422, f"record {index}: an array element does not fit a float64")
+    fail(422, f"record {index}: value must be a number or a list of at most {MAX_ARRAY} numbers; got {value!r:.80}")
+
+
+def decode_batch(body: bytes, run: str) -> tuple[str, list[Record]]:
+    """Check and decode one msgpack batch into its id and Records; a 4xx ``HTTPException`` when malformed."""
+    try:
+        payload = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        fail(400, f"the body must be one msgpack map {{batch_id, records}}; it could not be decoded: {exc}")
+    if not isinstance(payload, dict) or set(payload) != {"batch_id", "records"}:
+        keys = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
+        fail(422, f"the body must be a msgpack map with exactly the keys batch_id and records; got {keys}")
+    batch_id, items = payload["batch_id"], payload["records"]
+    if not isinstance(batch_id, str) or not 1 <= len(batch_id) <= 200:
+        fail(422, f"batch_id must be a string of 1 to 200 characters (a UUID); got {batch_id!r:.80}")
+    try:
+        check_text(batch_id, "batch_id")
+    except ValueError as exc:
+        fail(422, str(exc))
+    if not isinstance(items, list):
+        fail(422, f"records must be a list of [step, phase, layer, topic, metric, value]; got {type(items).__name__}")
+    out: list[Record] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, (list, tuple)) or len(item) != 6:
+            fail(422, f"record {i} must be [step, phase, layer, topic, metric, value]; got {item!r:.80}")
+        step = item[0]
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+            fail(422, f"record {i}: step must be an integer from 0 to {MAX_STEP}; got {step!r:.40}")
+        out.append(Record(run, step, _name(item[1], "phase", i), _name(item[2], "layer", i),
+                          _name(item[3], "topic", i), _name(item[4], "metric", i), _value(item[5], i)))
+    return batch_id, out
+
+
+@router.post(
+    "/runs/{run}/records",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/msgpack": {"schema": _SCHEMA}}}},
+)
+async def ingest_records(run: RunName, request: Request) -> dict[str, Any]:
+    """Store one batch of Records (msgpack); a replayed ``batch_id`` stores nothing and says ``duplicate``."""
+    store = store_of(request)
+    await run_in_threadpool(need_run, store, run)
+    batch_id, batch = await run_in_threadpool(decode_batch, await request.body(), run)
+    stored = await run_in_threadpool(store.write_batch, run, batch_id, batch)
+    return {"accepted": len(batch) if stored else 0, "duplicate": not stored}
