@@ -7,6 +7,7 @@ on the same device without host synchronisation; host-side functions take numpy 
 
 from __future__ import annotations
 
+from sonde.functional.similarity import MinibatchCKA, as_features, cka, gram, hsic_unbiased, svcca
 from sonde.functional.stats import (
     EMPTY_SUMMARY,
     accuracy_counts,
@@ -19,16 +20,40 @@ from sonde.functional.stats import (
     summarize_raw,
     summary_stats,
 )
+from sonde.functional.tasks import (
+    ClusterScores,
+    cluster_mi,
+    kmeans,
+    macro_f1,
+    mutual_info_scores,
+    probe_f1,
+    stratified_split,
+    task_samples,
+)
 
 __all__ = [
     "EMPTY_SUMMARY",
+    "ClusterScores",
+    "MinibatchCKA",
     "accuracy_counts",
+    "as_features",
+    "cka",
+    "cluster_mi",
     "finish_summary",
+    "gram",
     "histogram_counts",
     "histogram_edges",
+    "hsic_unbiased",
+    "kmeans",
+    "macro_f1",
     "merge_summaries",
+    "mutual_info_scores",
+    "probe_f1",
     "scratch",
+    "stratified_split",
     "summarize",
     "summarize_raw",
     "summary_stats",
+    "svcca",
+    "task_samples",
 ]
