@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from sonde.graph.model import Graph, GraphError, Node
 
-__all__ = ["graph"]
+__all__ = ["graph", "trace"]
 
 #: Functions that only change how a tensor is viewed; ``Graph.prune`` removes them.
 TRIVIAL_FUNCTIONS = frozenset({
@@ -41,8 +41,11 @@ TRIVIAL_FUNCTIONS = frozenset({
 TRIVIAL_MODULES = frozenset({"Identity", "Flatten", "Unflatten"})
 _DROPOUT = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"})
 
+# Hook tables are not copied (a probe's bound-method hooks would drag the probe into the copy).
 _HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
 
 
 def graph(model: nn.Module, example_input: Any, *, device: str = "auto") -> Graph:
@@ -70,28 +73,6 @@ def graph(model: nn.Module, example_input: Any, *, device: str = "auto") -> Grap
     """
     if not isinstance(model, nn.Module):
         raise GraphError(f"sonde.graph expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
-    if device not in ("auto", "meta", "real"):
-        raise GraphError(f"device= expects 'auto', 'meta' or 'real', got {device!r}")
-    meta_error: GraphError | None = None
-    if device in ("auto", "meta"):
-        try:
-            return _trace(model, example_input, meta=True)
-        except GraphError as exc:
-            if device == "meta":
-                raise
-            meta_error = exc
-    try:
-        return _trace(model, example_input, meta=False)
-    except GraphError as exc:
-        if meta_error is not None:
-            raise GraphError(f"{exc} (on the meta device too: {meta_error})") from exc
-        raise
-
-
-def _trace(model: nn.Module, example_input: Any, *, meta: bool) -> Graph:
-    shadow = _shadow(model, meta=meta)
-    if meta:
-        example_input = _map_tensors(example_input, lambda t: torch.empty_like(t, device="meta"))
     args: tuple[Any, ...]
     if isinstance(example_input, dict):
         args, kwargs = (), dict(example_input)
@@ -99,9 +80,51 @@ def _trace(model: nn.Module, example_input: Any, *, meta: bool) -> Graph:
         args, kwargs = tuple(example_input), {}
     else:
         args, kwargs = (example_input,), {}
+    return trace(model, args, kwargs, device=device)
+
+
+def trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, device: str = "auto",
+          background: bool = False) -> Graph:
+    """:func:`graph` for a call ``model(*args, **kwargs)``.
+
+    ``background=True`` is for a trace on another thread while the model trains: the global random
+    state is shared with training and cannot be saved and restored, so a real-tensor trace then runs
+    the copy in eval mode (dropout draws no random numbers).
+    """
+    if device not in ("auto", "meta", "real"):
+        raise GraphError(f"device= expects 'auto', 'meta' or 'real', got {device!r}")
+    meta_error: GraphError | None = None
+    if device in ("auto", "meta"):
+        try:
+            return _trace(model, args, kwargs, meta=True, background=background)
+        except GraphError as exc:
+            if device == "meta":
+                raise
+            meta_error = exc
+    try:
+        return _trace(model, args, kwargs, meta=False, background=background)
+    except GraphError as exc:
+        if meta_error is not None:
+            raise GraphError(f"{exc} (on the meta device too: {meta_error})") from exc
+        raise
+
+
+def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, meta: bool,
+           background: bool) -> Graph:
+    shadow = _shadow(model, meta=meta)
+    if meta:
+        to_meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
+        args, kwargs = _map_tensors(args, to_meta), _map_tensors(kwargs, to_meta)
+    elif background:
+        shadow.eval()
     tracer = _Tracer(shadow)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        return tracer.run(args, kwargs, type(model).__name__, "meta" if meta else "real")
+    name = type(model).__name__
+    with torch.no_grad():
+        if meta or background:
+            return tracer.run(args, kwargs, name, "meta" if meta else "real")
+        devices = sorted({t.device.index or 0 for t in shadow.parameters() if t.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            return tracer.run(args, kwargs, name, "real")
 
 
 def _shadow(model: nn.Module, *, meta: bool) -> nn.Module:
@@ -112,16 +135,16 @@ def _shadow(model: nn.Module, *, meta: bool) -> nn.Module:
                            if meta else param)
     for buffer in model.buffers():
         memo[id(buffer)] = torch.empty_like(buffer, device="meta") if meta else buffer.detach().clone()
+    for module in model.modules():
+        for attr in _HOOK_ATTRS:
+            table = getattr(module, attr, None)
+            if table is not None:
+                memo[id(table)] = type(table)()
     try:
         shadow = copy.deepcopy(model, memo)
     except Exception as exc:  # any copy failure means the same thing to the caller
         raise GraphError(f"cannot copy {type(model).__name__}'s module tree to trace it: {type(exc).__name__}: {exc}"
                          ) from exc
-    for module in shadow.modules():
-        for attr in _HOOK_ATTRS:
-            hooks = getattr(module, attr, None)
-            if hooks:
-                hooks.clear()
     return shadow
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from sonde.errors import ConfigError, LayerFilterError, ProbeError
+from sonde.graph.job import GraphJob
 from sonde.metrics.base import Metric
 from sonde.probe.core import Probe
 from sonde.schedules import Schedule
@@ -191,6 +192,10 @@ class TorchProbe(Probe):
         model = self.model
         model._sonde_probe = weakref.ref(self)  # type: ignore[assignment]
         self._handles.append(model.register_forward_pre_hook(self._on_root_start, prepend=True))
+        # The graph is traced once, from the first forward's arguments, on a background thread.
+        self._graph_job = GraphJob(model, self._runners)
+        self._graph_job.handle = model.register_forward_pre_hook(self._graph_job.on_forward, with_kwargs=True)
+        self._handles.append(self._graph_job.handle)
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self._handles.append(module.register_forward_hook(self._post_hook(name)))
@@ -205,6 +210,7 @@ class TorchProbe(Probe):
                         self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(layer, topic)))
 
     def detach(self) -> None:
+        self._graph_job.wait()  # before the sinks close, so that they get the graph
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

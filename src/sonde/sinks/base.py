@@ -65,6 +65,12 @@ class Sink:
     def write(self, records: Sequence[Record]) -> None:
         raise NotImplementedError
 
+    def graph(self, graph: dict[str, Any]) -> None:
+        """Receive the model's topology (:meth:`sonde.Graph.to_dict`), once per run; default: ignore it.
+
+        Called on the sink's own thread, when the probe has built the graph (after the first step).
+        """
+
     def flush(self) -> None:
         """Make everything written so far durable/visible."""
 
@@ -74,6 +80,7 @@ class Sink:
 
 _STOP = object()
 _FLUSH = object()
+_GRAPH = object()
 
 
 class SinkRunner:
@@ -98,6 +105,15 @@ class SinkRunner:
             if self.dropped == 0:
                 log.error("sonde: sink %r cannot keep up; dropping records for it (training goes on)", self.sink.name)
             self.dropped += len(records)
+
+    def submit_graph(self, graph: dict[str, Any]) -> None:
+        """Queue the run's graph for :meth:`Sink.graph`; never blocks (a full queue drops it, loudly)."""
+        if self.failed is not None:
+            return
+        try:
+            self._queue.put_nowait((_GRAPH, graph))
+        except queue.Full:
+            log.error("sonde: sink %r cannot keep up; the model graph is not recorded by it", self.sink.name)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until everything queued so far has been written."""
@@ -141,6 +157,13 @@ class SinkRunner:
                         self._fail(exc)
                 return
             if self.failed is not None:
+                continue
+            if isinstance(item, tuple) and item and item[0] is _GRAPH:
+                try:
+                    self.sink.graph(item[1])
+                except Exception as exc:  # noqa: BLE001 - a graph the sink cannot keep costs only the graph
+                    log.error("sonde: sink %r could not record the model graph: %s: %s",
+                              self.sink.name, type(exc).__name__, exc)
                 continue
             try:
                 self.sink.write(item)

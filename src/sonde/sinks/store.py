@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sonde.records import Record
 from sonde.sinks.base import RunInfo, Sink
@@ -66,6 +67,12 @@ class StoreSink(Sink):
                 self._timer = threading.Timer(self.max_delay, self._drain_on_timer)
                 self._timer.daemon = True
                 self._timer.start()
+
+    def graph(self, graph: dict[str, Any]) -> None:
+        """Store the run's topology (``Store.put_graph``); the API and the dashboard serve it from there."""
+        if self.store is None or self.run is None:
+            raise RuntimeError("StoreSink.graph() before open()")
+        self.store.put_graph(self.run, graph)
 
     def flush(self) -> None:
         """Write whatever is waiting, so that readers see it."""

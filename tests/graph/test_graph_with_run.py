@@ -1,0 +1,73 @@
+"""The probe builds the graph at the first forward, off the training thread, and sinks store it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import sonde
+from sonde.records import Record
+from sonde.sinks import Sink
+from sonde.store import open_store
+
+
+class GraphCollect(Sink):
+    name = "graph-collect"
+
+    def __init__(self) -> None:
+        self.graphs: list[dict[str, Any]] = []
+        self.records: list[Record] = []
+
+    def write(self, records: Sequence[Record]) -> None:
+        self.records.extend(records)
+
+    def graph(self, graph: dict[str, Any]) -> None:
+        self.graphs.append(graph)
+
+
+def _train(model: nn.Module, probe_kw: dict[str, Any], steps: int = 3) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sonde.probe(model, optimizer=opt, metrics=["mean"], **probe_kw):
+        for _ in range(steps):
+            loss = model(torch.randn(4, 6)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def test_probe_hands_the_graph_to_every_sink_once(tmp_path: Any) -> None:
+    sink = GraphCollect()
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    _train(model, {"store": tmp_path / "s.db", "run": "g", "sinks": [sink]})
+    assert len(sink.graphs) == 1
+    graph = sink.graphs[0]
+    assert [n["name"] for n in graph["nodes"]] == ["input", "0", "1", "2", "output"]
+    assert graph["nodes"][1]["output_shapes"] == [[4, 5]]
+    with open_store(tmp_path / "s.db") as store:
+        assert store.get_graph("g") == graph
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_a_graph_that_cannot_be_built_never_breaks_training(caplog: pytest.LogCaptureFixture) -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled():  # the graph's trace runs under no_grad; training does not
+                raise RuntimeError("not traceable")
+            return self.fc(x)
+
+    sink = GraphCollect()
+    model = Odd()
+    with caplog.at_level(logging.WARNING, logger="sonde"):
+        _train(model, {"store": None, "sinks": [sink]})
+    assert sink.graphs == []
+    assert {r.step for r in sink.records} == {0, 1, 2}
+    assert "the model graph could not be built" in caplog.text and "not traceable" in caplog.text
