@@ -366,10 +366,16 @@ class Store:
     def _insert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         if conn.dialect.name == "postgresql":
             # COPY is several times faster than executemany of INSERTs on PostgreSQL.
+            import psycopg
+
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            with cursor.copy(f"COPY records ({', '.join(_INSERT_KEYS)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+            columns = ", ".join(f'"{k}"' for k in _INSERT_KEYS)  # "array" is a reserved word there
+            try:
+                with cursor.copy(f"COPY records ({columns}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            except psycopg.Error as exc:
+                raise StoreError(f"cannot write {len(rows)} records to {self.where}: {exc}") from exc
             return
         params: list[Any] = rows
         if not self._insert_positional:  # a named-placeholder driver

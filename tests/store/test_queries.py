@@ -1,0 +1,215 @@
+"""The store's plotting queries, batch ids, graphs and deletes, on SQLite and PostgreSQL.
+
+Every expected value is computed here with numpy from the Records the test wrote.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sonde.errors import ConfigError
+from sonde.records import Record
+from sonde.sinks.base import LayerInfo, RunInfo
+from sonde.store import Store, open_store
+
+
+def _run(store: Store, name: str, layers: list[str]) -> str:
+    store.start_run(RunInfo(name, model="M", layers=[LayerInfo(n, "Linear") for n in layers]), resume=False)
+    return name
+
+
+def _scalars(run: str, layer: str, values: np.ndarray, metric: str = "norm", phase: str = "train",
+             steps: np.ndarray | None = None) -> list[Record]:
+    steps = np.arange(len(values)) if steps is None else steps
+    return [Record(run, int(s), phase, layer, "weights", metric, float(v)) for s, v in zip(steps, values)]
+
+
+def test_short_series_comes_back_exactly(any_store: Store) -> None:
+    run = _run(any_store, "short", ["fc1"])
+    values = np.random.default_rng(0).normal(size=50)
+    values[7] = np.nan
+    any_store.write(run, _scalars(run, "fc1", values))
+    out = any_store.series(run, "fc1", "weights", "norm")
+    assert out["step"] == list(range(50))
+    expected = [None if np.isnan(v) else float(v) for v in values]
+    assert out["value"] == expected and out["min"] == expected and out["max"] == expected
+
+
+def test_downsampled_series_keeps_each_buckets_mean_min_max_and_a_one_step_spike(any_store: Store) -> None:
+    run = _run(any_store, "long", ["fc1"])
+    rng = np.random.default_rng(1)
+    n = 10_000
+    values = rng.normal(size=n)
+    values[4321] = 1e6  # a spike of one step
+    any_store.write(run, _scalars(run, "fc1", values))
+    out = any_store.series(run, "fc1", "weights", "norm", max_points=97)
+    steps = out["step"]
+    assert 1 < len(steps) <= 97 and steps[0] == 0 and steps == sorted(steps)
+    bounds = [*steps, n]
+    for i in range(len(steps)):
+        chunk = values[bounds[i]:bounds[i + 1]]
+        assert out["value"][i] == pytest.approx(chunk.mean(), rel=1e-9, abs=1e-9)
+        assert out["min"][i] == pytest.approx(chunk.min()) and out["max"][i] == pytest.approx(chunk.max())
+    assert max(out["max"]) == 1e6
+    assert max(out["value"]) < 1e6  # the mean alone would hide how high it went; max does not
+
+
+def test_series_bounds_and_phases_are_separate(any_store: Store) -> None:
+    run = _run(any_store, "bounds", ["fc1"])
+    train, evaluation = np.arange(100.0), -np.arange(100.0)
+    any_store.write(run, _scalars(run, "fc1", train) + _scalars(run, "fc1", evaluation, phase="eval"))
+    out = any_store.series(run, "fc1", "weights", "norm", start=10, end=19)
+    assert out["step"] == list(range(10, 20)) and out["value"] == train[10:20].tolist()
+    assert any_store.series(run, "fc1", "weights", "norm", phase="eval")["value"] == evaluation.tolist()
+    assert any_store.series(run, "fc1", "weights", "mean") == {"step": [], "value": [], "min": [], "max": []}
+
+
+def test_heatmap_rows_in_forward_order_cells_at_evenly_picked_steps(any_store: Store) -> None:
+    order = ["conv", "block.fc", "act", "head"]  # forward order, not alphabetical
+    run = _run(any_store, "heat", order)
+    rng = np.random.default_rng(2)
+    steps = np.arange(0, 3000, 3)  # every=3
+    table = {name: rng.normal(size=len(steps)) for name in order}
+    table["act"][10] = np.nan
+    records = [r for name in order if name != "head" for r in _scalars(run, name, table[name], steps=steps)]
+    records += _scalars(run, "head", table["head"][::2], steps=steps[::2])  # recorded every other step only
+    any_store.write(run, records)
+    out = any_store.heatmap(run, "weights", "norm", max_steps=40)
+    assert out["layers"] == order
+    picked = out["steps"]
+    assert len(picked) == 40 and picked[0] == 0 and picked[-1] == steps[-1] and set(picked) <= set(steps.tolist())
+    gaps = np.diff(picked)
+    assert gaps.max() - gaps.min() <= 3  # evenly spread (to the recording interval)
+    position = {int(s): i for i, s in enumerate(steps)}
+    head_steps = set(steps[::2].tolist())
+    for row, name in zip(out["values"], order):
+        for step, cell in zip(picked, row):
+            if name == "head" and step not in head_steps:
+                assert cell is None
+                continue
+            expected = table[name][position[step]]  # head keeps table["head"][::2] at steps[::2]
+            assert cell == (None if np.isnan(expected) else pytest.approx(expected))
+    short = any_store.heatmap(run, "weights", "norm", max_steps=5000)
+    assert short["steps"] == steps.tolist()
+    assert short["values"][1] == pytest.approx(table["block.fc"].tolist())
+    assert any_store.heatmap(run, "weights", "nope") == {"layers": [], "steps": [], "values": []}
+
+
+def test_histograms_over_time(any_store: Store) -> None:
+    run = _run(any_store, "hist", ["fc1"])
+    rng = np.random.default_rng(3)
+    edges = np.linspace(-1.0, 1.0, 9)
+    counts = {s: rng.integers(0, 100, size=8).astype(float) for s in range(0, 500, 5)}
+    records = [Record(run, 0, "train", "fc1", "weights", "histogram_edges", edges)]
+    records += [Record(run, s, "train", "fc1", "weights", "histogram", c) for s, c in counts.items()]
+    any_store.write(run, records)
+    out = any_store.histograms(run, "fc1", "weights", max_steps=10)
+    assert out["edges"] == edges.tolist()
+    assert len(out["steps"]) == 10 and out["steps"][0] == 0 and out["steps"][-1] == 495
+    for step, row in zip(out["steps"], out["counts"]):
+        assert row == counts[step].tolist()
+    assert any_store.histograms(run, "fc1", "inputs") == {"steps": [], "edges": [], "counts": []}
+
+
+def test_available_lists_phase_topic_metric(any_store: Store) -> None:
+    run = _run(any_store, "avail", ["fc1"])
+    evaluation = _scalars(run, "fc1", np.ones(3), metric="mean", phase="eval")
+    loss = [Record(run, 0, "train", "", "loss", "loss", 0.5)]
+    any_store.write(run, _scalars(run, "fc1", np.ones(3)) + evaluation + loss)
+    assert any_store.available(run) == [("eval", "weights", "mean"), ("train", "loss", "loss"),
+                                        ("train", "weights", "norm")]
+
+
+def test_replayed_batch_is_stored_once(any_store: Store) -> None:
+    run = _run(any_store, "replay", ["fc1"])
+    other = _run(any_store, "other", ["fc1"])
+    batch = _scalars(run, "fc1", np.arange(10.0))
+    batch_id = str(uuid.uuid4())
+    assert any_store.write_batch(run, batch_id, batch) is True
+    assert any_store.write_batch(run, batch_id, batch) is False
+    assert len(any_store.load(run)) == 10
+    assert any_store.write_batch(other, batch_id, _scalars(other, "fc1", np.arange(3.0))) is True  # ids are per run
+    assert len(any_store.load(other)) == 3
+    with pytest.raises(ConfigError, match="batch_id"):
+        any_store.write_batch(run, "", batch)
+
+
+def test_concurrent_replays_store_the_batch_once(any_store: Store) -> None:
+    run = _run(any_store, "race", ["fc1"])
+    batch = _scalars(run, "fc1", np.arange(200.0))
+    results: list[bool] = []
+    barrier = threading.Barrier(4)
+
+    def send() -> None:
+        barrier.wait()
+        results.append(any_store.write_batch(run, "same-id", batch))
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True]
+    assert len(any_store.load(run)) == 200
+
+
+def test_graph_put_replace_get(any_store: Store) -> None:
+    run = _run(any_store, "graph", ["fc1"])
+    assert any_store.get_graph(run) is None
+    any_store.put_graph(run, {"nodes": [{"id": "fc1"}], "edges": []})
+    any_store.put_graph(run, {"nodes": [{"id": "fc1"}, {"id": "fc2"}], "edges": [["fc1", "fc2"]]})
+    assert any_store.get_graph(run) == {"nodes": [{"id": "fc1"}, {"id": "fc2"}], "edges": [["fc1", "fc2"]]}
+    with pytest.raises(ConfigError, match="JSON object"):
+        any_store.put_graph(run, [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no run"):
+        any_store.get_graph("absent")
+
+
+def test_delete_run_removes_everything_of_it_and_nothing_else(any_store: Store) -> None:
+    gone = _run(any_store, "gone", ["fc1"])
+    kept = _run(any_store, "kept", ["fc1"])
+    any_store.write_batch(gone, "b1", _scalars(gone, "fc1", np.arange(5.0)))
+    any_store.write_batch(kept, "b1", _scalars(kept, "fc1", np.arange(7.0)))
+    any_store.put_graph(gone, {"nodes": []})
+    any_store.delete_run(gone)
+    assert any_store.run_info(gone) is None and not any_store.has_run(gone)
+    assert [r["name"] for r in any_store.run_infos()] == ["kept"]
+    assert len(any_store.load(kept)) == 7 and any_store.get_graph(kept) is None
+    with pytest.raises(ConfigError, match="no run"):
+        any_store.series(gone, "fc1", "weights", "norm")
+    # A new run of the same name starts empty: no records, no graph, no remembered batch ids.
+    _run(any_store, "gone", ["fc1"])
+    assert any_store.get_graph("gone") is None and any_store.available("gone") == []
+    assert any_store.write_batch("gone", "b1", _scalars("gone", "fc1", np.arange(2.0))) is True
+    assert len(any_store.load("gone")) == 2
+    with pytest.raises(ConfigError, match="no run"):
+        any_store.delete_run("never")
+
+
+def test_limits_are_checked(any_store: Store) -> None:
+    run = _run(any_store, "limits", ["fc1"])
+    with pytest.raises(ConfigError, match="max_points"):
+        any_store.series(run, "fc1", "weights", "norm", max_points=0)
+    with pytest.raises(ConfigError, match="max_steps"):
+        any_store.heatmap(run, "weights", "norm", max_steps=10**6)
+
+
+def test_version_1_store_gets_its_series_catalog(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    with open_store(path) as store:
+        run = _run(store, "old", ["fc1"])
+        store.write(run, _scalars(run, "fc1", np.arange(4.0)))
+    with sqlite3.connect(path) as conn:  # back to what sonde 0.1 wrote: no catalog, version 1
+        conn.execute("DROP TABLE series")
+        conn.execute("DROP TABLE batches")
+        conn.execute("DROP TABLE graphs")
+        conn.execute("DELETE FROM schema_version WHERE version > 1")
+    with open_store(path) as store:
+        assert store.available("old") == [("train", "weights", "norm")]
+        assert store.heatmap("old", "weights", "norm")["values"] == [[0.0, 1.0, 2.0, 3.0]]
