@@ -4,7 +4,11 @@ One metric instance exists per (phase, layer, topic, metric); it is cloned lazil
 template the user configured. A capture reaches the instances whose schedule accepts the
 step (evaluation passes are recorded whenever they happen). At the end of a step,
 :meth:`Bus.flush` moves every staged partial state to the host in one batched transfer per
-device, folds it in, computes, resets, and returns the step's Records.
+device and folds it in. Then each metric whose ``compute_every`` accepts the step computes
+(an offloaded one on the background worker, see :mod:`sonde.worker`) and is reset as its
+``reset`` says; the others keep accumulating. An evaluation flush always computes (an eval
+pass is already one value over all its batches). Metrics of Records (``derived``) compute from
+the step's values; watchers (``watches``, such as alerts) read every Record that is emitted.
 
 Example:
     >>> import torch
@@ -27,6 +31,7 @@ import torch
 from sonde.metrics.base import Capture, Metric, TensorMemo
 from sonde.records import Record
 from sonde.schedules import Schedule
+from sonde.worker import MetricTask, Worker
 
 __all__ = ["Bus"]
 
@@ -54,8 +59,13 @@ class Bus:
                     subscribed = self.templates.setdefault(source, [])
                     if provider is not None and provider not in subscribed:
                         subscribed.append(provider)
+        self.watchers = [m for m in metrics if getattr(m, "watches", False)]
+        self.worker: Worker | None = None  # set by the probe when a metric offloads its compute
         self._instances: dict[tuple[str, str, str], list[Metric]] = {}
         self._touched: dict[str, dict[tuple[str, str], list[Metric]]] = {"train": {}, "eval": {}}
+        # Instances holding state not computed yet (compute_every said "not now"), per phase.
+        self._dirty: dict[str, dict[tuple[str, str], list[Metric]]] = {"train": {}, "eval": {}}
+        self._epoch_end = False
         self._wants_cache: tuple[int, dict[str, bool]] = (-1, {})
         self.memo = TensorMemo()
         self._failed_metrics: set[str] = set()
@@ -117,37 +127,102 @@ class Bus:
     def pending(self, phase: str) -> bool:
         return bool(self._touched[phase])
 
-    def flush(self, phase: str, step: int) -> list[Record]:
-        """Compute every metric touched in ``phase`` since the last flush; return their Records."""
+    def accumulating(self) -> bool:
+        """Whether some metric holds recorded state that has not been computed yet."""
+        return any(self._dirty.values())
+
+    def end_epoch(self) -> None:
+        """The current train step is the last of an epoch: at its flush, metrics with
+        ``reset="epoch"`` compute (whatever ``compute_every`` says) and then start afresh."""
+        self._epoch_end = True
+
+    def flush(self, phase: str, step: int, *, final: bool = False) -> list[Record]:
+        """Fold in what ``phase`` staged since the last flush, compute the metrics due at ``step``
+        (all of them when ``final``), and return the Records computed here (offloaded ones follow
+        from the worker)."""
         touched = self._touched[phase]
         self._touched[phase] = {}
         self.memo.clear()
-        if not touched:
+        dirty = self._dirty[phase]
+        epoch_end = self._epoch_end and phase == "train"
+        if not touched and not dirty and not epoch_end:
             return []
         host = _to_host(value for instances in touched.values() for m in instances for _, value in m.staged)
-        records: list[Record] = []
-        values: dict[tuple[str, str, str], Any] = {}
         derived: list[tuple[str, str, Metric]] = []
-        for (layer, topic), instances in touched.items():
+        for key, instances in touched.items():
             for metric in instances:
                 if getattr(metric, "derived", False):
-                    derived.append((layer, topic, metric))
+                    derived.append((*key, metric))
                     continue
                 try:
                     metric.absorb_staged(host)
-                    result = metric.compute()
                 except Exception as exc:  # noqa: BLE001
                     self._report(metric, exc)
-                    result = {}
-                metric.reset()
-                for name, value in result.items():
+                    metric.reset()
+                    continue
+                waiting = dirty.setdefault(key, [])
+                if metric not in waiting:
+                    waiting.append(metric)
+        records: list[Record] = []
+        values: dict[tuple[str, str, str], Any] = {}
+        # Touched keys first, in the order the step produced them (forward order for activations).
+        order = [k for k in touched if k in dirty] + [k for k in dirty if k not in touched]
+        for key in order:
+            layer, topic = key
+            kept: list[Metric] = []
+            for metric in dirty[key]:
+                forced = final or phase == "eval" or (epoch_end and metric.reset_policy == "epoch")
+                if not (forced or metric.due(step)):
+                    kept.append(metric)
+                    continue
+                for name, value in self._compute(metric, phase, step, layer, topic).items():
                     values[(layer, topic, name)] = value
                     records.append(Record(self.run, step, phase, layer, topic, name, value))
+                if metric.reset_policy == "compute":
+                    metric.reset()
+            if kept:
+                dirty[key] = kept
+            else:
+                del dirty[key]
         for layer, topic, metric in derived:
-            for name, value in metric.derive(values, layer, topic).items():  # type: ignore[attr-defined]
+            try:
+                result = metric.derive(values, layer, topic)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001
+                self._report(metric, exc)
+                result = {}
+            for name, value in result.items():
+                values[(layer, topic, name)] = value
                 records.append(Record(self.run, step, phase, layer, topic, name, value))
             metric.reset()
+        if epoch_end:
+            self._epoch_end = False
+            for instances in self._instances.values():
+                for metric in instances:
+                    if metric.reset_policy == "epoch":
+                        metric.reset()
         return records
+
+    def _compute(self, metric: Metric, phase: str, step: int, layer: str, topic: str) -> dict[str, Any]:
+        """Compute here, or hand a snapshot to the worker (then nothing is returned here)."""
+        if metric.offload and self.worker is not None:
+            task = MetricTask(metric.snapshot(), run=self.run, step=step, phase=phase, layer=layer, topic=topic)
+            self.worker.submit((phase, layer, topic, id(metric)), task)
+            return {}
+        try:
+            return metric.compute()
+        except Exception as exc:  # noqa: BLE001 - monitoring must never break training
+            self._report(metric, exc)
+            return {}
+
+    def watch(self, records: list[Record]) -> list[Record]:
+        """Records the watchers (alerts) add after reading ``records``; never raises."""
+        extra: list[Record] = []
+        for watcher in self.watchers:
+            try:
+                extra.extend(watcher.watch(records))  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001
+                self._report(watcher, exc)
+        return extra
 
     def _report(self, metric: Metric, exc: Exception) -> None:
         if metric.name not in self._failed_metrics:

@@ -40,9 +40,12 @@ import torch
 from sonde.errors import ConfigError
 from sonde.schedules import Schedule, as_schedule
 
-__all__ = ["Capture", "Metric", "Reduce"]
+__all__ = ["RESET_POLICIES", "Capture", "Metric", "Reduce"]
 
 Reduce = Callable[[Any, Any], Any]
+
+#: When a metric's state is cleared: after each compute, at ``probe.end_epoch()``, or never.
+RESET_POLICIES = ("compute", "epoch", "never")
 
 _REDUCERS: dict[str, Reduce] = {
     "sum": lambda a, b: a + b,
@@ -118,8 +121,23 @@ class Metric:
             (``update_ratio`` on ``weight_updates`` reads ``weights``): the required metrics
             are subscribed to those topics too.
 
+        offload: when True, :meth:`compute` runs on the probe's background worker, on a snapshot
+            of the host state, and its Records reach the sinks when it is done (they carry the
+            step they were computed for). The training thread only runs the cheap ``update``.
+            An offloaded ``compute`` must read only ``self.state`` and configuration: it runs on a
+            shallow copy, so attributes it sets are not kept.
+
     Args:
-        every: an int or a schedule ``step -> bool`` overriding the probe's ``every=``.
+        every: an int or a schedule ``step -> bool`` overriding the probe's ``every=``: when
+            ``update`` runs.
+        compute_every: an int or a schedule ``step -> bool``: state accumulates across recorded
+            steps and ``compute`` runs (Records are emitted) only at the steps it accepts. None
+            (default): at every step the metric was updated. Whatever it says, state that was
+            never computed is computed at the probe's last step, so nothing recorded is lost.
+        reset: when the state is cleared: ``"compute"`` (after each compute, so the value at step
+            k covers exactly the batches recorded since the previous value, step k included),
+            ``"epoch"`` (when the user calls ``probe.end_epoch()``; the last step of the epoch
+            then computes whatever ``compute_every`` says) or ``"never"``.
     """
 
     name: ClassVar[str] = ""
@@ -127,9 +145,20 @@ class Metric:
     topics: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[tuple[str, ...]] = ()
     reads_topics: ClassVar[dict[str, str]] = {}
+    offload: ClassVar[bool] = False
 
-    def __init__(self, *, every: int | Schedule | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        every: int | Schedule | None = None,
+        compute_every: int | Schedule | None = None,
+        reset: str = "compute",
+    ) -> None:
+        if reset not in RESET_POLICIES:
+            raise ConfigError(f"reset= expects one of {', '.join(map(repr, RESET_POLICIES))}, got {reset!r}")
         self.schedule: Schedule | None = None if every is None else as_schedule(every)
+        self.compute_schedule: Schedule | None = None if compute_every is None else as_schedule(compute_every)
+        self.reset_policy = reset
         self._defaults: dict[str, tuple[Any, Reduce]] = {}
         self.state: dict[str, Any] = {}
         self.staged: list[tuple[str, Any]] = []
@@ -176,6 +205,21 @@ class Metric:
             self.state[name] = copy.deepcopy(default)
         self.staged.clear()
         self.updates = 0
+
+    def due(self, step: int) -> bool:
+        """Whether ``compute`` runs at ``step`` (``compute_every``; always when it is None)."""
+        return self.compute_schedule is None or bool(self.compute_schedule(step))
+
+    def snapshot(self) -> Metric:
+        """A shallow copy owning a copy of the host state, for computing off the training thread.
+
+        With ``reset="compute"`` the state is handed over (the caller resets this instance next);
+        otherwise it is deep-copied, since this instance keeps accumulating into it.
+        """
+        snap = copy.copy(self)
+        snap.state = dict(self.state) if self.reset_policy == "compute" else copy.deepcopy(self.state)
+        snap.staged = []
+        return snap
 
     # -- to override --------------------------------------------------------------------------
     def update(self, capture: Capture) -> None:

@@ -77,10 +77,20 @@ def resolve_metrics(metrics: Sequence[str | Metric] | None) -> list[Metric]:
     combined: list[Metric] = []
     for metric in chosen:
         for i, existing in enumerate(combined):
+            if not _same_timing(existing, metric):
+                continue  # shared work only between metrics that compute and reset together
             merged = existing.combine(metric)
             if merged is not None:
+                merged.compute_schedule, merged.reset_policy = existing.compute_schedule, existing.reset_policy
                 combined[i] = merged
                 break
         else:
             combined.append(metric)
     return combined
+
+
+def _same_timing(a: Metric, b: Metric) -> bool:
+    """Whether two metrics compute and reset at the same steps (``every(10)`` equals ``every(10)``)."""
+    sa, sb = a.compute_schedule, b.compute_schedule
+    same = sa is sb or (type(sa) is type(sb) and repr(sa) == repr(sb))
+    return same and a.reset_policy == b.reset_policy

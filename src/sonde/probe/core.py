@@ -21,6 +21,7 @@ from sonde.records import NETWORK, Record
 from sonde.schedules import Schedule, as_schedule
 from sonde.sinks import LayerInfo, RunInfo, Sink, SinkRunner, resolve_sinks
 from sonde.topics import STEP_TOPICS, TOPICS
+from sonde.worker import Worker
 
 __all__ = ["Probe"]
 
@@ -89,6 +90,8 @@ class Probe:
                 runner.close("failed")
             raise
         self.bus = Bus(run, self.metrics, topics=TOPICS if topics is None else topics, schedule=self.schedule)
+        if any(m.offload for m in self.metrics):
+            self.bus.worker = Worker(self._emit, name=f"sonde-worker-{run}")
         self.step = self.info.first_step
         self._step_started = False  # a train forward (or log) happened in the current step
         self._step_closed = False  # the optimizer stepped: the next train forward starts a new step
@@ -122,8 +125,8 @@ class Probe:
         self._step_started = True
         self._step_closed = True
 
-    def finish_step(self) -> None:
-        self._emit(self.bus.flush("train", self.step))
+    def finish_step(self, final: bool = False) -> None:
+        self._emit(self.bus.flush("train", self.step, final=final))
 
     def finish_eval(self) -> None:
         if self.bus.pending("eval"):
@@ -135,7 +138,10 @@ class Probe:
         self.bus.publish(layer, topic, tensor, phase=phase, step=step, **kw)
 
     def _emit(self, records: list[Record]) -> None:
+        """Send Records to every sink (from the training thread or the worker), alerts added."""
         if records:
+            if self.bus.watchers:
+                records = records + self.bus.watch(records)
             for runner in self._runners:
                 runner.submit(records)
 
@@ -171,22 +177,45 @@ class Probe:
     def as_tensor(self, value: Any, topic: str) -> Any:
         raise NotImplementedError
 
+    def end_epoch(self) -> None:
+        """Mark the current step as the last of an epoch.
+
+        Metrics configured with ``reset="epoch"`` compute a value at this step (whatever their
+        ``compute_every`` says) and start the next epoch with fresh state.
+
+        Example:
+            ``for epoch in range(n): train_one_epoch(); p.end_epoch()``
+        """
+        if self.closed:
+            raise ConfigError("Probe.end_epoch() called after the probe closed; call it inside the `with` block")
+        self.bus.end_epoch()
+
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every sink has written what was recorded so far (finished steps only)."""
+        """Wait until every sink has written what was recorded so far (finished steps only),
+        including values the background worker was still computing."""
+        worker = self.bus.worker
+        if worker is not None and not worker.drain(timeout):
+            log.error("sonde: flush: the background worker is still computing after %.0f s", timeout)
         for runner in self._runners:
             runner.flush(timeout)
 
-    def close(self, status: str = "finished") -> None:
-        """Record the last step, remove every hook and close the sinks. Idempotent."""
+    def close(self, status: str = "finished", timeout: float = 60.0) -> None:
+        """Record the last step, remove every hook, wait (at most ``timeout`` seconds) for values the
+        background worker is computing, and close the sinks. Idempotent.
+
+        State that accumulated since its last value (``compute_every``) is computed at the last step.
+        """
         if self.closed:
             return
         try:
             self.finish_eval()
-            if self._step_started:
-                self.finish_step()
+            if self._step_started or self.bus.accumulating():
+                self.finish_step(final=True)
         finally:
             self.closed = True
             self.detach()
+            if self.bus.worker is not None:
+                self.bus.worker.close(timeout)
             for runner in self._runners:
                 runner.close(status)
             failed = [r.sink.name for r in self._runners if r.failed is not None]
