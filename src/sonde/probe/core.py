@@ -54,11 +54,11 @@ class Probe:
         layers: list[LayerInfo],
         config: dict[str, Any],
     ) -> None:
-        if server is not None:
-            raise ConfigError(
-                "server= needs the sonde server, which this version does not ship yet; "
-                "record locally with store='sonde.db' (the default)"
-            )
+        remote = None
+        if server is not None:  # the server stores the Records instead of a local store
+            from sonde.sinks.remote import RemoteSink
+
+            remote, store = (server if isinstance(server, RemoteSink) else RemoteSink(server)), None
         if topics is not None:
             unknown = [t for t in topics if t not in TOPICS]
             if unknown or isinstance(topics, str):
@@ -66,6 +66,12 @@ class Probe:
         self.schedule = as_schedule(every)
         self.metrics = resolve_metrics(metrics)
         sink_list = resolve_sinks(sinks)
+        if remote is not None:
+            sink_list.insert(0, remote)
+        if any(m.name == "server" for m in self.metrics):  # ServerMetric: tensors shipped to the evaluator
+            from sonde.server.api.tensors import bind_server_metrics
+
+            bind_server_metrics(self.metrics, sink_list)
         if store is not None:
             from sonde.sinks.store import StoreSink
             from sonde.store import Store, open_store

@@ -1,0 +1,259 @@
+"""The remote sink against the real server app, in process: batching, spill, replay, bounded memory."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import torch
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+from torch import nn
+
+import sonde
+from conftest import Collect
+from sonde.errors import ConfigError, RunExistsError
+from sonde.records import Record
+from sonde.server.api.tensors import ServerMetric
+from sonde.server.app import create_app
+from sonde.sinks.remote import RemoteSink, encode_records, replay
+
+URL = "http://testserver"
+
+
+class Switch(httpx.BaseTransport):
+    """A transport to the in-process app that can be down, lose acknowledgements, or hang."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+        self.down = False
+        self.lose_acks: dict[str, int] = {}  # path suffix -> how many responses to lose after serving
+        self.gate = threading.Event()
+        self.gate.set()
+        self.paths: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.gate.wait(30)
+        if self.down:
+            raise httpx.ConnectError("connection refused (test)", request=request)
+        served = self.inner.handle_request(request)
+        response = httpx.Response(served.status_code, headers=served.headers, content=served.read())
+        self.paths.append(request.url.path)
+        for suffix, left in self.lose_acks.items():
+            if left and request.url.path.endswith(suffix):
+                self.lose_acks[suffix] = left - 1
+                raise httpx.ReadTimeout("response lost (test)", request=request)
+        return response
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[FastAPI]:
+    app = create_app(tmp_path / "server.db", ui=False)
+    yield app
+    app.state.store.close()
+
+
+@pytest.fixture
+def switch(app: FastAPI) -> Switch:
+    return Switch(TestClient(app, base_url=URL)._transport)
+
+
+def sink_for(switch: Switch, tmp_path: Path, **kwargs: Any) -> RemoteSink:
+    client = httpx.Client(transport=switch, base_url=URL)
+    return RemoteSink(URL, client=client, spill_dir=tmp_path / "spill", **kwargs)
+
+
+def train(sink: RemoteSink, collect: Collect, steps: int, *, run: str = "r", resume: bool = False,
+          during: Any = None) -> None:
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sonde.probe(model, run=run, server=sink, optimizer=opt, sinks=[collect], resume=resume) as p:
+        for step in range(steps):
+            loss = model(torch.randn(8, 3)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            p.log(loss=loss)
+            if during is not None:
+                during(step, p)
+
+
+def key(r: Record) -> tuple[Any, ...]:
+    value = tuple(np.round(r.value, 9)) if isinstance(r.value, np.ndarray) else round(float(r.value), 9)
+    return (r.step, r.phase, r.layer, r.topic, r.metric, value)
+
+
+def stored(app: FastAPI, run: str) -> list[tuple[Any, ...]]:
+    store = app.state.store
+    rows = []
+    for arrays in (False, True):
+        frame = store.load(run, arrays=arrays)
+        rows += [key(Record(run, *row[1:])) for row in frame.itertuples(index=False, name=None)]
+    return rows
+
+
+def assert_exactly_once(app: FastAPI, run: str, collect: Collect) -> None:
+    expected = sorted(key(r) for r in collect.records)
+    got = stored(app, run)
+    assert len(got) == len(expected), f"{len(got)} stored for {len(expected)} produced"
+    assert sorted(got) == expected
+
+
+def spill_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "spill").glob("*/[0-9]*.msgpack"))
+
+
+def test_records_arrive_once_in_batches_and_the_spill_is_cleaned(app: FastAPI, switch: Switch, tmp_path: Path,
+                                                               collect: Collect) -> None:
+    sink = sink_for(switch, tmp_path, batch_records=1000, max_delay=10.0)
+    train(sink, collect, 12)
+    assert len(collect.records) > 1000
+    assert_exactly_once(app, "r", collect)
+    posts = [p for p in switch.paths if p.endswith("/records")]
+    assert 1 < len(posts) < 12  # several steps per batch: batched, not one request per step
+    assert app.state.store.run_info("r")["status"] == "finished"
+    assert list((tmp_path / "spill").iterdir()) == []  # a clean session leaves nothing behind
+
+
+def test_records_spill_while_the_server_is_down_and_arrive_once_when_it_is_back(
+        app: FastAPI, switch: Switch, tmp_path: Path, collect: Collect) -> None:
+    sink = sink_for(switch, tmp_path, batch_records=1, max_delay=0.0)
+    seen: list[int] = []
+
+    def during(step: int, p: Any) -> None:
+        if step == 2:
+            p.flush()
+            switch.down = True
+        if step == 8:
+            p.flush()
+            seen.append(len(spill_files(tmp_path)))
+            switch.down = False
+
+    train(sink, collect, 12, during=during)
+    assert seen[0] >= 5  # steps 2..7 waited on disk
+    assert_exactly_once(app, "r", collect)
+    assert spill_files(tmp_path) == []
+
+
+def test_lost_acknowledgements_are_replayed_without_duplicates(app: FastAPI, switch: Switch, tmp_path: Path,
+                                                                collect: Collect) -> None:
+    switch.lose_acks = {"/records": 3, "/runs": 1}  # the server stored them; the sink never heard back
+    sink = sink_for(switch, tmp_path, batch_records=1, max_delay=0.0)
+    train(sink, collect, 6)
+    assert switch.lose_acks == {"/records": 0, "/runs": 0}
+    assert_exactly_once(app, "r", collect)
+    assert list(app.state.store.runs()["name"]) == ["r"]
+
+
+def test_a_run_created_while_the_server_is_down_is_created_when_it_is_back(
+        app: FastAPI, switch: Switch, tmp_path: Path, collect: Collect) -> None:
+    switch.down = True
+
+    def during(step: int, p: Any) -> None:
+        if step == 3:
+            switch.down = False
+
+    train(sink_for(switch, tmp_path, batch_records=1, max_delay=0.0), collect, 6, during=during)
+    assert_exactly_once(app, "r", collect)
+
+
+def test_what_the_server_never_took_stays_on_disk_and_a_later_session_sends_it(
+        app: FastAPI, switch: Switch, tmp_path: Path, collect: Collect, caplog: pytest.LogCaptureFixture) -> None:
+    switch.down = True
+    train(sink_for(switch, tmp_path, drain_timeout=0.2), collect, 5)
+    assert spill_files(tmp_path), "the spill must hold the run"
+    assert "safe on disk" in caplog.text and str(tmp_path / "spill") in caplog.text
+    assert not app.state.store.has_run("r")
+    switch.down = False
+    later = Collect()
+    train(sink_for(switch, tmp_path), later, 3, run="other")  # adopts the abandoned session first
+    assert_exactly_once(app, "r", collect)
+    assert_exactly_once(app, "other", later)
+    assert app.state.store.run_info("r")["status"] == "finished"
+    assert spill_files(tmp_path) == []
+
+
+def test_replay_sends_abandoned_spills_without_a_probe(app: FastAPI, switch: Switch, tmp_path: Path,
+                                                       collect: Collect) -> None:
+    switch.down = True
+    train(sink_for(switch, tmp_path, drain_timeout=0.0), collect, 4)
+    switch.down = False
+    left = replay(tmp_path / "spill", URL, client=httpx.Client(transport=switch, base_url=URL))
+    assert left == 0
+    assert_exactly_once(app, "r", collect)
+    with pytest.raises(ConfigError, match="no spill directory"):
+        replay(tmp_path / "nowhere")
+
+
+def test_a_resumed_run_started_offline_continues_after_its_last_step(app: FastAPI, switch: Switch,
+                                                                    tmp_path: Path) -> None:
+    first, second = Collect(), Collect()
+    train(sink_for(switch, tmp_path), first, 4)
+    switch.down = True
+
+    def during(step: int, p: Any) -> None:
+        if step == 1:
+            switch.down = False
+
+    train(sink_for(switch, tmp_path), second, 3, resume=True, during=during)
+    steps = sorted(set(app.state.store.load("r").step))
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
+    shifted = [r._replace(step=r.step + 4) for r in second.records]
+    assert sorted(stored(app, "r")) == sorted(key(r) for r in first.records + shifted)
+
+
+def test_memory_stays_bounded_while_the_server_hangs(app: FastAPI, switch: Switch, tmp_path: Path,
+                                                      collect: Collect) -> None:
+    bound = 4096
+    sink = sink_for(switch, tmp_path, batch_records=1, max_delay=0.0, max_memory_bytes=bound)
+    peaks: list[int] = []
+
+    def during(step: int, p: Any) -> None:
+        if step == 1:
+            p.flush()
+            switch.gate.clear()  # the server hangs: requests block, nothing fails
+        if step > 1:
+            sink.write([])
+            assert sink.outbox is not None
+            peaks.append(sink.outbox._memory_bytes)
+        if step == 10:
+            assert len(spill_files(tmp_path)) >= 5  # past the bound, batches went to disk
+            switch.gate.set()
+
+    train(sink, collect, 14, during=during)
+    assert max(peaks) <= bound
+    assert_exactly_once(app, "r", collect)
+
+
+def test_a_taken_run_name_or_a_refused_token_fails_at_probe_time(app: FastAPI, switch: Switch,
+                                                                  tmp_path: Path, collect: Collect) -> None:
+    train(sink_for(switch, tmp_path), collect, 1)
+    with pytest.raises(RunExistsError, match="already exists"):
+        train(sink_for(switch, tmp_path), Collect(), 1)
+    guarded = create_app(tmp_path / "guarded.db", ui=False, token="s3cret")
+    client = TestClient(guarded, base_url=URL)
+    with pytest.raises(sonde.StoreError, match="401"):
+        train(RemoteSink(URL, client=client, spill_dir=tmp_path / "spill2"), Collect(), 1)
+    train(RemoteSink(URL, client=client, token="s3cret", spill_dir=tmp_path / "spill2"), Collect(), 2, run="ok")
+    assert guarded.state.store.has_run("ok")
+
+
+def test_bad_arguments_fail_clearly() -> None:
+    with pytest.raises(ConfigError, match="http"):
+        RemoteSink("127.0.0.1:8080")
+    model = nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="server="):
+        sonde.probe(model, store=None, metrics=[ServerMetric("mean")])
+
+
+def test_encoded_records_are_the_contract_body() -> None:
+    body = encode_records("b", [Record("r", 3, "train", "fc", "weights", "histogram", np.array([1.0, 2.0])),
+                                Record("r", 3, "eval", "", "loss", "loss", 0.5)])
+    assert msgpack.unpackb(body) == {"batch_id": "b", "records": [
+        [3, "train", "fc", "weights", "histogram", [1.0, 2.0]], [3, "eval", "", "loss", "loss", 0.5]]}
