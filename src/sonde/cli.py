@@ -26,6 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--token", default=None, help="access token clients must send (default: $SONDE_TOKEN)")
     serve.add_argument("--evaluator-url", default=None, help="evaluator to use (default http://127.0.0.1:8081)")
     serve.add_argument("--frontend-url", default=None, help="frontend to report to (default http://127.0.0.1:8080)")
+    from sonde.graph.cli import add_parser as add_graph_parser
+
+    add_graph_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.command == "serve":
@@ -38,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SondeError as exc:
             parser.exit(2, f"sonde serve: {exc}\n")
         return 0
+    if args.command == "graph":
+        from sonde.graph.cli import run as run_graph
+
+        return run_graph(args)
     if args.command == "demo":
         from sonde.demo import print_summary, run_demo
 

@@ -270,16 +270,18 @@ class _Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.quiet or (self.stack and self.stack[-1][1]):
+        if self.quiet:
             return func(*args, **kwargs)
         op = _op_name(func)
-        self.last_op = op
         try:
             out = func(*args, **kwargs)
         except Exception as exc:
             where = f"module {self._parent!r}" if self.stack else "the model's top-level forward"
             raise GraphError(f"cannot trace {type(self.root).__name__}: {op!r} in {where} failed: "
                              f"{type(exc).__name__}: {exc}") from exc
+        if self.stack and self.stack[-1][1]:
+            return out  # inside a leaf module: the module is the node
+        self.last_op = op
         outputs = [t for _, t in _tensors(out)]
         if not outputs:
             return out
@@ -326,4 +328,5 @@ class _Tracer(TorchFunctionMode):
             source = self._source(tensor)
             if source is not None:
                 self.edges[(source, name)] = None
-        return Graph(self.nodes, self.edges, model=model, device=device)
+        total = sum(p.numel() for p in self.root.parameters())
+        return Graph(self.nodes, self.edges, model=model, device=device, num_params=total)

@@ -8,7 +8,7 @@ edges join the leaves of the reduced tree, so any view of the network is a graph
 
 JSON (``Graph.to_dict()``; fields left out when they hold their default)::
 
-    {"version": 1, "model": "ResNet", "device": "meta",
+    {"version": 1, "model": "ResNet", "device": "meta", "num_params": 11689512,
      "nodes": [{"name": "layer1.0.conv1", "kind": "module", "op": "Conv2d", "parent": "layer1.0",
                 "output_shapes": [[1, 64, 56, 56]], "dtypes": ["float32"],
                 "params": {"weight": [64, 64, 3, 3]}, "num_params": 36864,
@@ -101,11 +101,12 @@ class Graph:
     """
 
     def __init__(self, nodes: Iterable[Node], edges: Iterable[tuple[str, str]], *, model: str = "",
-                 device: str = "") -> None:
+                 device: str = "", num_params: int = 0) -> None:
         self.nodes: list[Node] = list(nodes)
         self.edges: list[tuple[str, str]] = list(edges)
         self.model = model
         self.device = device
+        self.num_params = num_params  # distinct parameter elements of the whole model (tied weights once)
         self._by_name = {n.name: n for n in self.nodes}
         if len(self._by_name) != len(self.nodes):
             raise GraphError("graph has duplicate node names")
@@ -146,7 +147,8 @@ class Graph:
             a, b = owner.get(src, src), owner.get(dst, dst)
             if a != b:
                 edges[(a, b)] = None
-        return Graph(nodes, edges, model=self.model, device=self.device)
+        return Graph(nodes, edges, model=self.model, device=self.device,
+                     num_params=self.num_params)
 
     def collapse(self, depth: int | None = None, *, modules: Iterable[str] = ()) -> Graph:
         """A graph in which modules are single boxes.
@@ -208,7 +210,8 @@ class Graph:
             for s in sources(dst, set()) if src in gone else [src]:
                 edges[(s, dst)] = None
         # Containers left empty by pruning (a Sequential of one Identity) stay, as leaves.
-        return Graph([n for n in self.nodes if n.name not in gone], edges, model=self.model, device=self.device)
+        return Graph([n for n in self.nodes if n.name not in gone], edges, model=self.model, device=self.device,
+                     num_params=self.num_params)
 
     def fold(self) -> Graph:
         """A graph in which runs of identical consecutive sibling blocks are one box (``repeat``, ``members``).
@@ -258,7 +261,7 @@ class Graph:
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``{"version", "model", "device", "nodes": [...], "edges": [[src, dst], ...]}``."""
-        return {"version": 1, "model": self.model, "device": self.device,
+        return {"version": 1, "model": self.model, "device": self.device, "num_params": self.num_params,
                 "nodes": [n.to_dict() for n in self.nodes], "edges": [list(e) for e in self.edges]}
 
     def to_json(self, indent: int | None = None) -> str:
@@ -272,7 +275,8 @@ class Graph:
         if not isinstance(data, dict) or "nodes" not in data or "edges" not in data:
             raise GraphError(f"expected a graph dict with 'nodes' and 'edges', got {type(data).__name__}")
         return cls((Node.from_dict(n) for n in data["nodes"]), (tuple(e) for e in data["edges"]),
-                   model=data.get("model", ""), device=data.get("device", ""))
+                   model=data.get("model", ""), device=data.get("device", ""),
+                   num_params=int(data.get("num_params", 0)))
 
 
 def _shape_key(shapes: list[list[int]]) -> tuple[tuple[int, ...], ...]:
