@@ -1,0 +1,264 @@
+"""Server-side metrics: tensors shipped by a probe, run by the evaluator, checked against numpy."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+from torch import nn
+
+import sonde
+from sonde.errors import ConfigError
+from sonde.records import Record
+from sonde.server.api.tensors import ServerMetric, TensorItem, decode_payload, encode_payload
+from sonde.server.app import create_app
+from sonde.server.evaluator import Evaluator, create_evaluator_app, evaluator_of, http_writer
+from sonde.sinks.base import RunInfo
+from sonde.sinks.remote import RemoteSink
+from sonde.store import Store, open_store
+
+URL = "http://testserver"
+SPEC = [{"name": "stats", "kwargs": {}}]
+
+
+class Running:
+    """An app served by uvicorn on a free port in a thread (for roles that call each other over HTTP)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[FastAPI]:
+    app = create_app(tmp_path / "server.db", ui=False)
+    yield app
+    evaluator = getattr(app.state, "evaluator", None)
+    if evaluator is not None:
+        evaluator.close()
+    app.state.store.close()
+
+
+def probe_and_train(app_client: Any, tmp_path: Path, metrics: list[Any], steps: int = 4,
+                    log_outputs: bool = False) -> dict[tuple[int, str], np.ndarray]:
+    """Train a small model with the probe reporting to the app; return each layer's activations per step."""
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: dict[tuple[int, str], np.ndarray] = {}
+    step = [0]
+    for name, module in model.named_children():
+        module.register_forward_hook(
+            lambda m, a, out, name=name: seen.__setitem__((step[0], name), out.detach().numpy().copy()))
+    sink = RemoteSink(URL, client=app_client, spill_dir=tmp_path / "spill")
+    with sonde.probe(model, run="r", server=sink, optimizer=opt, metrics=metrics, topics=["activations", "outputs"]
+                     ) as p:
+        for step[0] in range(steps):
+            y = torch.randint(0, 3, (16,))
+            out = model(torch.randn(16, 6))
+            loss = nn.functional.cross_entropy(out, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if log_outputs:
+                p.log(outputs=out, labels=y)
+                seen[(step[0], "labels")] = y.numpy().copy()
+    return seen
+
+
+def value(store: Store, layer: str, metric: str, step: int, topic: str = "activations") -> Any:
+    frame = store.load("r", layers=layer, topics=topic, metrics=metric, arrays=metric.startswith("histogram"))
+    rows = frame[frame.step == step]
+    assert len(rows) == 1, f"expected one {layer}/{topic}/{metric} at step {step}, got {len(rows)}"
+    return rows.value.iloc[0]
+
+
+def test_server_side_stats_equal_numpy_on_the_shipped_rows(app: FastAPI, tmp_path: Path) -> None:
+    client = TestClient(app, base_url=URL)
+    seen = probe_and_train(client, tmp_path, [ServerMetric("stats", sample=5), ServerMetric("mean", sample=None)])
+    assert evaluator_of(app).join(30)
+    store = app.state.store
+    for step in range(4):
+        for layer in ("0", "1", "2"):
+            full = seen[(step, layer)].astype(np.float64)
+            rows = full[:5]
+            assert value(store, layer, "std", step) == pytest.approx(rows.std(), rel=1e-5)
+            assert value(store, layer, "max", step) == pytest.approx(rows.max(), rel=1e-6)
+            assert value(store, layer, "norm", step) == pytest.approx(np.linalg.norm(rows), rel=1e-5)
+            # the same metric name from the second ServerMetric is on all rows: a record of its own kind
+    means = store.load("r", metrics="mean")
+    assert len(means) == 2 * 4 * 3  # stats' mean on 5 rows, mean on all rows: both stored
+    for step in range(4):
+        pair = sorted(means[(means.step == step) & (means.layer == "2")].value)
+        expected = sorted([seen[(step, "2")][:5].mean(), seen[(step, "2")].mean()])
+        assert pair == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_histogram_edges_stay_fixed_across_steps_on_the_server(app: FastAPI, tmp_path: Path) -> None:
+    seen = probe_and_train(TestClient(app, base_url=URL), tmp_path, [ServerMetric("histogram", bins=8, sample=None)])
+    assert evaluator_of(app).join(30)
+    store = app.state.store
+    first = seen[(0, "1")].astype(np.float32).astype(np.float64)
+    edges = np.linspace(first.min(), first.max(), 9)
+    assert value(store, "1", "histogram_edges", 0) == pytest.approx(edges, rel=1e-6)
+    for step in range(4):
+        values = np.clip(seen[(step, "1")].astype(np.float32).astype(np.float64).ravel(), edges[0], edges[-1])
+        counts, _ = np.histogram(values, bins=edges)
+        assert value(store, "1", "histogram", step).tolist() == counts.tolist()
+
+
+def test_compute_every_accumulates_and_labels_reach_the_metric(app: FastAPI, tmp_path: Path) -> None:
+    seen = probe_and_train(TestClient(app, base_url=URL), tmp_path,
+                           [ServerMetric("mean", compute_every=2, sample=None), ServerMetric("train_accuracy")],
+                           steps=5, log_outputs=True)
+    assert evaluator_of(app).join(30)
+    store = app.state.store
+    means = store.load("r", layers="0", metrics="mean")
+    assert list(means.step) == [0, 2, 4]
+    both = np.concatenate([seen[(1, "0")], seen[(2, "0")]])  # step 2's value covers steps 1 and 2
+    assert value(store, "0", "mean", 2) == pytest.approx(both.mean(), rel=1e-5, abs=1e-7)
+    for step in range(5):
+        predicted = seen[(step, "2")].argmax(axis=1)
+        expected = float((predicted == seen[(step, "labels")]).mean())
+        assert value(store, "", "train_accuracy", step, topic="outputs") == pytest.approx(expected)
+
+
+def payload(step: int = 0, batch_id: str = "b1", spec: list[dict[str, Any]] | None = None) -> bytes:
+    tensor = np.arange(12, dtype=np.float32).reshape(4, 3)
+    return encode_payload(batch_id, [TensorItem(step, "train", "fc", "activations", tensor, None, spec or SPEC)])
+
+
+def post(client: TestClient, body: bytes, run: str = "r") -> httpx.Response:
+    return client.post(f"/api/v1/runs/{run}/tensors", content=body,
+                       headers={"content-type": "application/octet-stream"})
+
+
+def test_ingest_answers_at_once_and_refuses_bad_payloads_with_json(app: FastAPI) -> None:
+    client = TestClient(app, base_url=URL)
+    assert client.post("/api/v1/runs", json={"name": "r"}).status_code == 201
+    first = post(client, payload())
+    assert first.status_code == 202 and first.json() == {"accepted": 1, "duplicate": False}
+    assert post(client, payload()).json() == {"accepted": 0, "duplicate": True}
+    assert evaluator_of(app).join(30)
+    assert value(app.state.store, "fc", "mean", 0) == pytest.approx(5.5)
+    cases = {
+        b"not safetensors": (400, "safetensors"),
+        payload(spec=[{"name": "no_such_metric", "kwargs": {}}]): (422, "unknown metric 'no_such_metric'"),
+        payload(spec=[{"name": "histogram", "kwargs": {"colour": 1}}]): (422, "cannot be built"),
+        payload(spec=[{"name": "update_ratio", "kwargs": {}}]): (422, "other metrics"),
+        encode_payload("", [TensorItem(0, "train", "fc", "activations", np.ones(2), None, SPEC)]): (422, "batch_id"),
+        encode_payload("b", [TensorItem(0, "train", "fc", "activations", np.ones((2, 1)), np.ones(3), SPEC)]):
+            (422, "labels"),
+    }
+    for body, (status, message) in cases.items():
+        response = post(client, body)
+        assert response.status_code == status, response.text
+        assert message in response.json()["error"]
+    missing = post(client, payload(), run="nobody")
+    assert missing.status_code == 404 and "no run 'nobody'" in missing.json()["error"]
+
+
+def test_a_slow_task_never_delays_ingest_and_a_full_queue_answers_503(tmp_path: Path) -> None:
+    release = threading.Event()
+    written: list[tuple[str, str, list[Record]]] = []
+
+    def slow_write(run: str, batch_id: str, records: Any) -> None:
+        release.wait(30)
+        written.append((run, batch_id, list(records)))
+
+    evaluator = Evaluator(slow_write, workers=1, max_queue=1)
+    store = open_store(tmp_path / "e.db")
+    store.start_run(RunInfo("r"))
+    app = create_evaluator_app(store=store)
+    app.state.evaluator.close()
+    app.state.evaluator = evaluator
+    client = TestClient(app, base_url=URL)
+    assert post(client, payload(batch_id="a")).status_code == 202  # taken by the worker, which now blocks
+    deadline = time.monotonic() + 10
+    while evaluator._queues[0].qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert post(client, payload(batch_id="b")).status_code == 202  # waits in the queue
+    full = post(client, payload(batch_id="c"))
+    assert full.status_code == 503 and "full" in full.json()["error"]
+    release.set()
+    assert evaluator.join(30)
+    assert len(written) == 2 and len({w[1] for w in written}) == 2
+    evaluator.close()
+    store.close()
+
+
+def test_the_three_roles_over_http_frontend_forwards_tensors_to_the_evaluator(tmp_path: Path) -> None:
+    frontend_store = open_store(tmp_path / "front.db")
+    evaluator_holder: dict[str, Running] = {}
+    frontend = Running(create_app(frontend_store, role="frontend", ui=False, evaluator_url="http://placeholder"))
+    try:
+        evaluator_holder["e"] = evaluator = Running(create_evaluator_app(frontend.url))
+        frontend.server.config.app.state.evaluator_url = evaluator.url
+        with httpx.Client(base_url=frontend.url) as client:
+            assert client.post("/api/v1/runs", json={"name": "r"}).status_code == 201
+            answer = client.post("/api/v1/runs/r/tensors", content=payload(step=7),
+                                 headers={"content-type": "application/octet-stream"})
+            assert answer.status_code == 202, answer.text
+            deadline = time.monotonic() + 20
+            while frontend_store.load("r").empty and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert value(frontend_store, "fc", "mean", 7) == pytest.approx(5.5)
+        assert value(frontend_store, "fc", "std", 7) == pytest.approx(np.arange(12).std())
+    finally:
+        for running in (*evaluator_holder.values(), frontend):
+            running.stop()
+        frontend_store.close()
+
+
+def test_http_writer_stores_once_per_derived_batch_id(app: FastAPI) -> None:
+    client = TestClient(app, base_url=URL)
+    assert client.post("/api/v1/runs", json={"name": "r"}).status_code == 201
+    records = [Record("r", 3, "train", "fc", "activations", "mean", 1.25)]
+    served = Running(app)
+    try:
+        write = http_writer(served.url)
+        write("r", "x", records)
+        write("r", "x", records)
+    finally:
+        served.stop()
+    assert len(app.state.store.load("r")) == 1
+
+
+def test_server_metrics_need_a_server_and_json_arguments() -> None:
+    with pytest.raises(ConfigError, match="unknown metric"):
+        ServerMetric("no_such_metric")
+    with pytest.raises(ConfigError, match="JSON"):
+        ServerMetric("histogram", bins=object())
+    with pytest.raises(ConfigError, match="sample="):
+        ServerMetric("mean", sample=0)
+    with pytest.raises(ConfigError, match="server="):
+        sonde.probe(nn.Linear(2, 2), store=None, metrics=[ServerMetric("mean")])
+
+
+def test_the_payload_round_trips() -> None:
+    items = [TensorItem(2, "eval", "", "outputs", np.ones((3, 2)), np.array([0, 1, 1]), SPEC)]
+    batch_id, decoded = decode_payload(encode_payload("id", items))
+    assert batch_id == "id" and decoded[0].labels.tolist() == [0, 1, 1] and decoded[0].phase == "eval"
