@@ -29,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sonde.graph.cli import add_parser as add_graph_parser
 
     add_graph_parser(commands)
+    from sonde.export import add_parser as add_export_parser
+
+    add_export_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.command == "serve":
@@ -45,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sonde.graph.cli import run as run_graph
 
         return run_graph(args)
+    if args.command == "export":
+        from sonde.export import run as run_export
+
+        return run_export(args)
     if args.command == "demo":
         from sonde.demo import print_summary, run_demo
 

@@ -7,7 +7,18 @@ on the same device without host synchronisation; host-side functions take numpy 
 
 from __future__ import annotations
 
+from sonde.functional.saturation import (
+    covariance_from_sums,
+    covariance_sums,
+    eigenvalues,
+    feature_rows,
+    intrinsic_dimension,
+    nystrom_eigenvalues,
+    saturation,
+    sketch_sums,
+)
 from sonde.functional.similarity import MinibatchCKA, as_features, cka, gram, hsic_unbiased, svcca
+from sonde.functional.spectral import condition_number, spectral_norm
 from sonde.functional.stats import (
     EMPTY_SUMMARY,
     accuracy_counts,
@@ -39,17 +50,27 @@ __all__ = [
     "as_features",
     "cka",
     "cluster_mi",
+    "condition_number",
+    "covariance_from_sums",
+    "covariance_sums",
+    "eigenvalues",
+    "feature_rows",
     "finish_summary",
     "gram",
     "histogram_counts",
     "histogram_edges",
     "hsic_unbiased",
+    "intrinsic_dimension",
     "kmeans",
     "macro_f1",
     "merge_summaries",
     "mutual_info_scores",
+    "nystrom_eigenvalues",
     "probe_f1",
+    "saturation",
     "scratch",
+    "sketch_sums",
+    "spectral_norm",
     "stratified_split",
     "summarize",
     "summarize_raw",

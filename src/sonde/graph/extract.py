@@ -39,6 +39,11 @@ TRIVIAL_FUNCTIONS = frozenset({
 })
 #: Modules that do not change values (dropout counts only when inactive).
 TRIVIAL_MODULES = frozenset({"Identity", "Flatten", "Unflatten"})
+#: On the meta device these return a tensor like their input; PyTorch's meta kernels for them are slow
+#: Python decompositions (3 ms per batch norm), so the trace makes that tensor directly.
+SHAPE_PRESERVING = frozenset({"batch_norm", "instance_norm", "layer_norm", "group_norm", "local_response_norm",
+                              "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
+                              "dropout3d"})
 _DROPOUT = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"})
 
 # Hook tables are not copied (a probe's bound-method hooks would drag the probe into the copy).
@@ -209,6 +214,12 @@ class _Tracer(TorchFunctionMode):
         self.last_op = "forward"
         self.handles: list[Any] = []
         self.names = {id(m): n for n, m in root.named_modules() if n}
+        self.param_counts: dict[str, int] = {}  # parameter elements below each module path (a shared one once)
+        for pname, param in root.named_parameters(remove_duplicate=False):
+            parts = pname.split(".")[:-1]
+            for i in range(1, len(parts) + 1):
+                key = ".".join(parts[:i])
+                self.param_counts[key] = self.param_counts.get(key, 0) + param.numel()
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _source(self, tensor: torch.Tensor) -> str | None:
@@ -246,7 +257,7 @@ class _Tracer(TorchFunctionMode):
             inactive = not module.training or getattr(module, "p", 1) == 0
             trivial = op in TRIVIAL_MODULES or (op in _DROPOUT and inactive)
             own = {k: list(p.shape) for k, p in module.named_parameters(recurse=False)}
-            count = sum(p.numel() for p in module.parameters())
+            count = self.param_counts.get(path, 0)
             self.nodes.append(Node(name, "module", op, self._parent, params=own, num_params=count, trivial=trivial))
             if atomic:
                 self._connect((args, kwargs), name)
@@ -274,7 +285,11 @@ class _Tracer(TorchFunctionMode):
             return func(*args, **kwargs)
         op = _op_name(func)
         try:
-            out = func(*args, **kwargs)
+            first = args[0] if args else None
+            if op in SHAPE_PRESERVING and isinstance(first, torch.Tensor) and first.is_meta:
+                out = torch.empty_like(first)
+            else:
+                out = func(*args, **kwargs)
         except Exception as exc:
             where = f"module {self._parent!r}" if self.stack else "the model's top-level forward"
             raise GraphError(f"cannot trace {type(self.root).__name__}: {op!r} in {where} failed: "

@@ -8,8 +8,11 @@ Example:
 
 from __future__ import annotations
 
+from sonde.metrics.alerts import Alerts
 from sonde.metrics.base import Capture, Metric
 from sonde.metrics.registry import DEFAULT_METRICS, registry, resolve_metrics
+from sonde.metrics.saturation import Saturation
+from sonde.metrics.spectral import ConditionNumber, SpectralNorm
 from sonde.metrics.stats import (
     AbsMean,
     Histogram,
@@ -29,7 +32,9 @@ from sonde.metrics.training import Loss, TrainAccuracy
 __all__ = [
     "DEFAULT_METRICS",
     "AbsMean",
+    "Alerts",
     "Capture",
+    "ConditionNumber",
     "Histogram",
     "Loss",
     "Max",
@@ -38,6 +43,8 @@ __all__ = [
     "Min",
     "NonfiniteFrac",
     "Norm",
+    "Saturation",
+    "SpectralNorm",
     "Std",
     "TensorStats",
     "TrainAccuracy",
