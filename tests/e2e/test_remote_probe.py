@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,22 @@ import torch
 from torch import nn
 
 import sonde
-from conftest import Collect
+from sonde.records import Record
+from sonde.sinks import Sink
 from sonde.sinks.remote import RemoteSink
 from sonde.store import open_store
+
+
+class Collect(Sink):
+    """Keeps every Record the probe produced (what the server must end up with)."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def write(self, records: Sequence[Record]) -> None:
+        self.records.extend(records)
 
 
 def free_port() -> int:

@@ -1,0 +1,214 @@
+"""The aggregator role: whole steps to the frontend, exactly once, over real HTTP."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import text
+from torch import nn
+
+import sonde
+from sonde.records import Record
+from sonde.server.aggregator import create_aggregator_app, group_id
+from sonde.server.api.tensors import ServerMetric
+from sonde.server.app import create_app
+from sonde.sinks import Sink
+from sonde.sinks.remote import RemoteSink
+from sonde.store import Store, open_store
+
+
+class Collect(Sink):
+    """Keeps every Record the probe produced (what the server must end up with)."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def write(self, records: Sequence[Record]) -> None:
+        self.records.extend(records)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Running:
+    """An app served by uvicorn in a thread, on a given port (so that it can be stopped and started again)."""
+
+    def __init__(self, app: FastAPI, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with open_store(tmp_path / "front.db") as s:
+        yield s
+
+
+@pytest.fixture
+def frontend(store: Store) -> Iterator[Running]:
+    running = Running(create_app(store, ui=False))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def aggregator(frontend: Running) -> Iterator[Running]:
+    running = Running(create_aggregator_app(frontend.url, group_delay=0.5))
+    yield running
+    running.stop()
+
+
+def batches_at_frontend(store: Store, run: str) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT count(*) FROM batches JOIN runs ON runs.id = batches.run_id WHERE runs.name = :run"),
+            {"run": run}).scalar())
+
+
+def post(url: str, run: str, batch_id: str, rows: list[list[Any]]) -> httpx.Response:
+    body = msgpack.packb({"batch_id": batch_id, "records": rows})
+    return httpx.post(f"{url}/api/v1/runs/{run}/records", content=body,
+                      headers={"content-type": "application/msgpack"}, timeout=20)
+
+
+def rows_for(step: int, layers: list[str]) -> list[list[Any]]:
+    return [[step, "train", layer, "activations", metric, float(step + i)]
+            for layer in layers for i, metric in enumerate(("mean", "std"))]
+
+
+def post_stages(url: str, step: int, prefix: str = "") -> list[httpx.Response]:
+    """Two pipeline stages of one model POST their halves of ``step`` at the same time."""
+    answers: list[httpx.Response] = []
+    stages = [threading.Thread(target=lambda b=b, layers=layers: answers.append(
+        post(url, "r", f"{prefix}{b}{step}", rows_for(step, layers)))) for b, layers in (("a", ["0", "1"]),
+                                                                                         ("b", ["2", "3"]))]
+    for stage in stages:
+        stage.start()
+    for stage in stages:
+        stage.join(30)
+    return answers
+
+
+def test_two_stages_of_one_step_reach_the_frontend_as_one_batch(frontend: Running, store: Store) -> None:
+    aggregator = Running(create_aggregator_app(frontend.url, group_delay=1.0))
+    try:
+        assert httpx.post(f"{aggregator.url}/api/v1/runs", json={"name": "r"}).status_code == 201
+        for step in range(3):
+            assert [a.status_code for a in post_stages(aggregator.url, step)] == [200, 200]
+            assert batches_at_frontend(store, "r") == step + 1  # one step, all four layers: one batch
+        frame = store.load("r")
+        assert sorted(frame.layer.unique()) == ["0", "1", "2", "3"] and len(frame) == 24
+        # a replayed batch is recognised and stores nothing
+        again = post(aggregator.url, "r", "a0", rows_for(0, ["0", "1"]))
+        assert again.json() == {"accepted": 0, "duplicate": True}
+        assert len(store.load("r")) == 24 and batches_at_frontend(store, "r") == 3
+    finally:
+        aggregator.stop()
+
+
+def test_forwarded_ids_are_deterministic_so_a_second_aggregator_stores_nothing_twice(
+        frontend: Running, store: Store) -> None:
+    assert httpx.post(f"{frontend.url}/api/v1/runs", json={"name": "r"}).status_code == 201
+    for _ in range(2):  # the same probe batch through two aggregator lives (a restart in between)
+        running = Running(create_aggregator_app(frontend.url, group_delay=0.05))
+        try:
+            assert post(running.url, "r", "only", rows_for(0, ["0"]) + rows_for(1, ["0"])).status_code == 200
+        finally:
+            running.stop()
+    assert len(store.load("r")) == 4 and batches_at_frontend(store, "r") == 2
+    assert group_id("r", 0, ["b", "a"]) == group_id("r", 0, ["a", "b"]) != group_id("r", 1, ["a", "b"])
+
+
+def train(url: str, tmp_path: Path, collect: Collect, steps: int, during: Any = None, metrics: Any = None,
+          topics: Any = None) -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = RemoteSink(url, spill_dir=tmp_path / "spill", batch_records=1, max_delay=0.0, timeout=5.0,
+                      drain_timeout=30.0)
+    with sonde.probe(model, run="r", server=sink, optimizer=opt, sinks=[collect], metrics=metrics,
+                     topics=topics) as p:
+        for step in range(steps):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            p.log(loss=loss)
+            if during is not None:
+                during(step, p)
+
+
+def key(row: Any) -> tuple[Any, ...]:
+    step, phase, layer, topic, metric, value = row
+    value = tuple(np.round(value, 9)) if isinstance(value, np.ndarray) else round(float(value), 9)
+    return (int(step), phase, layer, topic, metric, value)
+
+
+def test_a_probe_through_the_aggregator_survives_a_frontend_restart(tmp_path: Path, store: Store) -> None:
+    front = Running(create_app(store, ui=False))
+    port = front.port
+    agg = Running(create_aggregator_app(front.url, group_delay=0.05))
+    holder = {"front": front}
+    collect = Collect()
+
+    def during(step: int, p: Any) -> None:
+        if step == 2:
+            p.flush()
+            holder["front"].stop()
+        if step == 6:
+            holder["front"] = Running(create_app(store, ui=False), port=port)
+
+    try:
+        train(agg.url, tmp_path, collect, 10, during)
+    finally:
+        agg.stop()
+        holder["front"].stop()
+    expected = sorted(key((r.step, r.phase, r.layer, r.topic, r.metric, r.value)) for r in collect.records)
+    got = sorted(key(row[1:]) for arrays in (False, True)
+                 for row in store.load("r", arrays=arrays).itertuples(index=False, name=None))
+    assert got == expected
+    assert store.run_info("r")["status"] == "finished"
+
+
+def test_tensors_and_run_calls_pass_through_to_the_right_role(aggregator: Running, frontend: Running,
+                                                              tmp_path: Path, store: Store) -> None:
+    collect = Collect()
+    train(aggregator.url, tmp_path, collect, 3, metrics=["loss", ServerMetric("mean", sample=None)],
+          topics=["activations", "loss"])
+    evaluator = frontend.server.config.app.state.evaluator  # the frontend (role all) evaluates tensors itself
+    assert evaluator.join(30)
+    means = store.load("r", metrics="mean")
+    assert sorted(zip(means.step, means.layer)) == [(s, layer) for s in range(3) for layer in ("0", "1", "2")]
+    assert len(store.load("r", metrics="loss")) == 3
+    listed = httpx.get(f"{aggregator.url}/api/v1/runs").json()  # reads go to the frontend
+    assert [run["name"] for run in listed] == ["r"]
+    bad = httpx.post(f"{aggregator.url}/api/v1/runs/r/records", content=b"\x01\x02",
+                     headers={"content-type": "application/msgpack"})
+    assert 400 <= bad.status_code < 500 and "error" in bad.json()
