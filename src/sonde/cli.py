@@ -16,6 +16,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--store", default="sonde.db", help="SQLite store path (default: sonde.db)")
     demo.add_argument("--logdir", default="runs", help="TensorBoard/CSV directory (default: runs)")
     demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--port", type=int, default=8080, help="port of the dashboard on 127.0.0.1 (default: 8080)")
+    demo.add_argument("--no-serve", action="store_true", help="train and record only; do not serve the dashboard")
     serve = commands.add_parser("serve", help="serve the REST API and the dashboard (or one role of the server)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --token)")
     serve.add_argument("--port", type=int, default=None,
@@ -32,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sonde.export import add_parser as add_export_parser
 
     add_export_parser(commands)
+    from sonde.sinks.video import add_parser as add_record_parser
+
+    add_record_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.command == "serve":
@@ -52,10 +57,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sonde.export import run as run_export
 
         return run_export(args)
-    if args.command == "demo":
-        from sonde.demo import print_summary, run_demo
+    if args.command == "record":
+        from sonde.sinks.video import run as run_record
 
-        print_summary(run_demo(store=args.store, logdir=args.logdir, epochs=args.epochs))
+        return run_record(args)
+    if args.command == "demo":
+        from sonde.demo import print_dashboard, print_summary, run_demo, serve_dashboard
+        from sonde.errors import SondeError
+
+        dashboard = None
+        if not args.no_serve:
+            try:
+                dashboard = serve_dashboard(args.store, port=args.port)
+            except SondeError as exc:
+                parser.exit(2, f"sonde demo: {exc}\n")
+            print(f"Dashboard: {dashboard.url}  (watch the runs live while they train)", flush=True)
+        result = run_demo(store=args.store, logdir=args.logdir, epochs=args.epochs)
+        print_summary(result)
+        if dashboard is not None:
+            print_dashboard(dashboard.url, result.runs)
+            dashboard.wait()
     return 0
 
 

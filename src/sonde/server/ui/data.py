@@ -1,0 +1,150 @@
+"""What the dashboard reads from the store, and the choices it offers from what is there.
+
+The dashboard never knows a metric by heart: the topics and metrics it offers come from
+:meth:`Store.available`, so metrics added later (saturation, spectral norms, alerts) show up in
+the selectors on their own. Every chart reads a downsampled query (``Store.series``,
+``Store.heatmap``, ``Store.histograms``), never a run's raw Records.
+
+Example:
+    >>> choices = Choices.from_available([("train", "activations", "zero_frac"), ("train", "loss", "loss")])
+    >>> choices.heatmap_default()
+    ('activations', 'zero_frac')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sonde.topics import STEP_TOPICS, TOPICS
+
+__all__ = [
+    "ARRAY_METRICS",
+    "LOG_METRICS",
+    "NETWORK_TOPICS",
+    "Choices",
+    "heatmap_budget",
+    "pick_layers",
+]
+
+#: Topics recorded once per step for the whole network (layer ``""``), not per layer.
+NETWORK_TOPICS = frozenset(STEP_TOPICS)
+#: Metrics whose values are arrays: drawn as histograms over time, never as heatmap cells or lines.
+ARRAY_METRICS = frozenset({"histogram", "histogram_edges"})
+#: Metrics that span orders of magnitude: their heatmaps and charts start on a log scale.
+LOG_METRICS = frozenset({"update_ratio", "norm", "std", "var", "abs_mean", "spectral_norm", "condition_number"})
+#: Metrics that are events, listed in the alerts panel.
+ALERT_METRIC = "alert"
+#: Heatmap defaults in order of preference: a dead layer (zero_frac) or a runaway update shows at a glance.
+_HEATMAP_PREFERENCE = (
+    ("activations", "zero_frac"),
+    ("weight_updates", "update_ratio"),
+    ("activations", "std"),
+    ("weights", "norm"),
+)
+_HISTOGRAM_PREFERENCE = ("weights", "weight_grads", "activations", "output_grads")
+#: The most cells one overview heatmap sends to the browser (rows × columns).
+_HEATMAP_CELLS = 60_000
+
+
+@dataclass
+class Choices:
+    """The (phase, topic, metric) triples of one run, sorted into what each view can show."""
+
+    phases: list[str] = field(default_factory=list)
+    layer_metrics: dict[str, list[str]] = field(default_factory=dict)  # topic -> scalar metrics, per layer
+    network_metrics: dict[str, list[str]] = field(default_factory=dict)  # topic -> scalar metrics, layer ""
+    histogram_topics: list[str] = field(default_factory=list)
+    has_alerts: bool = False
+
+    @classmethod
+    def from_available(cls, triples: Iterable[Sequence[str]]) -> Choices:
+        """Sort ``Store.available(run)`` into the views' choices.
+
+        Example:
+            >>> Choices.from_available([("train", "weights", "histogram")]).histogram_topics
+            ['weights']
+        """
+        phases: set[str] = set()
+        layer: dict[str, set[str]] = {}
+        network: dict[str, set[str]] = {}
+        hist: set[str] = set()
+        alerts = False
+        for phase, topic, metric in triples:
+            phases.add(phase)
+            if metric == ALERT_METRIC:
+                alerts = True
+            elif metric == "histogram":
+                hist.add(topic)
+            elif metric not in ARRAY_METRICS:
+                (network if topic in NETWORK_TOPICS else layer).setdefault(topic, set()).add(metric)
+        order = {"train": 0, "eval": 1}
+        return cls(
+            phases=sorted(phases, key=lambda p: (order.get(p, 2), p)),
+            layer_metrics={t: sorted(m) for t, m in sorted(layer.items(), key=lambda kv: _topic_key(kv[0]))},
+            network_metrics={t: sorted(m) for t, m in sorted(network.items(), key=lambda kv: _topic_key(kv[0]))},
+            histogram_topics=sorted(hist, key=_topic_key),
+            has_alerts=alerts,
+        )
+
+    def heatmap_default(self) -> tuple[str, str] | None:
+        """The overview's first colouring: dead units if measured, else runaway updates, else anything."""
+        for topic, metric in _HEATMAP_PREFERENCE:
+            if metric in self.layer_metrics.get(topic, ()):
+                return topic, metric
+        for topic, metrics in self.layer_metrics.items():
+            if metrics:
+                return topic, metrics[0]
+        return None
+
+    def histogram_default(self) -> str | None:
+        """The topic shown first as a histogram over time (weights when recorded)."""
+        for topic in _HISTOGRAM_PREFERENCE:
+            if topic in self.histogram_topics:
+                return topic
+        return self.histogram_topics[0] if self.histogram_topics else None
+
+    def all_series(self) -> list[tuple[str, str]]:
+        """Every scalar (topic, metric), network-wide ones first, for the comparison page."""
+        both = {**self.network_metrics, **self.layer_metrics}
+        return [(t, m) for t, metrics in both.items() for m in metrics]
+
+
+def _topic_key(topic: str) -> tuple[int, str]:
+    return (TOPICS.index(topic), topic) if topic in TOPICS else (len(TOPICS), topic)
+
+
+def heatmap_budget(n_layers: int) -> int:
+    """How many step columns the overview asks for so that ``rows × columns`` stays drawable.
+
+    Example:
+        >>> heatmap_budget(10), heatmap_budget(200)
+        (400, 300)
+    """
+    return max(50, min(400, _HEATMAP_CELLS // max(n_layers, 1)))
+
+
+def pick_layers(layers: Sequence[str], limit: int = 4) -> list[str]:
+    """A spread of layers to overlay first: the first, the last and evenly spaced ones between.
+
+    Example:
+        >>> pick_layers(["a", "b", "c", "d", "e", "f", "g"], 3)
+        ['a', 'd', 'g']
+    """
+    if len(layers) <= limit:
+        return list(layers)
+    if limit == 1:
+        return [layers[0]]
+    idx = sorted({round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)})
+    return [layers[i] for i in idx]
+
+
+def finite(values: Iterable[Any]) -> list[float | None]:
+    """Floats with NaN, ±Inf and None as None (JSON null): ECharts leaves a gap there."""
+    out: list[float | None] = []
+    for v in values:
+        f = None if v is None else float(v)
+        out.append(f if f is not None and math.isfinite(f) else None)
+    return out

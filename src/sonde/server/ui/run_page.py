@@ -1,0 +1,374 @@
+"""The run page (``/run/{name}``): network overview heatmap, training curves, per-layer lines,
+histograms over time and alerts, all refreshed live while the run trains.
+
+Each chart is a :class:`Panel`: it owns its selectors and its query, draws a placeholder at
+once and loads its data after the browser connected (so the page appears immediately, and a
+slow chart never holds up the others). A one-second timer watches the run's last step and
+re-queries every panel when it moves; a live update merges into the chart, so a zoom stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nicegui import ui
+
+from sonde.server.ui.charts import heatmap_options, histogram_options, lines_options
+from sonde.server.ui.data import LOG_METRICS, Choices, heatmap_budget, pick_layers
+from sonde.server.ui.layout import UIState, ago, frame, stamp, stat, status_color
+
+__all__ = ["Panel", "build_run_page", "layer_label"]
+
+log = logging.getLogger("sonde")
+
+
+@dataclass
+class _View:
+    """What one chart shows; the selectors write here, the loaders read."""
+
+    topic: str = ""
+    metric: str = ""
+    phase: str = "train"
+    log: bool = False
+    layers: list[str] = field(default_factory=list)
+    layer: str = ""
+    topics: dict[str, str] = field(default_factory=dict)  # histogram side -> topic
+
+
+class Panel:
+    """One chart with a loader: ``redraw`` rebuilds it (new selection), ``refresh`` merges new data."""
+
+    def __init__(self, name: str, height: str, load: Callable[[], Awaitable[dict[str, Any] | None]],
+                 on_click: Callable[[Any], None] | None = None) -> None:
+        self.name = name
+        self.on_click = on_click
+        self.height = height
+        self.load = load
+        self.box = ui.column().classes("w-full gap-0")
+        self.caption = ui.label("").classes("sonde-muted px-2").props(f"data-caption={name}")
+        self.chart: ui.echart | None = None
+        self._busy = asyncio.Lock()
+        self._started = False
+        with self.box:
+            ui.skeleton().classes("w-full").style(f"height: {height}")
+
+    async def redraw(self) -> None:
+        """Query and draw from scratch (after a selection changed)."""
+        self._started = True
+        async with self._busy:
+            options = await self._options()
+            self.box.clear()
+            with self.box:
+                if options is None:
+                    self.chart = None
+                    ui.label("Nothing recorded for this choice yet.").classes("sonde-muted p-4")
+                    return
+                self.chart = ui.echart(options, on_point_click=self.on_click)
+                self.chart.style(f"height: {self.height}").props(f"data-chart={self.name}")
+
+    async def refresh(self) -> None:
+        """Query again and merge into the drawn chart (keeps zoom); skipped while a query runs."""
+        if self._busy.locked() or not self._started:
+            return
+        if self.chart is None:
+            await self.redraw()
+            return
+        async with self._busy:
+            options = await self._options()
+            if options is None or self.chart is None:
+                return
+            self.chart.options.clear()
+            self.chart.options.update(options)
+            self.chart.update()
+
+    async def _options(self) -> dict[str, Any] | None:
+        try:
+            options = await self.load()
+            if self.caption.text.startswith("could not load"):
+                self.caption.text = ""
+            return options
+        except Exception as exc:  # noqa: BLE001  # a failing query must not kill the page; say what happened
+            log.warning("sonde dashboard: %s chart failed: %s", self.name, exc)
+            self.caption.text = f"could not load: {exc}"
+            return None
+
+
+def layer_label(row: dict[str, Any]) -> str:
+    """How a layer reads in the dashboard: its name, and its type when that says more (``2 · ReLU``)."""
+    name, kind = str(row["name"]), str(row.get("type") or "")
+    return f"{name} · {kind}" if kind and kind.lower() not in name.lower() else name
+
+
+def _select(options: list[str] | dict[str, str], value: Any, label: str, **kw: Any) -> ui.select:
+    return ui.select(options, value=value, label=label, **kw).props("dense outlined options-dense").classes("min-w-40")
+
+
+async def build_run_page(state: UIState, name: str) -> None:
+    """Draw the run page for run ``name`` (or a not-found message)."""
+    source = state.source
+    frame(name)
+    run = await source.run(name)
+    page = ui.column().classes("w-full max-w-screen-2xl mx-auto p-6 gap-5")
+    if run is None:
+        with page, ui.card().classes("sonde-card p-6"):
+            ui.label(f"No run named '{name}' in this store.").classes("text-lg")
+            ui.link("Back to all runs", "/")
+        return
+    layer_rows, triples = await asyncio.gather(source.layers(name), source.available(name))
+    choices = Choices.from_available(triples)
+    layers = [row["name"] for row in layer_rows]
+    labels = {row["name"]: layer_label(row) for row in layer_rows}
+
+    with page:
+        with ui.row().classes("w-full items-center gap-8"):
+            with ui.column().classes("gap-0"):
+                with ui.row().classes("items-center gap-3"):
+                    ui.label(name).classes("text-2xl font-semibold")
+                    badge = ui.badge(run["status"], color=status_color(run["status"])).props("rounded")
+                ui.label(f"{run['model'] or 'model'} · {run['framework'] or 'framework'} · {len(layers)} layers"
+                         ).classes("sonde-muted")
+            ui.space()
+            steps_label = stat("steps", run["steps"]).props("data-stat=steps")
+            stat("started (UTC)", stamp(run["started_at"]))
+            updated_label = stat("last update", ago(run["updated_at"]))
+        alerts_box = ui.column().classes("w-full")
+        network_row = ui.row().classes("w-full gap-5 no-wrap")
+        overview = ui.card().classes("sonde-card")
+        lines_card = ui.card().classes("sonde-card")
+        hist_card = ui.card().classes("sonde-card")
+
+    panels: list[Panel] = []
+
+    # -- training curves (network-wide topics) -------------------------------------------
+    wanted = (("loss", "loss"), ("outputs", "train_accuracy"))
+    network = [(t, m) for t, m in wanted if m in choices.network_metrics.get(t, ())]
+    for topic, metric in network:
+        with network_row, ui.card().classes("sonde-card flex-1 min-w-0"):
+            def load_network(topic: str = topic, metric: str = metric) -> Awaitable[dict[str, Any] | None]:
+                async def load() -> dict[str, Any] | None:
+                    phases = [p for p in choices.phases if p in ("train", "eval")] or choices.phases
+                    results = await asyncio.gather(*(source.series(name, "", topic, metric, phase=p) for p in phases))
+                    series = [(p, r) for p, r in zip(phases, results, strict=True) if r.get("step")]
+                    if not series:
+                        return None
+                    title = "loss" if metric == "loss" else "accuracy"
+                    return lines_options(series, title=title, log=metric == "loss")
+                return load()
+
+            panels.append(Panel(f"network-{metric}", "260px", load_network))
+
+    # -- overview heatmap --------------------------------------------------------------------
+    default = choices.heatmap_default()
+    heat = _View(topic=default[0] if default else "", metric=default[1] if default else "",
+                 phase="train" if "train" in choices.phases or not choices.phases else choices.phases[0],
+                 log=bool(default and default[1] in LOG_METRICS))
+    with overview:
+        with ui.row().classes("w-full items-center gap-3 px-2 pt-1"):
+            ui.label("Network overview").classes("text-base font-semibold")
+            ui.label("every layer (rows, forward order) × steps; click a cell to plot that layer below").classes(
+                "sonde-muted")
+            ui.space()
+            topic_select = _select(list(choices.layer_metrics), heat.topic, "topic")
+            metric_select = _select(choices.layer_metrics.get(heat.topic or "", []), heat.metric, "metric")
+            phase_select = _select(choices.phases, heat.phase, "phase")
+            log_switch = ui.switch("log colour", value=heat.log)
+        rows = max(4, min(len(layers), 200))
+        heat_height = f"{min(900, 90 + 18 * rows)}px"
+
+        async def load_heatmap() -> dict[str, Any] | None:
+            if not heat.topic or not heat.metric:
+                return None
+            data = await source.heatmap(name, heat.topic, heat.metric, phase=heat.phase,
+                                        max_steps=heatmap_budget(len(layers)))
+            if not data.get("steps"):
+                return None
+            heat_panel.caption.text = f"{len(data['layers'])} layers × {len(data['steps'])} step columns"
+            return heatmap_options(data, title=f"{heat.topic} · {heat.metric}", log=bool(heat.log),
+                                   labels=labels)
+
+        heat_panel = Panel("heatmap", heat_height, load_heatmap, on_click=lambda e: heat_clicked(e))
+        panels.append(heat_panel)
+
+    # -- per-layer lines ----------------------------------------------------------------------
+    line = _View(topic=heat.topic, metric=heat.metric, layers=pick_layers(layers), log=heat.log)
+    with lines_card:
+        with ui.row().classes("w-full items-center gap-3 px-2 pt-1"):
+            ui.label("Layers over training").classes("text-base font-semibold")
+            ui.space()
+            line_topic = _select(list(choices.layer_metrics), line.topic, "topic")
+            line_metric = _select(choices.layer_metrics.get(line.topic or "", []), line.metric, "metric")
+            line_log = ui.switch("log y", value=bool(line.log))
+        layer_select = ui.select(labels, value=line.layers, label="layers (several overlay)", multiple=True,
+                                 with_input=True).props("dense outlined use-chips").classes("w-full px-2")
+
+        async def load_lines() -> dict[str, Any] | None:
+            chosen = list(line.layers or [])
+            if not chosen or not line.topic or not line.metric:
+                return None
+            results = await asyncio.gather(*(source.series(name, layer, line.topic, line.metric,
+                                                           phase=heat.phase) for layer in chosen))
+            series = [(labels.get(layer, layer), r) for layer, r in zip(chosen, results, strict=True) if r.get("step")]
+            if not series:
+                return None
+            points = max(len(r["step"]) for _, r in series)
+            lines_panel.caption.text = f"{len(series)} layers · up to {points} points each (min–max band per point)"
+            return lines_options(series, title=f"{line.topic} · {line.metric}", log=bool(line.log))
+
+        lines_panel = Panel("lines", "360px", load_lines)
+        panels.append(lines_panel)
+
+    # -- histograms over time ------------------------------------------------------------------
+    hist_topics = choices.histogram_topics
+    hist_layers = [row["name"] for row in layer_rows if row["params"]] or layers
+    left = choices.histogram_default() or ""
+    right = "weight_grads" if "weight_grads" in hist_topics and left != "weight_grads" else ""
+    right = right or next((t for t in hist_topics if t != left), "")
+    hist = _View(layer=hist_layers[0] if hist_layers else "", topics={"left": left, "right": right})
+    hist_panels: dict[str, Panel] = {}
+    with hist_card:
+        with ui.row().classes("w-full items-center gap-3 px-2 pt-1"):
+            ui.label("Distributions over training").classes("text-base font-semibold")
+            ui.label("histogram of each recorded step; colour = log count").classes("sonde-muted")
+            ui.space()
+            hist_layer = _select(labels, hist.layer, "layer", with_input=True)
+        if not hist_topics:
+            ui.label("No histograms recorded in this run (add the 'histogram' metric).").classes("sonde-muted p-4")
+        with ui.row().classes("w-full gap-4 no-wrap"):
+            for side in ("left", "right"):
+                if not hist.topics[side]:
+                    continue
+                with ui.column().classes("flex-1 min-w-0 gap-1"):
+                    side_select = _select(hist_topics, hist.topics[side], "topic").classes("ml-2")
+
+                    def load_hist(side: str = side) -> Awaitable[dict[str, Any] | None]:
+                        async def load() -> dict[str, Any] | None:
+                            if not hist.layer or not hist.topics[side]:
+                                return None
+                            topic = hist.topics[side]
+                            data = await source.histograms(name, hist.layer, topic, phase=heat.phase)
+                            if not data.get("steps") or not data.get("edges"):
+                                return None
+                            return histogram_options(data, title=f"{labels.get(hist.layer, hist.layer)} · {topic}")
+                        return load()
+
+                    panel = Panel(f"histogram-{side}", "320px", load_hist)
+                    hist_panels[side] = panel
+                    panels.append(panel)
+
+                    def on_side(e: Any, side: str = side) -> None:
+                        hist.topics[side] = e.value
+                        ui.timer(0, hist_panels[side].redraw, once=True)
+
+                    side_select.on_value_change(on_side)
+
+    # -- alerts ------------------------------------------------------------------------------
+    async def load_alerts() -> None:
+        if not choices.has_alerts:
+            return
+        alerts = await source.alerts(name)
+        alerts_box.clear()
+        if not alerts:
+            return
+        with alerts_box, ui.card().classes("sonde-card").style("border-left: 4px solid #d62728"):
+            ui.label(f"Alerts ({len(alerts)})").classes("text-base font-semibold text-negative")
+            ui.table(columns=[{"name": k, "label": k, "field": k, "align": "left"}
+                              for k in ("step", "layer", "topic", "phase", "value")],
+                     rows=alerts[:50], pagination=10).props("flat dense data-view=alerts").classes("w-full")
+
+    # -- selection handlers ----------------------------------------------------------------------
+    def redraw(panel: Panel) -> None:
+        ui.timer(0, panel.redraw, once=True)
+
+    def heat_topic(e: Any) -> None:
+        heat.topic = e.value
+        metrics = choices.layer_metrics.get(e.value, [])
+        metric_select.set_options(metrics, value=heat.metric if heat.metric in metrics else metrics[0])
+
+    def heat_metric(e: Any) -> None:
+        if e.value is None:
+            return
+        heat.metric = e.value
+        log_switch.value = e.value in LOG_METRICS  # triggers its own redraw when it changes
+        redraw(heat_panel)
+
+    def heat_log(e: Any) -> None:
+        heat.log = bool(e.value)
+        redraw(heat_panel)
+
+    def heat_phase(e: Any) -> None:
+        heat.phase = e.value
+        for panel in panels:
+            redraw(panel)
+
+    topic_select.on_value_change(heat_topic)
+    metric_select.on_value_change(heat_metric)
+    log_switch.on_value_change(heat_log)
+    phase_select.on_value_change(heat_phase)
+
+    def line_topic_changed(e: Any) -> None:
+        line.topic = e.value
+        metrics = choices.layer_metrics.get(e.value, [])
+        line_metric.set_options(metrics, value=line.metric if line.metric in metrics else metrics[0])
+
+    def line_metric_changed(e: Any) -> None:
+        if e.value is None:
+            return
+        line.metric = e.value
+        line_log.value = e.value in LOG_METRICS
+        redraw(lines_panel)
+
+    def line_layers_changed(e: Any) -> None:
+        line.layers = list(e.value or [])
+        redraw(lines_panel)
+
+    def line_log_changed(e: Any) -> None:
+        line.log = bool(e.value)
+        redraw(lines_panel)
+
+    def hist_layer_changed(e: Any) -> None:
+        hist.layer = e.value
+        for panel in hist_panels.values():
+            redraw(panel)
+
+    line_topic.on_value_change(line_topic_changed)
+    line_metric.on_value_change(line_metric_changed)
+    layer_select.on_value_change(line_layers_changed)
+    line_log.on_value_change(line_log_changed)
+    hist_layer.on_value_change(hist_layer_changed)
+
+    def heat_clicked(e: Any) -> None:
+        layer = e.data[3] if isinstance(e.data, list) and len(e.data) > 3 else None
+        if layer and layer not in (line.layers or []):
+            layer_select.value = [*list(line.layers or []), layer]  # redraws through its handler
+        if layer:
+            hist_layer.value = layer
+
+    # -- first load, then live ---------------------------------------------------------------------
+    async def first_load() -> None:
+        for panel in panels:
+            await panel.redraw()
+        await load_alerts()
+
+    last = {"steps": run["steps"], "updated": run["updated_at"], "status": run["status"]}
+
+    async def tick() -> None:
+        now = await source.run(name)
+        if now is None:
+            return
+        steps_label.text = str(now["steps"])
+        updated_label.text = ago(now["updated_at"])
+        if now["status"] != last["status"]:
+            badge.text = now["status"]
+            badge.props(f"color={status_color(now['status'])}")
+        if (now["steps"], now["updated_at"], now["status"]) == (last["steps"], last["updated"], last["status"]):
+            return
+        last.update(steps=now["steps"], updated=now["updated_at"], status=now["status"])
+        await asyncio.gather(*(panel.refresh() for panel in panels))
+        await load_alerts()
+
+    ui.timer(0, first_load, once=True)
+    ui.timer(1.0, tick, immediate=False)

@@ -1,0 +1,109 @@
+"""The dashboard's reads, off the event loop: every store query runs on a worker thread.
+
+A page awaits these; NiceGUI keeps serving other browsers meanwhile. Each returns plain,
+JSON-ready dicts and lists (the shape of the REST API's answers).
+
+Example:
+    >>> source = Source(open_store("sonde.db"))     # doctest: +SKIP
+    >>> await source.runs()                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from nicegui import run
+
+from sonde.store import Store
+
+__all__ = ["Source"]
+
+_T = TypeVar("_T")
+
+
+async def _off(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)`` on a worker thread (NiceGUI's ``run.io_bound``)."""
+    result = await run.io_bound(fn, *args, **kwargs)
+    return result  # type: ignore[return-value]  # None only while NiceGUI shuts down
+
+
+def _time(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        stamp = float(value.timestamp())
+    except (AttributeError, ValueError):
+        return None
+    return stamp if math.isfinite(stamp) else None
+
+
+class Source:
+    """Asynchronous, read-only view of a :class:`Store` for the pages."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def runs(self) -> list[dict[str, Any]]:
+        """Every run: name, model, framework, status, steps, started_at, updated_at, ended_at (UTC seconds)."""
+        return await _off(self._runs)
+
+    def _runs(self) -> list[dict[str, Any]]:
+        frame = self.store.runs()
+        out: list[dict[str, Any]] = []
+        for row in frame.itertuples(index=False):
+            out.append({
+                "name": str(row.name), "model": str(row.model), "framework": str(row.framework),
+                "status": str(row.status), "steps": int(row.steps),  # type: ignore[arg-type]
+                "started_at": _time(row.started_at), "updated_at": _time(row.updated_at),
+                "ended_at": _time(row.ended_at),
+            })
+        return out
+
+    async def run(self, name: str) -> dict[str, Any] | None:
+        """One run's row of :meth:`runs`, or None when no run has that name."""
+        return next((r for r in await self.runs() if r["name"] == name), None)
+
+    async def layers(self, run_name: str) -> list[dict[str, Any]]:
+        """The run's probed layers in forward (probe) order: ``name``, ``type``, ``params`` (owns parameters)."""
+
+        def query() -> list[dict[str, Any]]:
+            frame = self.store.layers(run_name)
+            return [{"name": str(n), "type": str(t), "params": bool(p)}
+                    for n, t, p in zip(frame["name"], frame["type"], frame["param_shapes"], strict=True)]
+
+        return await _off(query)
+
+    async def available(self, run_name: str) -> list[tuple[str, str, str]]:
+        """The (phase, topic, metric) triples recorded for the run."""
+        return await _off(lambda: [(str(p), str(t), str(m)) for p, t, m in self.store.available(run_name)])
+
+    async def series(self, run_name: str, layer: str, topic: str, metric: str, *, phase: str = "train",
+                     max_points: int = 2000) -> dict[str, Any]:
+        """One downsampled series: ``step``, ``value``, ``min``, ``max``."""
+        return await _off(self.store.series, run_name, layer, topic, metric, phase=phase,
+                                  max_points=max_points)
+
+    async def heatmap(self, run_name: str, topic: str, metric: str, *, phase: str = "train",
+                      max_steps: int = 400) -> dict[str, Any]:
+        """Layers × steps of one metric: ``layers`` (forward order), ``steps``, ``values``."""
+        return await _off(self.store.heatmap, run_name, topic, metric, phase=phase, max_steps=max_steps)
+
+    async def histograms(self, run_name: str, layer: str, topic: str, *, phase: str = "train",
+                         max_steps: int = 200) -> dict[str, Any]:
+        """Histogram counts over training: ``steps``, ``edges``, ``counts`` (one list per step)."""
+        return await _off(self.store.histograms, run_name, layer, topic, phase=phase, max_steps=max_steps)
+
+    async def alerts(self, run_name: str) -> list[dict[str, Any]]:
+        """Records with metric ``alert``, newest first (at most 200)."""
+
+        def query() -> list[dict[str, Any]]:
+            frame = self.store.load(run_name, metrics="alert")
+            frame = frame.sort_values("step", ascending=False).head(200)
+            return [{"step": int(step), "phase": str(phase), "layer": str(layer) or "(network)",
+                     "topic": str(topic), "value": float(value)}
+                    for step, phase, layer, topic, value in zip(frame["step"], frame["phase"], frame["layer"],
+                                                                frame["topic"], frame["value"], strict=True)]
+
+        return await _off(query)

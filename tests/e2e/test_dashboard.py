@@ -1,0 +1,181 @@
+"""End to end in a real browser: ``sonde serve`` in one process, probed training in another,
+Debian's Chromium (Playwright) on the dashboard.
+
+The run must appear on the runs page, its overview heatmap and a per-layer chart must draw
+data, and both must grow while training goes on, without a reload. A screenshot is kept in
+``test-artifacts/dashboard.png`` (git-ignored) and its path printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+RUN = "e2e-mlp"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian's Chromium is not installed at {CHROMIUM}")
+
+# Trains a small MLP with every probe on, a little slowly so that the browser sees it grow,
+# until the stop file appears (or 600 steps).
+TRAINER = """
+import sys, time, pathlib, torch
+from torch import nn
+import sonde
+store, stop = sys.argv[1], pathlib.Path(sys.argv[2])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+x, y = torch.randn(512, 16), torch.randint(0, 4, (512,))
+with sonde.probe(model, run=sys.argv[3], store=store, optimizer=opt) as p:
+    for step in range(600):
+        i = (step * 32) % 512
+        out = model(x[i:i + 32]); loss = nn.functional.cross_entropy(out, y[i:i + 32])
+        loss.backward(); opt.step(); opt.zero_grad()
+        p.log(loss=loss, labels=y[i:i + 32], outputs=out)
+        print("step", step, flush=True)
+        if stop.exists():
+            break
+        time.sleep(0.08)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    store = tmp_path / "sonde.db"
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "sonde.cli", "serve", "--port", str(port), "--store", str(store)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/api/v1/runs", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"sonde serve did not come up: {(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url, store
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _chart(page: Any, name: str) -> dict[str, Any]:
+    """The options ECharts is drawing right now for the chart ``data-chart=<name>``."""
+    return page.evaluate(  # type: ignore[no-any-return]
+        """(name) => {
+            const el = document.querySelector(`[data-chart="${name}"]`);
+            if (!el) return null;
+            const chart = getElement(el).chart;
+            if (!chart) return null;
+            const o = chart.getOption();
+            return {x: o.xAxis[0].data || null, series: o.series.map(s => ({name: s.name, n: (s.data || []).length,
+                    last: (s.data || []).length ? s.data[s.data.length - 1] : null}))};
+        }""",
+        name,
+    )
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last seen: {json.dumps(last)[:300]})")
+
+
+def test_dashboard_shows_a_training_run_live(server: tuple[str, Path], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    url, store = server
+    stop = tmp_path / "stop"
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(store), str(stop), RUN],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                      "--disable-background-networking"],
+            )
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+            # Runs page: the run appears by itself (the page was open before it existed).
+            page.goto(url + "/")
+            link = page.locator("a[data-run-link]", has_text=RUN)
+            link.wait_for(timeout=30_000)
+            row = page.locator("tr", has=link)
+            first_steps = int(_wait(lambda: row.locator("td").nth(5).inner_text().strip(), 10, "steps cell"))
+            _wait(lambda: int(row.locator("td").nth(5).inner_text().strip()) > first_steps, 15,
+                  "the runs page to count more steps without a reload")
+
+            # Run page: heatmap and per-layer lines draw data.
+            link.click()
+            page.wait_for_url(f"**/run/{RUN}")
+            heat = _wait(lambda: (c := _chart(page, "heatmap")) and c["series"][0]["n"] > 0 and c, 30, "heatmap data")
+            assert heat["series"][0]["name"] == "activations · zero_frac"
+            lines = _wait(lambda: (c := _chart(page, "lines")) and any(s["n"] > 0 for s in c["series"]) and c, 30,
+                          "per-layer line data")
+            assert {s["name"] for s in lines["series"]} >= {"1 · ReLU", "3 · ReLU"}
+            steps_before = int(page.locator("[data-stat=steps]").inner_text())
+
+            # Live: without a reload, the heatmap gains step columns and the lines gain points.
+            page_url = page.url
+            grown = _wait(lambda: (c := _chart(page, "heatmap")) and int(c["x"][-1]) > int(heat["x"][-1]) and c, 20,
+                          "the heatmap to gain steps while training runs")
+            more = _wait(lambda: (c := _chart(page, "lines")) and max(s["n"] for s in c["series"])
+                         > max(s["n"] for s in lines["series"]) and c, 20, "the line chart to gain points")
+            assert int(page.locator("[data-stat=steps]").inner_text()) > steps_before
+            assert page.url == page_url
+            assert int(grown["x"][-1]) > int(heat["x"][-1]) and more
+
+            hist = _wait(lambda: (c := _chart(page, "histogram-left")) and c["series"][0]["n"] > 0 and c, 20,
+                         "the weights histogram over time")
+            assert len(hist["x"]) >= 2
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"\nscreenshot: {shot}")
+            assert not errors, errors
+            browser.close()
+    finally:
+        stop.touch()
+        try:
+            trainer.wait(30)
+        except subprocess.TimeoutExpired:
+            trainer.kill()
+    output = trainer.stdout.read() if trainer.stdout else ""
+    assert trainer.returncode == 0, output[-3000:]
+    assert os.path.exists(store)
