@@ -209,7 +209,12 @@ def test_version_1_store_gets_its_series_catalog(tmp_path: Path) -> None:
         conn.execute("DROP TABLE series")
         conn.execute("DROP TABLE batches")
         conn.execute("DROP TABLE graphs")
+        conn.execute("DROP INDEX ix_records_series_step")
+        conn.execute("ALTER TABLE records DROP COLUMN series_id")
+        conn.execute("CREATE INDEX ix_records_series ON records (run_id, layer, topic, metric, step)")
         conn.execute("DELETE FROM schema_version WHERE version > 1")
     with open_store(path) as store:
         assert store.available("old") == [("train", "weights", "norm")]
         assert store.heatmap("old", "weights", "norm")["values"] == [[0.0, 1.0, 2.0, 3.0]]
+        assert store.series("old", "fc1", "weights", "norm")["value"] == [0.0, 1.0, 2.0, 3.0]
+        assert len(store.load("old")) == 4

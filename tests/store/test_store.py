@@ -144,7 +144,7 @@ def test_opening_a_version_0_store_migrates_it(tmp_path: Path) -> None:
     try:
         assert {"runs", "layers", "records"} <= set(inspect(store.engine).get_table_names())
         index = inspect(store.engine).get_indexes("records")[0]
-        assert index["column_names"] == ["run_id", "layer", "topic", "metric", "phase", "step"]
+        assert index["column_names"] == ["series_id", "step", "value"]
         store.start_run(RunInfo("r"), resume=False)
         store.write("r", [rec("r", 0, "l", "m", 1.0)])
         assert len(store.load("r")) == 1

@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from sonde.errors import ConfigError, RunExistsError, StoreError
 from sonde.server.api import PREFIX, api_router
@@ -163,7 +164,14 @@ def create_app(
                    include_in_schema=False)
     def unknown_api_route(rest: str, request: Request) -> Response:
         # Before the dashboard mounts itself at "/": an unknown API path answers JSON, not a page.
-        return JSONResponse({"error": f"no route {request.method} /api/{rest}; the API is under {PREFIX} "
+        path = request.url.path
+        for method in ("GET", "POST", "PUT", "DELETE"):  # does the path exist for another method?
+            scope = {**request.scope, "method": method}
+            if any(route.matches(scope)[0] is Match.FULL for route in app.router.routes
+                   if not isinstance(route, Mount) and getattr(route, "name", None) != "unknown_api_route"):
+                return JSONResponse({"error": f"{request.method} is not allowed on {path} (see /openapi.json)"},
+                                    status_code=405)
+        return JSONResponse({"error": f"no route {request.method} {path}; the API is under {PREFIX} "
                                       "(see /openapi.json)"}, status_code=404)
 
     if ui:

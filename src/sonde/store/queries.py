@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Connection, Integer, func, literal_column, select
+from sqlalchemy import Connection, Integer, func, literal_column, select
 
 from sonde.store.schema import layers, records
 from sonde.store.schema import series as series_table
@@ -48,10 +48,12 @@ def evenly(items: Sequence[Any], limit: int) -> list[Any]:
     return [items[round(i * (n - 1) / (limit - 1))] for i in range(limit)]
 
 
-def _scalar_filter(run_id: int, layer: str, topic: str, metric: str, phase: str) -> list[ColumnElement[bool]]:
-    # Column order matches ix_records_series, so every query below is an index range scan.
-    return [records.c.run_id == run_id, records.c.layer == layer, records.c.topic == topic,
-            records.c.metric == metric, records.c.phase == phase]
+def _series_id(conn: Connection, run_id: int, phase: str, layer: str, topic: str, metric: str) -> int | None:
+    query = select(series_table.c.id).where(
+        series_table.c.run_id == run_id, series_table.c.phase == phase, series_table.c.layer == layer,
+        series_table.c.topic == topic, series_table.c.metric == metric)
+    found = conn.execute(query).scalar()
+    return None if found is None else int(found)
 
 
 def series(
@@ -61,30 +63,30 @@ def series(
     """One metric of one layer over steps ``start..end`` (inclusive), at most ``max_points`` buckets.
 
     Returns ``{"step", "value", "min", "max"}`` lists of equal length: the bucket's first step,
-    its mean, minimum and maximum (all three the raw value when no downsampling was needed).
+    its mean, minimum and maximum (all three the raw value when a bucket holds one record).
     NaN values are stored as NULL and skipped; a bucket of only NaN gives None.
     """
-    where = [*_scalar_filter(run_id, layer, topic, metric, phase), records.c.array.is_(None)]
-    if start is not None:
-        where.append(records.c.step >= start)
-    if end is not None:
-        where.append(records.c.step <= end)
+    out: dict[str, list[Any]] = {"step": [], "value": [], "min": [], "max": []}
+    sid = _series_id(conn, run_id, phase, layer, topic, metric)
+    if sid is None:
+        return out
     step, value = records.c.step, records.c.value
-    lo, hi, count = conn.execute(select(func.min(step), func.max(step), func.count()).where(*where)).one()
-    if not count:
-        return {"step": [], "value": [], "min": [], "max": []}
-    if count <= max_points:
-        rows = conn.execute(select(step, value).where(*where).order_by(step, records.c.id)).all()
-        steps = [int(r[0]) for r in rows]
-        values = [None if r[1] is None else float(r[1]) for r in rows]
-        return {"step": steps, "value": values, "min": list(values), "max": list(values)}
-    width = -(-(int(hi) - int(lo) + 1) // max_points)
+    where = [records.c.series_id == sid]
+    if start is not None:
+        where.append(step >= start)
+    if end is not None:
+        where.append(step <= end)
+    # Two statements, not one: each is a single seek of the (series_id, step) index.
+    lo = conn.execute(select(func.min(step)).where(*where)).scalar()
+    hi = conn.execute(select(func.max(step)).where(*where)).scalar()
+    if lo is None or hi is None:
+        return out
+    width = max(1, -(-(int(hi) - int(lo) + 1) // max_points))
     # Literal integers, not bound parameters: PostgreSQL matches GROUP BY expressions textually,
     # and integer division truncates alike on SQLite and PostgreSQL (step - lo is never negative).
     bucket = (step - literal_column(str(int(lo)), Integer)) // literal_column(str(width), Integer)
     query = (select(func.min(step), func.avg(value), func.min(value), func.max(value))
              .where(*where).group_by(bucket).order_by(func.min(step)))
-    out: dict[str, list[Any]] = {"step": [], "value": [], "min": [], "max": []}
     for first, mean, low, high in conn.execute(query):
         out["step"].append(int(first))
         out["value"].append(None if mean is None else float(mean))
@@ -93,16 +95,9 @@ def series(
     return out
 
 
-def _ordered_layers(conn: Connection, run_id: int, names: set[str]) -> list[str]:
-    """``names`` in the run's forward (probe) order; layers the run did not declare come last, sorted."""
-    declared = conn.execute(select(layers.c.name).where(layers.c.run_id == run_id).order_by(layers.c.position))
-    order = [n for n in declared.scalars() if n in names]
-    return order + sorted(names.difference(order))
-
-
-def _steps(conn: Connection, where: list[ColumnElement[bool]]) -> list[int]:
-    return [int(s) for s in conn.execute(select(records.c.step).where(*where).distinct().order_by(records.c.step))
-            .scalars()]
+def _steps(conn: Connection, sid: int) -> list[int]:
+    query = select(records.c.step).where(records.c.series_id == sid).distinct().order_by(records.c.step)
+    return [int(s) for s in conn.execute(query).scalars()]
 
 
 def heatmap(
@@ -114,24 +109,22 @@ def heatmap(
     the first layer in forward order); each cell is that layer's value at that step, None where the
     layer has no value there or it is NaN.
     """
-    names = set(conn.execute(
-        select(series_table.c.layer).where(series_table.c.run_id == run_id, series_table.c.phase == phase,
-                                           series_table.c.topic == topic, series_table.c.metric == metric)
-    ).scalars())
-    order = _ordered_layers(conn, run_id, names)
+    ids = {str(layer): int(i) for i, layer in conn.execute(
+        select(series_table.c.id, series_table.c.layer).where(
+            series_table.c.run_id == run_id, series_table.c.phase == phase,
+            series_table.c.topic == topic, series_table.c.metric == metric))}
+    order = _ordered_layers(conn, run_id, set(ids))
     if not order:
         return {"layers": [], "steps": [], "values": []}
-    scalar = records.c.array.is_(None)
-    steps = evenly(_steps(conn, [*_scalar_filter(run_id, order[0], topic, metric, phase), scalar]), max_steps)
+    steps = evenly(_steps(conn, ids[order[0]]), max_steps)
     column = {s: i for i, s in enumerate(steps)}
-    grid: dict[str, list[float | None]] = {name: [None] * len(steps) for name in order}
-    query = (select(records.c.layer, records.c.step, records.c.value)
-             .where(records.c.run_id == run_id, records.c.layer.in_(order), records.c.topic == topic,
-                    records.c.metric == metric, records.c.phase == phase, records.c.step.in_(steps), scalar)
-             .order_by(records.c.id))
-    for name, step, value in conn.execute(query) if steps else ():
-        grid[name][column[int(step)]] = None if value is None else float(value)  # the last write of a step wins
-    return {"layers": order, "steps": steps, "values": [grid[name] for name in order]}
+    row_of = {ids[name]: i for i, name in enumerate(order)}
+    grid: list[list[float | None]] = [[None] * len(steps) for _ in order]
+    query = (select(records.c.series_id, records.c.step, records.c.value)
+             .where(records.c.series_id.in_(list(row_of)), records.c.step.in_(steps)))
+    for sid, step, value in conn.execute(query) if steps else ():
+        grid[row_of[int(sid)]][column[int(step)]] = None if value is None else float(value)
+    return {"layers": order, "steps": steps, "values": grid}
 
 
 def histograms(
@@ -142,16 +135,27 @@ def histograms(
     Returns ``{"steps", "edges", "counts"}``: the steps picked evenly over the run, the bin edges
     (the latest ``histogram_edges`` record; the metric fixes them once), one list of counts per step.
     """
-    counts_where = [*_scalar_filter(run_id, layer, topic, "histogram", phase), records.c.array.is_not(None)]
-    steps = evenly(_steps(conn, counts_where), max_steps)
-    edges_where = [*_scalar_filter(run_id, layer, topic, "histogram_edges", phase), records.c.array.is_not(None)]
-    edges_blob = conn.execute(
-        select(records.c.array).where(*edges_where).order_by(records.c.step.desc(), records.c.id.desc()).limit(1)
-    ).scalar()
-    edges = [] if edges_blob is None else np.frombuffer(edges_blob, dtype=_FLOAT64).tolist()
+    counts_id = _series_id(conn, run_id, phase, layer, topic, "histogram")
+    edges_id = _series_id(conn, run_id, phase, layer, topic, "histogram_edges")
+    steps = [] if counts_id is None else evenly(_steps(conn, counts_id), max_steps)
+    edges: list[float] = []
+    if edges_id is not None:
+        blob = conn.execute(select(records.c.array).where(records.c.series_id == edges_id, records.c.array.is_not(None))
+                            .order_by(records.c.step.desc(), records.c.id.desc()).limit(1)).scalar()
+        edges = [] if blob is None else np.frombuffer(blob, dtype=_FLOAT64).tolist()
     by_step: dict[int, list[float]] = {}
     if steps:
-        query = select(records.c.step, records.c.array).where(*counts_where, records.c.step.in_(steps))
-        for step, blob in conn.execute(query.order_by(records.c.id)):
+        query = (select(records.c.step, records.c.array)
+                 .where(records.c.series_id == counts_id, records.c.step.in_(steps), records.c.array.is_not(None))
+                 .order_by(records.c.id))
+        for step, blob in conn.execute(query):
             by_step[int(step)] = np.frombuffer(blob, dtype=_FLOAT64).tolist()
-    return {"steps": steps, "edges": edges, "counts": [by_step[s] for s in steps]}
+    return {"steps": [s for s in steps if s in by_step], "edges": edges,
+            "counts": [by_step[s] for s in steps if s in by_step]}
+
+
+def _ordered_layers(conn: Connection, run_id: int, names: set[str]) -> list[str]:
+    """``names`` in the run's forward (probe) order; layers the run did not declare come last, sorted."""
+    declared = conn.execute(select(layers.c.name).where(layers.c.run_id == run_id).order_by(layers.c.position))
+    order = [n for n in declared.scalars() if n in names]
+    return order + sorted(names.difference(order))

@@ -40,7 +40,8 @@ COLUMNS = ["run", "step", "phase", "layer", "topic", "metric", "value"]
 _STATUSES = ("running", "finished", "failed")
 _FLOAT64 = np.dtype("<f8")
 _T = TypeVar("_T")
-_INSERT_KEYS = ("run_id", "step", "phase", "layer", "topic", "metric", "value", "array")
+_INSERT_KEYS = ("run_id", "step", "phase", "layer", "topic", "metric", "value", "array", "series_id")
+_Key = tuple[str, str, str, str]  # phase, layer, topic, metric
 
 
 def _storable(value: object) -> bool:
@@ -181,7 +182,7 @@ class Store:
         self.where = where
         self._lock = threading.RLock()
         self._run_ids: dict[str, int] = {}
-        self._series: dict[int, set[tuple[str, str, str, str]]] = {}  # catalog rows known to exist
+        self._series: dict[int, dict[_Key, int]] = {}  # run id -> series key -> series id, as committed
         insert = records.insert().compile(dialect=engine.dialect, column_keys=list(_INSERT_KEYS))
         self._insert_sql = str(insert)
         # Positional drivers (sqlite3: ``?``) take tuples in the compiled order; named ones take dicts.
@@ -243,7 +244,8 @@ class Store:
                     ).inserted_primary_key[0]  # type: ignore[index]  # always set after an INSERT
                     first_step = 0
                 elif not resume:
-                    count = conn.execute(select(func.count()).where(records.c.run_id == row.id)).scalar()
+                    own = select(series.c.id).where(series.c.run_id == row.id)
+                    count = conn.execute(select(func.count()).where(records.c.series_id.in_(own))).scalar()
                     last = "none" if row.last_step is None else row.last_step
                     raise RunExistsError(
                         f"run '{info.name}' already exists in {self.where} ({count} records, last step {last}); "
@@ -331,13 +333,7 @@ class Store:
         if not batch and batch_id is None:
             return True
         run_id = self._run_ids.get(run) or self._read(lambda conn: self._run_id(conn, run))
-        try:
-            rows = [self._row(run_id, r) for r in batch]
-        except (TypeError, ValueError) as exc:
-            bad = next(r for r in batch if not _storable(r.value))
-            raise StoreError(f"cannot store {bad!r}: value must be a float or a 1-D float array ({exc})") from exc
         steps = [r.step for r in batch if isinstance(r.step, int)]
-        keys = {(r.phase, r.layer, r.topic, r.metric) for r in batch}
         try:
             with self._lock, self._write_conn() as conn, conn.begin():
                 if batch_id is not None:
@@ -347,17 +343,57 @@ class Store:
                     # Under PostgreSQL a concurrent writer of the same batch blocks here on the
                     # primary key until the first commits, then fails: caught below as a duplicate.
                     conn.execute(batches.insert().values(run_id=run_id, batch_id=batch_id, received_at=time.time()))
-                if rows:
-                    self._insert(conn, rows)
-                    self._catalog(conn, run_id, keys)
+                if batch:
+                    ids = self._series_ids(conn, run_id, batch)
+                    self._insert(conn, self._rows(run_id, batch, ids))
                     conn.execute(self._touch(run_id, max(steps, default=None)))
         except IntegrityError as exc:
             if batch_id is not None and self._batch_seen(run_id, batch_id):
                 return False  # a concurrent writer stored the same batch first
-            raise StoreError(f"cannot write {len(rows)} records of run '{run}' to {self.where}: {exc}") from exc
+            raise StoreError(f"cannot write {len(batch)} records of run '{run}' to {self.where}: {exc}") from exc
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot write {len(rows)} records of run '{run}' to {self.where}: {exc}") from exc
+            self._series.pop(run_id, None)  # new catalog rows may have been rolled back with the batch
+            raise StoreError(f"cannot write {len(batch)} records of run '{run}' to {self.where}: {exc}") from exc
+        except StoreError:
+            self._series.pop(run_id, None)
+            raise
         return True
+
+    def _rows(self, run_id: int, batch: Sequence[Record], ids: dict[_Key, int]) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        append = rows.append
+        try:
+            for r in batch:
+                v = r.value
+                sid = ids[(r.phase, r.layer, r.topic, r.metric)]
+                if type(v) is float:  # the common case, without a call
+                    # NaN is stored as NULL on every database (SQLite does so by itself), so that
+                    # min, max and mean skip it alike on SQLite and PostgreSQL.
+                    append((run_id, r.step, r.phase, r.layer, r.topic, r.metric, v if v == v else None, None, sid))
+                else:
+                    append((*self._row(run_id, r), sid))
+        except (TypeError, ValueError) as exc:
+            bad = next(r for r in batch if not _storable(r.value))
+            raise StoreError(f"cannot store {bad!r}: value must be a float or a 1-D float array ({exc})") from exc
+        return rows
+
+    def _series_ids(self, conn: Connection, run_id: int, batch: Sequence[Record]) -> dict[_Key, int]:
+        """The catalog id of every series in ``batch``, creating the rows of new ones."""
+        known = self._series.get(run_id, {})
+        missing = {key for r in batch if (key := (r.phase, r.layer, r.topic, r.metric)) not in known}
+        if not missing:
+            return known
+        for phase, layer, topic, metric in missing:
+            if not all(isinstance(x, str) for x in (phase, layer, topic, metric)):
+                key = (phase, layer, topic, metric)
+                raise StoreError(f"phase, layer, topic and metric must be strings; got {key!r}")
+        rows = [{"run_id": run_id, "phase": p, "layer": la, "topic": t, "metric": m} for p, la, t, m in missing]
+        insert: Any = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(series)
+        conn.execute(insert.on_conflict_do_nothing(), rows)
+        query = select(series.c.id, series.c.phase, series.c.layer, series.c.topic, series.c.metric)
+        fresh = {(p, la, t, m): int(i) for i, p, la, t, m in conn.execute(query.where(series.c.run_id == run_id))}
+        self._series[run_id] = fresh  # dropped again if this transaction fails (see _store)
+        return fresh
 
     def _batch_seen(self, run_id: int, batch_id: str) -> bool:
         query = select(batches.c.batch_id).where(batches.c.run_id == run_id, batches.c.batch_id == batch_id)
@@ -384,18 +420,6 @@ class Store:
         # executemany: SQLAlchemy's per-row parameter processing would halve the throughput.
         conn.exec_driver_sql(self._insert_sql, params)
 
-    def _catalog(self, conn: Connection, run_id: int, keys: set[tuple[str, str, str, str]]) -> None:
-        known = self._series.setdefault(run_id, set())
-        new = keys - known
-        if not new:
-            return
-        rows = [{"run_id": run_id, "phase": p, "layer": la, "topic": t, "metric": m} for p, la, t, m in new]
-        insert: Any = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(series)
-        conn.execute(insert.on_conflict_do_nothing(), rows)
-        # Only after commit would be exact; a rolled-back batch leaves a catalog entry behind at
-        # worst, which the next write of that series makes true again.
-        known.update(new)
-
     @staticmethod
     def _row(run_id: int, r: Record) -> tuple[Any, ...]:
         v = r.value
@@ -403,8 +427,6 @@ class Store:
             return (run_id, r.step, r.phase, r.layer, r.topic, r.metric, None,
                     np.ascontiguousarray(v, dtype=_FLOAT64).tobytes())
         f = float(v)
-        # NaN is stored as NULL on every database (SQLite does so by itself), so that min, max
-        # and mean skip it alike on SQLite and PostgreSQL.
         return (run_id, r.step, r.phase, r.layer, r.topic, r.metric, f if f == f else None, None)
 
     @staticmethod
@@ -515,7 +537,10 @@ class Store:
         def query(conn: Connection) -> list[Any]:
             where = list(filters)
             if names is not None:
-                where.append(records.c.run_id.in_([self._run_id(conn, n) for n in names]))
+                run_ids = [self._run_id(conn, n) for n in names]
+                where.append(records.c.run_id.in_(run_ids))
+                # Through the series catalog, so that the integer index finds the rows of these runs.
+                where.append(records.c.series_id.in_(select(series.c.id).where(series.c.run_id.in_(run_ids))))
             stmt = (select(runs.c.name, records.c.step, records.c.phase, records.c.layer, records.c.topic,
                            records.c.metric, payload)
                     .join_from(records, runs, records.c.run_id == runs.c.id).where(*where).order_by(records.c.id))
@@ -585,7 +610,9 @@ class Store:
             with self._lock, self._write_conn() as conn, conn.begin():
                 run_id = self._run_id(conn, run)
                 # Children first and explicitly: SQLite enforces no foreign keys unless asked to.
-                for table in (records, series, batches, graphs, layers):
+                own = select(series.c.id).where(series.c.run_id == run_id)
+                conn.execute(records.delete().where(records.c.series_id.in_(own)))  # by the index
+                for table in (series, batches, graphs, layers):
                     conn.execute(table.delete().where(table.c.run_id == run_id))
                 conn.execute(runs.delete().where(runs.c.id == run_id))
         except SQLAlchemyError as exc:

@@ -1,0 +1,272 @@
+"""The REST API in-process through httpx's ASGI transport: runs, ingest, queries, graph, errors, token, limits.
+
+Expected series and heatmap values are computed here with numpy from the Records the test sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from sonde.errors import ConfigError
+from sonde.server.app import create_app, serve
+from sonde.store import Store, open_store
+
+MSGPACK = {"content-type": "application/msgpack"}
+
+
+class Api:
+    """Synchronous calls into an ASGI app over httpx.ASGITransport (one event loop per call)."""
+
+    def __init__(self, app: FastAPI, headers: dict[str, str] | None = None) -> None:
+        self.app = app
+        self.headers = headers or {}
+
+    def __call__(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=self.headers) as client:
+                return await client.request(method, url, **kwargs)
+
+        return asyncio.run(go())
+
+    def records(self, run: str, rows: list[list[Any]], batch_id: str | None = None) -> httpx.Response:
+        body = msgpack.packb({"batch_id": batch_id or str(uuid.uuid4()), "records": rows})
+        return self("POST", f"/api/v1/runs/{run}/records", content=body, headers=MSGPACK)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with open_store(tmp_path / "sonde.db") as s:
+        yield s
+
+
+@pytest.fixture
+def api(store: Store) -> Api:
+    return Api(create_app(store, ui=False))
+
+
+def _create(api: Api, name: str, layers: list[str], **extra: Any) -> httpx.Response:
+    return api("POST", "/api/v1/runs", json={"name": name, "model": "MLP", "framework": "torch",
+                                             "layers": [{"name": n, "type": "Linear"} for n in layers], **extra})
+
+
+def test_create_list_show_finish_and_resume(api: Api) -> None:
+    layers = [{"name": "fc1", "type": "Linear", "params": {"weight": [8, 4], "bias": [8]}}]
+    r = api("POST", "/api/v1/runs", json={"name": "mlp", "model": "MLP", "config": {"lr": 0.1}, "layers": layers})
+    assert r.status_code == 201 and r.json() == {"name": "mlp", "first_step": 0}
+    again = _create(api, "mlp", ["fc1"])
+    assert again.status_code == 409 and "resume" in again.json()["error"]
+    assert api.records("mlp", [[s, "train", "fc1", "weights", "norm", 1.0] for s in range(5)]).status_code == 200
+    assert api("POST", "/api/v1/runs/mlp/finish", json={"status": "failed"}).json() == {"name": "mlp",
+                                                                                        "status": "failed"}
+    shown = api("GET", "/api/v1/runs/mlp").json()
+    assert shown["status"] == "failed" and shown["steps"] == 5 and shown["config"] == {"lr": 0.1}
+    assert shown["layers"] == 1 and shown["ended_at"] is not None
+    assert [r["name"] for r in api("GET", "/api/v1/runs").json()] == ["mlp"]
+    assert api("GET", "/api/v1/runs/mlp/layers").json() == [
+        {"position": 0, "name": "fc1", "type": "Linear", "params": {"weight": [8, 4], "bias": [8]}}]
+    resumed = _create(api, "mlp", ["fc1"], resume=True)
+    assert resumed.status_code == 201 and resumed.json()["first_step"] == 5
+    assert api("GET", "/api/v1/runs/mlp").json()["status"] == "running"
+
+
+def test_ingested_series_downsamples_to_bucket_mean_min_max_and_keeps_a_spike(api: Api, store: Store) -> None:
+    _create(api, "long", ["fc1", "fc2"])
+    n = 20_000
+    values = np.random.default_rng(0).normal(size=n)
+    values[12_345] = 1e9
+    rows = [[s, "train", "fc1", "weights", "norm", float(values[s])] for s in range(n)]
+    for lo in range(0, n, 5000):
+        r = api.records("long", rows[lo:lo + 5000])
+        assert r.status_code == 200 and r.json() == {"accepted": 5000, "duplicate": False}
+    r = api("GET", "/api/v1/runs/long/series", params={"layer": "fc1", "topic": "weights", "metric": "norm",
+                                                       "max_points": 250})
+    out = r.json()
+    assert r.status_code == 200 and 1 < len(out["step"]) <= 250
+    bounds = [*out["step"], n]
+    for i in range(len(out["step"])):
+        chunk = values[bounds[i]:bounds[i + 1]]
+        assert out["value"][i] == pytest.approx(chunk.mean(), rel=1e-9, abs=1e-9)
+        assert (out["min"][i], out["max"][i]) == (pytest.approx(chunk.min()), pytest.approx(chunk.max()))
+    assert max(out["max"]) == 1e9
+    window = api("GET", "/api/v1/runs/long/series", params={"layer": "fc1", "topic": "weights", "metric": "norm",
+                                                            "start": 100, "end": 109}).json()
+    assert window["step"] == list(range(100, 110)) and window["value"] == values[100:110].tolist()
+
+
+def test_replayed_batch_is_stored_once(api: Api, store: Store) -> None:
+    _create(api, "r", ["fc1"])
+    rows = [[s, "train", "fc1", "weights", "norm", float(s)] for s in range(100)]
+    first = api.records("r", rows, batch_id="batch-1")
+    replay = api.records("r", rows, batch_id="batch-1")
+    assert first.json() == {"accepted": 100, "duplicate": False}
+    assert replay.status_code == 200 and replay.json() == {"accepted": 0, "duplicate": True}
+    assert len(store.load("r")) == 100
+
+
+def test_heatmap_histograms_and_metrics(api: Api) -> None:
+    layers = ["conv", "fc", "head"]
+    _create(api, "h", layers)
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=(3, 60))
+    table[1, 7] = np.nan
+    table[2, 9] = np.inf
+    rows = [[s, "train", name, "activations", "mean", float(table[i, s])] for s in range(60) for i, name in
+            enumerate(layers)]
+    edges = np.linspace(-2, 2, 5)
+    counts = rng.integers(0, 50, size=(60, 4)).astype(float)
+    rows += [[0, "train", "fc", "weights", "histogram_edges", edges.tolist()]]
+    rows += [[s, "train", "fc", "weights", "histogram", counts[s].tolist()] for s in range(60)]
+    rows += [[s, "train", "", "loss", "loss", 1.0 / (s + 1)] for s in range(60)]
+    assert api.records("h", rows).status_code == 200
+    heat = api("GET", "/api/v1/runs/h/heatmap", params={"topic": "activations", "metric": "mean",
+                                                        "max_steps": 12}).json()
+    assert heat["layers"] == layers and len(heat["steps"]) == 12 and heat["steps"][0] == 0 and heat["steps"][-1] == 59
+    for i in range(3):
+        expected = [None if not np.isfinite(table[i, s]) else pytest.approx(table[i, s]) for s in heat["steps"]]
+        assert heat["values"][i] == expected
+    full = api("GET", "/api/v1/runs/h/heatmap", params={"topic": "activations", "metric": "mean"}).json()
+    assert full["steps"] == list(range(60)) and full["values"][1][7] is None and full["values"][2][9] is None
+    hist = api("GET", "/api/v1/runs/h/histograms", params={"layer": "fc", "topic": "weights", "max_steps": 6}).json()
+    assert hist["edges"] == edges.tolist() and len(hist["steps"]) == 6
+    assert hist["counts"] == [counts[s].tolist() for s in hist["steps"]]
+    assert api("GET", "/api/v1/runs/h/metrics").json() == [
+        ["train", "activations", "mean"], ["train", "loss", "loss"], ["train", "weights", "histogram"],
+        ["train", "weights", "histogram_edges"]]
+
+
+def test_graph_put_get_and_delete_run(api: Api, store: Store) -> None:
+    _create(api, "g", ["fc1"])
+    _create(api, "keep", ["fc1"])
+    assert api("GET", "/api/v1/runs/g/graph").status_code == 404
+    graph = {"nodes": [{"id": "fc1", "type": "Linear"}], "edges": [], "meta": {"depth": 2}}
+    assert api("PUT", "/api/v1/runs/g/graph", json=graph).status_code == 200
+    assert api("GET", "/api/v1/runs/g/graph").json() == graph
+    assert api("PUT", "/api/v1/runs/g/graph", json=[1, 2]).status_code == 422
+    api.records("g", [[0, "train", "fc1", "weights", "norm", 1.0]])
+    api.records("keep", [[0, "train", "fc1", "weights", "norm", 2.0]])
+    r = api("DELETE", "/api/v1/runs/g")
+    assert r.status_code == 200 and r.json() == {"deleted": "g"}
+    for url in ("/api/v1/runs/g", "/api/v1/runs/g/graph", "/api/v1/runs/g/layers"):
+        assert api("GET", url).status_code == 404
+    assert api("DELETE", "/api/v1/runs/g").status_code == 404
+    assert store.load("keep")["value"].tolist() == [2.0]
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    (b"\xc1", 400, "msgpack"),
+    (msgpack.packb([1, 2]), 422, "keys batch_id and records"),
+    (msgpack.packb({"batch_id": "", "records": []}), 422, "batch_id"),
+    (msgpack.packb({"batch_id": "b", "records": [[0, "train", "fc1", "weights", "norm"]]}), 422, "record 0"),
+    (msgpack.packb({"batch_id": "b", "records": [[-1, "train", "fc1", "weights", "norm", 1.0]]}), 422, "step"),
+    (msgpack.packb({"batch_id": "b", "records": [[2**40, "train", "fc1", "weights", "norm", 1.0]]}), 422, "step"),
+    (msgpack.packb({"batch_id": "b", "records": [[0, "train", "fc1", "weights", "norm", "x"]]}), 422, "value"),
+    (msgpack.packb({"batch_id": "b", "records": [[0, "", "fc1", "weights", "norm", 1.0]]}), 422, "phase"),
+    (msgpack.packb({"batch_id": "b", "records": [[0, "train", "f\x00", "weights", "norm", 1.0]]}), 422, "NUL"),
+])
+def test_malformed_batches_are_4xx_json_and_store_nothing(api: Api, store: Store, body: bytes, status: int,
+                                                          words: str) -> None:
+    _create(api, "m", ["fc1"])
+    r = api("POST", "/api/v1/runs/m/records", content=body, headers=MSGPACK)
+    assert r.status_code == status and words in r.json()["error"]
+    assert store.load("m").empty
+
+
+def test_every_error_is_json(api: Api) -> None:
+    cases = [
+        ("GET", "/api/v1/nothing-here", 404), ("GET", "/api/v2/runs", 404), ("GET", "/api/v1/runs/absent", 404),
+        ("GET", "/no/such/page", 404), ("DELETE", "/api/v1/runs", 405),
+        ("GET", "/api/v1/runs/absent/series?layer=a&topic=b&metric=c", 404),
+        ("POST", "/api/v1/runs", 422), ("POST", "/api/v1/runs/absent/finish", 422),
+    ]
+    for method, url, status in cases:
+        r = api(method, url)
+        assert r.status_code == status, (method, url, r.text)
+        assert isinstance(r.json()["error"], str) and r.json()["error"], (method, url)
+    _create(api, "e", ["fc1"])
+    bad = api("GET", "/api/v1/runs/e/series", params={"layer": "fc1", "topic": "w", "metric": "m", "max_points": 0})
+    assert bad.status_code == 422 and "max_points" in bad.json()["error"]
+    nul = api("GET", "/api/v1/runs/e/series", params={"layer": "f\x00", "topic": "w", "metric": "m"})
+    assert nul.status_code == 422 and "NUL" in nul.json()["error"]
+    slash = api("POST", "/api/v1/runs", json={"name": "a/b"})
+    assert slash.status_code == 422 and "name" in slash.json()["error"]
+
+
+def test_token_is_required_on_every_call_when_configured(store: Store) -> None:
+    app = create_app(store, token="s3cret", ui=False)
+    anonymous, wrong, right = Api(app), Api(app, {"authorization": "Bearer nope"}), \
+        Api(app, {"authorization": "Bearer s3cret"})
+    for client in (anonymous, wrong):
+        for method, url in (("GET", "/api/v1/runs"), ("POST", "/api/v1/runs"), ("GET", "/openapi.json")):
+            r = client(method, url)
+            assert r.status_code == 401 and "Bearer" in r.json()["error"]
+    assert _create(right, "t", ["fc1"]).status_code == 201
+    assert right("GET", "/api/v1/runs").json()[0]["name"] == "t"
+    page = anonymous("GET", "/", headers={"accept": "text/html"})
+    assert page.status_code == 303 and page.headers["location"].startswith("/login?next=")
+    form = anonymous("GET", "/login")
+    assert form.status_code == 200 and "token" in form.text
+    assert anonymous("GET", "/login", params={"token": "nope"}).status_code == 401
+    login = anonymous("GET", "/login", params={"token": "s3cret", "next": "/run/t"})
+    assert login.status_code == 303 and login.headers["location"] == "/run/t"
+    cookie = login.headers["set-cookie"].split(";")[0]
+    assert Api(app, {"cookie": cookie})("GET", "/api/v1/runs").status_code == 200
+    evil = anonymous("GET", "/login", params={"token": "s3cret", "next": "//evil.example"})
+    assert evil.headers["location"] == "/"
+
+
+def test_oversized_bodies_get_413(store: Store) -> None:
+    api = Api(create_app(store, ui=False, max_body=10_000))
+    _create(api, "big", ["fc1"])
+    rows = [[s, "train", "fc1", "weights", "norm", 1.0] for s in range(2000)]
+    r = api.records("big", rows)
+    assert r.status_code == 413 and "limit of 10000 bytes" in r.json()["error"]
+    body = msgpack.packb({"batch_id": "b", "records": rows})
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds while streaming
+        for i in range(0, len(body), 1000):
+            yield body[i:i + 1000]
+
+    streamed = api("POST", "/api/v1/runs/big/records", content=chunks(), headers=MSGPACK)
+    assert streamed.status_code == 413
+    assert store.load("big").empty
+    assert api.records("big", rows[:10]).json()["accepted"] == 10  # small batches still go through
+
+
+def test_serve_refuses_a_public_address_without_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SONDE_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="--token"):
+        serve(host="0.0.0.0", store="unused.db")
+    with pytest.raises(ConfigError, match="--role"):
+        serve(role="everything")
+    with pytest.raises(ConfigError, match="'all' and 'frontend'"):
+        create_app(":memory:", role="evaluator")
+
+
+def test_api_on_postgresql(pg_url: str) -> None:
+    with open_store(pg_url) as store:
+        api = Api(create_app(store, ui=False))
+        _create(api, "pg", ["fc1"])
+        values = np.random.default_rng(2).normal(size=5000)
+        rows = [[s, "train", "fc1", "weights", "norm", float(values[s])] for s in range(5000)]
+        assert api.records("pg", rows, batch_id="once").json()["accepted"] == 5000
+        assert api.records("pg", rows, batch_id="once").json()["duplicate"] is True
+        out = api("GET", "/api/v1/runs/pg/series", params={"layer": "fc1", "topic": "weights", "metric": "norm",
+                                                           "max_points": 100}).json()
+        bounds = [*out["step"], 5000]
+        assert len(out["step"]) <= 100
+        for i in range(len(out["step"])):
+            chunk = values[bounds[i]:bounds[i + 1]]
+            assert (out["min"][i], out["max"][i]) == (pytest.approx(chunk.min()), pytest.approx(chunk.max()))
+        assert api("DELETE", "/api/v1/runs/pg").status_code == 200
+        assert store.run_infos() == []
