@@ -95,6 +95,7 @@ class Aggregator:
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._pending: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         self._failed: OrderedDict[tuple[str, str, int], tuple[str, str, bytes]] = OrderedDict()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def _client(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -156,7 +157,9 @@ class Aggregator:
         del self._groups[(group.run, group.step)]
         if group.timer is not None:
             group.timer.cancel()
-        asyncio.ensure_future(self._send(group))
+        task = asyncio.ensure_future(self._send(group))
+        self._tasks.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
     async def _send(self, group: _Group) -> None:
         gid = group_id(group.run, group.step, [b for b, _ in group.pieces])
@@ -212,7 +215,7 @@ def create_aggregator_app(frontend_url: str, *, token: str | None = None, evalua
     """The app of the ``aggregator`` role (port 8082): the probes' API, in front of the frontend.
 
     Example:
-        >>> app = create_aggregator_app("http://127.0.0.1:8080", evaluator_url="http://127.0.0.1:8081")  # doctest: +SKIP
+        >>> create_aggregator_app("http://127.0.0.1:8080", evaluator_url="http://127.0.0.1:8081")  # doctest: +SKIP
     """
     from sonde.server.api.security import Guard
     from sonde.server.evaluator import install_json_errors
