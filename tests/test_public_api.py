@@ -27,7 +27,7 @@ def test_probe_signature_follows_the_design() -> None:
     params = list(inspect.signature(TorchProbe.__init__).parameters)
     assert params == [
         "self", "model", "run", "store", "server", "optimizer", "layers", "topics", "metrics", "every", "depth",
-        "sinks", "resume",
+        "sinks", "resume", "probe_set",
     ]
 
 

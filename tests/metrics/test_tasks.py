@@ -105,3 +105,53 @@ def test_task_samples_per_sample_and_per_position() -> None:
     assert np.allclose(x, acts.reshape(12, 5)[keep].numpy()) and y.tolist() == labels.reshape(-1)[keep].tolist()
     with pytest.raises(ValueError, match="leading dimensions"):
         F.task_samples(acts, torch.zeros(4, dtype=torch.long))
+
+
+def test_end_to_end_on_digits_through_the_probe_and_the_store(tmp_path: object) -> None:
+    """A small MLP trained on digits; probe_f1 and cluster_mi read back from the SQLite store match
+    scikit-learn on activations recomputed here from the weights of the same step."""
+    import sonde
+    from sonde.metrics import ClusterMI, ProbeF1
+
+    x_all, y_all = load_digits(return_X_y=True)
+    x_all = torch.tensor(x_all / 16.0, dtype=torch.float32)
+    y_all = torch.tensor(y_all)
+    probe_x, probe_y = x_all[:400], y_all[:400]
+    train_x, train_y = x_all[400:], y_all[400:]
+
+    def make() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    states = {}
+    store = str(tmp_path) + "/sonde.db"  # type: ignore[operator]
+    with sonde.probe(model, run="digits", store=store, optimizer=opt, layers=["1"],
+                     metrics=[ProbeF1(compute_every=4), ClusterMI(compute_every=4)],
+                     probe_set=(probe_x, probe_y)) as p:
+        for step in range(9):
+            states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            batch = slice(64 * step, 64 * step + 64)
+            loss = torch.nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            p.log(loss=loss)
+    df = sonde.load(store, run="digits")
+    assert sorted(set(df.metric)) == ["cluster_ami", "cluster_mi", "cluster_nmi", "probe_f1"]
+    twin = make()
+    for step in (0, 4, 8):
+        twin.load_state_dict(states[step])
+        with torch.no_grad():
+            acts = torch.relu(twin[0](probe_x)).double().numpy()
+        y = probe_y.numpy()
+        got = df[(df.step == step) & (df.layer == "1")].set_index("metric").value
+        train, test = F.stratified_split(y, 0.25, seed=0)
+        assert got["probe_f1"] == pytest.approx(sklearn_probe_f1(acts, y, train, test), abs=1e-9)
+        clusters = F.kmeans(acts, 10, seed=0)  # checked against sklearn's KMeans above; scores from sklearn here
+        assert got["cluster_mi"] == pytest.approx(mutual_info_score(y, clusters), rel=1e-9)
+        assert got["cluster_ami"] == pytest.approx(adjusted_mutual_info_score(y, clusters), rel=1e-7)
+        assert got["cluster_nmi"] == pytest.approx(normalized_mutual_info_score(y, clusters), rel=1e-9)
+    first, last = (df[(df.step == s) & (df.metric == "probe_f1")].value.item() for s in (0, 8))
+    assert last > first  # the layer learned something about the digits

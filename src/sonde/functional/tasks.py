@@ -1,7 +1,7 @@
 """Task scores of a layer (Vivisect's, to the definitions in REFERENCES.md): host-side, numpy + torch.
 
 * :func:`probe_f1` — a multinomial logistic-regression probe (L2, C=1; binary logistic for two
-  classes, as scikit-learn fits it) from activations to labels, trained on a stratified 75 %
+  classes, as scikit-learn fits it; L-BFGS in numpy) from activations to labels, trained on a stratified 75 %
   split with a fixed seed and scored by macro-F1 on the held-out 25 %. Features are
   standardised with the training split's mean and standard deviation first (a probe should not
   depend on a layer's scale). Vivisect trained a hinge-loss SGD classifier and scored it on its
@@ -139,32 +139,74 @@ def macro_f1(y_true: Any, y_pred: Any) -> float:
     return float(np.mean(scores))
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise ``C·Σ log-loss + ½‖W‖²`` (intercept unpenalised) with L-BFGS in float64."""
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+def _logistic_objective(
+    theta: np.ndarray, x: np.ndarray, target: np.ndarray, outputs: int, c: float
+) -> tuple[float, np.ndarray]:
+    """``(C·Σ log-loss + ½‖W‖²) / (nC)`` and its gradient; theta packs W (p × outputs) then b."""
     n, p = x.shape
+    w = theta[: p * outputs].reshape(p, outputs)
+    z = x @ w + theta[p * outputs :]
+    if outputs == 1:  # binary: log(1 + e^z) − y·z
+        z = z[:, 0]
+        data = float(np.sum(np.logaddexp(0.0, z) - target * z))
+        dz = (0.5 * (1.0 + np.tanh(0.5 * z)) - target)[:, None]  # sigmoid, overflow-free
+    else:
+        z = z - z.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(z).sum(axis=1))
+        data = float(np.sum(log_norm - z[np.arange(n), target]))
+        dz = np.exp(z - log_norm[:, None])
+        dz[np.arange(n), target] -= 1.0
+    value = (data + 0.5 / c * float(np.sum(w * w))) / n
+    grad = np.concatenate([((x.T @ dz) + w / c).reshape(-1), dz.sum(axis=0)]) / n
+    return value, grad
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise ``C·Σ log-loss + ½‖W‖²`` (intercept unpenalised) with L-BFGS in float64 numpy.
+
+    The objective is strictly convex, so the minimiser (and the predictions) do not depend on the
+    optimiser; iterations stop when the largest gradient entry of the 1/(nC)-scaled objective is
+    below 1e-9. Plain numpy on the calling thread: no thread pool shared with training.
+    """
+    p = x.shape[1]
     outputs = 1 if n_classes == 2 else n_classes
-    w = torch.zeros(p, outputs, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(outputs, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b], lr=1, max_iter=2000, tolerance_grad=1e-8, tolerance_change=1e-14,
-        history_size=20, line_search_fn="strong_wolfe",
-    )
-
-    def objective() -> torch.Tensor:
-        opt.zero_grad()
-        logits = xt @ w + b
-        if outputs == 1:
-            data = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], yt.double(), reduction="sum")
+    theta = np.zeros(p * outputs + outputs)
+    value, grad = _logistic_objective(theta, x, y, outputs, c)
+    history: list[tuple[np.ndarray, np.ndarray, float]] = []
+    for _ in range(5000):
+        if np.max(np.abs(grad)) <= 1e-9:
+            break
+        direction = -grad  # two-loop recursion: direction = −H·grad
+        alphas = []
+        for s_k, y_k, rho in reversed(history):
+            a = rho * float(s_k @ direction)
+            alphas.append(a)
+            direction = direction - a * y_k
+        if history:
+            s_k, y_k, _ = history[-1]
+            direction = direction * (float(s_k @ y_k) / float(y_k @ y_k))
+        for (s_k, y_k, rho), a in zip(history, reversed(alphas)):
+            direction = direction + (a - rho * float(y_k @ direction)) * s_k
+        slope = float(grad @ direction)
+        if slope >= 0:  # not a descent direction (numerical trouble): restart from steepest descent
+            history.clear()
+            direction, slope = -grad, -float(grad @ grad)
+        step = 1.0 if history else min(1.0, 1.0 / float(np.sum(np.abs(grad))))
+        for _ in range(60):  # backtracking to the Armijo condition
+            new_value, new_grad = _logistic_objective(theta + step * direction, x, y, outputs, c)
+            if new_value <= value + 1e-4 * step * slope:
+                break
+            step *= 0.5
         else:
-            data = torch.nn.functional.cross_entropy(logits, yt, reduction="sum")
-        loss = (data + 0.5 / c * (w * w).sum()) / n  # scaled by 1/(nC)·C: same minimiser, better conditioned
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(objective)
-    return w.detach(), b.detach()
+            break  # no decrease possible at float64 precision: converged
+        s_k, y_k = step * direction, new_grad - grad
+        curvature = float(s_k @ y_k)
+        if curvature > 1e-16:
+            history.append((s_k, y_k, 1.0 / curvature))
+            if len(history) > 20:
+                history.pop(0)
+        theta, value, grad = theta + s_k, new_value, new_grad
+    return theta[: p * outputs].reshape(p, outputs), theta[p * outputs :]
 
 
 def probe_f1(x: Any, y: Any, seed: int = 0, *, test_size: float = 0.25, c: float = 1.0) -> float:
@@ -201,9 +243,9 @@ def probe_f1(x: Any, y: Any, seed: int = 0, *, test_size: float = 0.25, c: float
     # Classes absent from the training part cannot be predicted; fit on those present.
     present, train_codes = np.unique(codes[train], return_inverse=True)
     w, b = _fit_logistic(z[train], train_codes.astype(np.int64), len(present), c)
-    logits = torch.from_numpy(z[test]) @ w + b
-    pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
-    return macro_f1(codes[test], present[pred.numpy()])
+    logits = z[test] @ w + b
+    pred = (logits[:, 0] > 0).astype(np.int64) if logits.shape[1] == 1 else logits.argmax(axis=1)
+    return macro_f1(codes[test], present[pred])
 
 
 class ClusterScores(NamedTuple):

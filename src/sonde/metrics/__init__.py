@@ -12,6 +12,7 @@ from sonde.metrics.alerts import Alerts
 from sonde.metrics.base import Capture, Metric
 from sonde.metrics.registry import DEFAULT_METRICS, registry, resolve_metrics
 from sonde.metrics.saturation import Saturation
+from sonde.metrics.similarity import CKA, SVCCA, CKAMatrix
 from sonde.metrics.spectral import ConditionNumber, SpectralNorm
 from sonde.metrics.stats import (
     AbsMean,
@@ -27,13 +28,19 @@ from sonde.metrics.stats import (
     Var,
     ZeroFrac,
 )
+from sonde.metrics.tasks import ClusterMI, ProbeF1
+from sonde.metrics.test_accuracy import TestAccuracy
 from sonde.metrics.training import Loss, TrainAccuracy
 
 __all__ = [
+    "CKA",
     "DEFAULT_METRICS",
+    "SVCCA",
     "AbsMean",
     "Alerts",
+    "CKAMatrix",
     "Capture",
+    "ClusterMI",
     "ConditionNumber",
     "Histogram",
     "Loss",
@@ -43,10 +50,12 @@ __all__ = [
     "Min",
     "NonfiniteFrac",
     "Norm",
+    "ProbeF1",
     "Saturation",
     "SpectralNorm",
     "Std",
     "TensorStats",
+    "TestAccuracy",
     "TrainAccuracy",
     "UpdateRatio",
     "Var",

@@ -26,6 +26,9 @@ def probe(model: Any, **kwargs: Any) -> Probe:
         depth: None for leaf modules (and modules owning parameters), k for modules k levels down.
         sinks: extra sinks by name (``"tensorboard"``, ``"csv"``, ``"console"``) or instance.
         resume: append to an existing run of the same name instead of refusing.
+        probe_set: inputs, or ``(inputs, labels)``, evaluated aside (no grad, eval mode, modes and
+            RNG restored, not seen by the other metrics) at the steps the probe-set metrics
+            (``cka``, ``svcca``, ``cka_matrix``, ``probe_f1``, ``cluster_mi``) compute.
 
     Example:
         >>> import torch, sonde

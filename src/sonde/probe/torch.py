@@ -14,6 +14,12 @@ Where each topic is captured:
   accumulates them;
 * ``weight_updates``/``bias_updates``: parameter after minus before the optimizer step.
 
+Side passes (``probe_set=`` and ``sonde.metrics.TestAccuracy``) run at the start of a step
+whose schedule wants them, before that step's training forward, nested in the root's forward
+pre-hook: gradients off, every module in eval mode (each module's own mode is put back after),
+the RNG state forked (dropout draws of training are unchanged), and the captures of the pass
+routed only to the probe-set metrics (test passes are not captured at all).
+
 Parameters whose name starts with ``bias`` are biases; every other parameter is a weight. A
 layer owns the parameters below it that no deeper probed layer owns (for ``depth=1`` a whole
 block's weights merge into one set of statistics).
@@ -21,22 +27,31 @@ block's weights merge into one set of statistics).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import logging
+import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from sonde.bus import Bus
 from sonde.errors import ConfigError, LayerFilterError, ProbeError
 from sonde.graph.job import GraphJob
 from sonde.metrics.base import Metric
+from sonde.metrics.registry import resolve_metrics
+from sonde.metrics.tasks import StepLabels
+from sonde.metrics.test_accuracy import TestAccuracy
 from sonde.probe.core import Probe
+from sonde.records import NETWORK, Record
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
+from sonde.worker import Worker
 
 __all__ = ["TorchProbe", "first_float_tensor", "select_layers"]
 
@@ -116,6 +131,56 @@ def _param_topic(param_name: str) -> str:
     return "biases" if param_name.rsplit(".", 1)[-1].startswith("bias") else "weights"
 
 
+def _probe_set_parts(probe_set: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``probe_set=inputs`` or ``(inputs, labels)`` as tensors, checked."""
+    if probe_set is None:
+        return None, None
+    inputs, labels = (probe_set[0], probe_set[1]) if isinstance(probe_set, (tuple, list)) else (probe_set, None)
+    if isinstance(probe_set, (tuple, list)) and len(probe_set) != 2:
+        raise ConfigError(f"probe_set= expects inputs or (inputs, labels), got a sequence of {len(probe_set)} items")
+    if not isinstance(inputs, (torch.Tensor, np.ndarray)):
+        raise ConfigError(
+            f"probe_set inputs must be a tensor or numpy array (samples first), got {type(inputs).__name__}"
+        )
+    inputs = torch.as_tensor(inputs)
+    if inputs.ndim == 0 or inputs.shape[0] < 8:
+        raise ConfigError(f"probe_set needs at least 8 samples (first dimension), got shape {tuple(inputs.shape)}")
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.ndim == 0 or labels.shape[0] != inputs.shape[0]:
+            raise ConfigError(
+                f"probe_set labels must be integer class ids with one entry (or one row) per input: inputs "
+                f"{tuple(inputs.shape)}, labels {tuple(labels.shape)} of dtype {labels.dtype}"
+            )
+    return inputs, labels
+
+
+def _split_metrics(
+    metrics: Sequence[str | Metric] | None, has_probe_set: bool, has_labels: bool
+) -> tuple[list[Metric], list[Metric], list[TestAccuracy]]:
+    """(metrics of training captures, metrics of the probe set, test-loader evaluations)."""
+    resolved = resolve_metrics(metrics)
+    tests = [m for m in resolved if isinstance(m, TestAccuracy)]
+    on_probe_set: list[Metric] = []
+    for m in resolved:
+        use = getattr(m, "probe_set", None)
+        if use == "required" and not has_probe_set:
+            raise ConfigError(
+                f"metric {m.name!r} compares activations on a fixed probe set; pass probe_set=inputs "
+                "(or (inputs, labels)) to sonde.probe"
+            )
+        if use in ("required", "optional") and has_probe_set:
+            if use == "optional" and not has_labels:
+                raise ConfigError(f"metric {m.name!r} needs labels: pass probe_set=(inputs, labels)")
+            # The probe set is evaluated exactly when the metric computes: its pass schedule is
+            # compute_every (else every), and each pass computes.
+            m.schedule = m.compute_schedule or m.schedule
+            m.compute_schedule = None
+            on_probe_set.append(m)
+    main = [m for m in resolved if m not in on_probe_set and not isinstance(m, TestAccuracy)]
+    return main, on_probe_set, tests
+
+
 class TorchProbe(Probe):
     """Probe of a ``torch.nn.Module``; see :func:`sonde.probe` for the arguments."""
 
@@ -136,6 +201,7 @@ class TorchProbe(Probe):
         depth: int | None = None,
         sinks: Sequence[str | Sink] | None = None,
         resume: bool = False,
+        probe_set: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ProbeError(
@@ -157,11 +223,32 @@ class TorchProbe(Probe):
             LayerInfo(name, type(module).__name__, {p: list(t.shape) for p, t in self.params.get(name, [])})
             for name, module in self.layers.items()
         ]
-        config = {"every": repr(every), "depth": depth, "optimizer": type(optimizer).__name__ if optimizer else None}
+        config: dict[str, Any] = {
+            "every": repr(every), "depth": depth, "optimizer": type(optimizer).__name__ if optimizer else None,
+        }
+        self._probe_inputs, self._probe_labels = _probe_set_parts(probe_set)
+        main, on_probe_set, self.test_evaluators = _split_metrics(
+            metrics, self._probe_inputs is not None, self._probe_labels is not None
+        )
+        if self._probe_inputs is not None:
+            config["probe_set"] = list(self._probe_inputs.shape)
         super().__init__(
-            model_name=type(model).__name__, run=run, store=store, server=server, metrics=metrics, topics=topics,
+            model_name=type(model).__name__, run=run, store=store, server=server, metrics=main, topics=topics,
             every=every, sinks=sinks, resume=resume, layers=infos, config=config,
         )
+        self.step_labels = StepLabels()  # labels logged in the current train step (task metrics pair them)
+        for metric in self.metrics:
+            if hasattr(metric, "step_labels"):
+                metric.step_labels = self.step_labels
+        self.probe_bus: Bus | None = None
+        if on_probe_set:
+            self.probe_bus = Bus(self.run, on_probe_set, topics=["activations"], schedule=self.schedule)
+            self.probe_bus.layer_types = getattr(self.bus, "layer_types", {})
+            if self.bus.worker is None:
+                self.bus.worker = Worker(self._emit, name=f"sonde-worker-{self.run}")
+            self.probe_bus.worker = self.bus.worker
+        self._pass_mode: str | None = None  # "probe" or "test" while a side pass runs
+        self._pass_labels: torch.Tensor | None = None
         self.steps_on_optimizer = optimizer is not None
         if optimizer is None and (self.bus.topics & {"weight_updates", "bias_updates"}):
             log.warning(
@@ -192,9 +279,12 @@ class TorchProbe(Probe):
         model = self.model
         model._sonde_probe = weakref.ref(self)  # type: ignore[assignment]
         self._handles.append(model.register_forward_pre_hook(self._on_root_start, prepend=True))
-        # The graph is traced once, from the first forward's arguments, on a background thread.
+        # The graph is traced once, from the first forward's arguments, on a background thread. Its hook
+        # runs before the step hook, which may nest a side pass (probe set, test loader) in that forward.
         self._graph_job = GraphJob(model, self._runners)
-        self._graph_job.handle = model.register_forward_pre_hook(self._graph_job.on_forward, with_kwargs=True)
+        self._graph_job.handle = model.register_forward_pre_hook(
+            self._graph_job.on_forward, with_kwargs=True, prepend=True
+        )
         self._handles.append(self._graph_job.handle)
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
@@ -253,12 +343,77 @@ class TorchProbe(Probe):
     def _on_root_start(self, module: nn.Module, args: Any) -> None:
         def run() -> None:
             self._calls.clear()
+            if self._pass_mode is not None:
+                return  # the forward of a side pass, nested in a training forward's pre-hook
             if self.current_phase() == "train":
                 new_step = self.begin_train_forward()
                 if new_step and self.optimizer is None:
                     self._publish_params(grads=False)
+                if new_step:
+                    self._side_passes(self.step)
+                    self._calls.clear()
 
         self._guard("step bookkeeping", run)
+
+    # -- side passes: the probe set and test loaders ----------------------------------------------
+    probe_batch_size = 256  # rows of the probe set per forward (and per minibatch-CKA chunk)
+
+    def _side_passes(self, step: int) -> None:
+        """Evaluate the probe set and the test loaders due at ``step``, leaving the model as it was."""
+        probe_due = self.probe_bus is not None and self.probe_bus.wants("activations", step)
+        tests = [m for m in self.test_evaluators if m.due_at(step, self.schedule)]
+        if not (probe_due or tests):
+            return
+        if probe_due:
+            self._guard("probe-set pass", lambda: self._probe_set_pass(step))
+        for metric in tests:
+            self._guard("test_accuracy evaluation", lambda m=metric: self._test_pass(m, step))  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def _side_pass(self, mode: str) -> Iterator[None]:
+        """No grad, eval mode, forked RNG; every module's mode is restored after, even on error."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
+        self._pass_mode = mode
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                self.model.eval()
+                yield
+        finally:
+            for module, training in modes:
+                module.training = training
+            self._pass_mode = None
+            self._pass_labels = None
+
+    def _probe_set_pass(self, step: int) -> None:
+        assert self._probe_inputs is not None and self.probe_bus is not None
+        inputs, labels = self._probe_inputs, self._probe_labels
+        device = next((p.device for p in self.model.parameters()), inputs.device)
+        n = inputs.shape[0]
+        with self._side_pass("probe"):
+            for chunk in np.array_split(np.arange(n), math.ceil(n / self.probe_batch_size)):
+                index = torch.as_tensor(chunk)
+                self._pass_labels = None if labels is None else labels[index]
+                self.model(inputs[index].to(device))
+        self._emit(self.probe_bus.flush("train", step))
+
+    def _test_pass(self, metric: TestAccuracy, step: int) -> None:
+        with self._side_pass("test"):
+            values = metric.evaluate(self.model)
+        self._emit([Record(self.run, step, "eval", NETWORK, "outputs", k, v) for k, v in values.items()])
+
+    # -- labels of training batches, for the task metrics -----------------------------------------
+    def log(self, **values: Any) -> None:
+        super().log(**values)
+        labels = values.get("labels")
+        if labels is not None and self.current_phase() == "train":
+            self.step_labels.append(labels)
+
+    def finish_step(self, final: bool = False) -> None:
+        try:
+            super().finish_step(final)
+        finally:
+            self.step_labels.clear()
 
     def _layer_call(self, name: str, module: nn.Module) -> str:
         count = self._calls.get(name, 0) + 1
@@ -269,6 +424,8 @@ class TorchProbe(Probe):
         def hook(module: nn.Module, args: Any) -> None:
             call = self._layer_call(name, module)
             self._names.setdefault(id(module), []).append(call)
+            if self._pass_mode is not None:
+                return
             phase = self.current_phase()
             if self.wants("inputs", phase):
                 tensor = first_float_tensor(args)
@@ -284,6 +441,12 @@ class TorchProbe(Probe):
             phase = self.current_phase()
             tensor = first_float_tensor(output)
             if tensor is None:
+                return
+            if self._pass_mode is not None:
+                if self._pass_mode == "probe" and self.probe_bus is not None:
+                    bus, labels = self.probe_bus, self._pass_labels
+                    self._guard("probe-set capture", lambda: bus.publish(
+                        call, "activations", tensor, phase="train", step=self.step, labels=labels))
                 return
             if self.wants("activations", phase):
                 self._guard("activations capture", lambda: self.publish(call, "activations", tensor, phase=phase))
