@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,27 @@ from starlette.testclient import TestClient
 from torch import nn
 
 import sonde
-from conftest import Collect
 from sonde.errors import ConfigError, RunExistsError
 from sonde.records import Record
 from sonde.server.api.tensors import ServerMetric
 from sonde.server.app import create_app
+from sonde.server.evaluator import evaluator_of
+from sonde.sinks import Sink
 from sonde.sinks.remote import RemoteSink, encode_records, replay
 
 URL = "http://testserver"
+
+
+class Collect(Sink):
+    """Keeps every Record the probe produced (what the server must end up with)."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def write(self, records: Sequence[Record]) -> None:
+        self.records.extend(records)
 
 
 class Switch(httpx.BaseTransport):
@@ -37,11 +51,14 @@ class Switch(httpx.BaseTransport):
         self.gate = threading.Event()
         self.gate.set()
         self.paths: list[str] = []
+        self.busy: set[str] = set()  # path suffixes answered 503 (a busy evaluator)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         self.gate.wait(30)
         if self.down:
             raise httpx.ConnectError("connection refused (test)", request=request)
+        if any(request.url.path.endswith(suffix) for suffix in self.busy):
+            return httpx.Response(503, json={"error": "the evaluator's queue is full (test)"})
         served = self.inner.handle_request(request)
         response = httpx.Response(served.status_code, headers=served.headers, content=served.read())
         self.paths.append(request.url.path)
@@ -56,6 +73,8 @@ class Switch(httpx.BaseTransport):
 def app(tmp_path: Path) -> Iterator[FastAPI]:
     app = create_app(tmp_path / "server.db", ui=False)
     yield app
+    if getattr(app.state, "evaluator", None) is not None:
+        app.state.evaluator.close()
     app.state.store.close()
 
 
@@ -242,6 +261,32 @@ def test_a_taken_run_name_or_a_refused_token_fails_at_probe_time(app: FastAPI, s
         train(RemoteSink(URL, client=client, spill_dir=tmp_path / "spill2"), Collect(), 1)
     train(RemoteSink(URL, client=client, token="s3cret", spill_dir=tmp_path / "spill2"), Collect(), 2, run="ok")
     assert guarded.state.store.has_run("ok")
+
+
+def test_records_overtake_tensors_the_evaluator_cannot_take_yet(app: FastAPI, switch: Switch,
+                                                                  tmp_path: Path) -> None:
+    switch.busy = {"/tensors"}
+    losses: list[int] = []
+
+    def during(step: int, p: Any) -> None:
+        if step == 4:
+            deadline = time.monotonic() + 20
+            while len(app.state.store.load("r", metrics="loss")) < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            losses.append(len(app.state.store.load("r", metrics="loss")))
+            switch.busy = set()
+
+    collect = Collect()
+    sink = sink_for(switch, tmp_path, batch_records=1, max_delay=0.0)
+    model = nn.Sequential(nn.Linear(3, 4))
+    with sonde.probe(model, run="r", server=sink, sinks=[collect], topics=["activations", "loss"],
+                     metrics=["loss", ServerMetric("mean", sample=None)]) as p:
+        for step in range(6):
+            p.log(loss=model(torch.randn(5, 3)).pow(2).mean())
+            during(step, p)
+    assert losses == [4]  # steps 0..3 stored while their tensors waited
+    assert evaluator_of(app).join(30)
+    assert sorted(app.state.store.load("r", metrics="mean").step) == list(range(6))
 
 
 def test_bad_arguments_fail_clearly() -> None:

@@ -84,7 +84,7 @@ def _shift_records(body: bytes, offset: int) -> bytes:
     return msgpack.packb(payload, use_bin_type=True)
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     """One request waiting to be sent: its kind fixes the method and path."""
 
@@ -97,6 +97,8 @@ class Entry:
     relative: bool = False  # steps count from the run's first step, which the server tells later
     attempted: bool = False  # a run creation that may have reached the server (timeout after sending)
     file: Path | None = None
+    retry_at: float = 0.0  # a deferred tensors request waits until then; the Records behind it go on
+    tries: int = 0
 
     _ROUTES: ClassVar[dict[str, tuple[str, str, str]]] = {
         "run": ("POST", "", "application/json"),
@@ -321,7 +323,7 @@ class Outbox:
                 except Exception as exc:  # noqa: BLE001 - the sender must outlive any feeder bug
                     self._report(f"feed{id(feed)}", "sonde: remote sink feeder failed: %s", exc)
             with self._cond:
-                entry = self._disk[0] if self._disk else (self._memory[0] if self._memory else None)
+                entry = self._pick_locked()
                 if entry is None:
                     if self._stop:
                         return
@@ -329,6 +331,12 @@ class Outbox:
                     continue
             outcome = self._send(entry)
             with self._cond:
+                if outcome == "defer":  # the evaluator is busy or away: its tensors wait, Records do not
+                    entry.tries += 1
+                    entry.retry_at = time.monotonic() + min(0.25 * 2**entry.tries, 10.0)
+                    if self._stop:
+                        return
+                    continue
                 if outcome == "retry":
                     self._down = True
                     self._spill_memory_locked()
@@ -341,10 +349,10 @@ class Outbox:
                 if self._down:
                     self._down = False
                     log.warning("sonde: server %s is reachable again; sending spilled requests", self.server)
-                if self._disk and self._disk[0] is entry:
-                    self._disk.popleft()
-                elif self._memory and self._memory[0] is entry:
-                    self._memory.popleft()
+                if entry.file is not None:
+                    self._disk.remove(entry)
+                else:
+                    self._memory.remove(entry)
                     self._memory_bytes -= len(entry.body)
                 if entry.file is not None:
                     if outcome == "rejected":
@@ -355,6 +363,17 @@ class Outbox:
                 if outcome == "ok":
                     self.sent += 1
                 self._cond.notify_all()
+
+    def _pick_locked(self) -> Entry | None:
+        """The oldest request that is not a deferred tensors request."""
+        now = time.monotonic()
+        for waiting in (self._disk, self._memory):
+            for n, entry in enumerate(waiting):
+                if entry.retry_at <= now:
+                    return entry
+                if n > 1000:
+                    break
+        return None
 
     def _set_aside(self, entry: Entry) -> None:
         assert entry.file is not None
@@ -393,7 +412,8 @@ class Outbox:
                                    headers={"Content-Type": content_type})
 
     def _send(self, entry: Entry) -> str:
-        """``ok``, ``retry`` (server down or busy) or ``rejected`` (a 4xx that retrying cannot fix)."""
+        """``ok``, ``retry`` (server down or busy), ``defer`` (tensors the server cannot take now: later, and
+        the requests behind go first) or ``rejected`` (a 4xx that retrying cannot fix)."""
         try:
             response = self.request(entry)
         except httpx.TransportError as exc:
@@ -410,6 +430,10 @@ class Outbox:
             return self._run_conflict(entry)
         if status < 300:
             return "ok"
+        if entry.kind == "tensors" and status in _RETRY_STATUS:
+            self._report("defer", "sonde: server %s cannot take tensors for server-side metrics now (%d: %s); "
+                         "they wait, Records go on", self.server, status, response.text[:200])
+            return "defer"
         if status in _RETRY_STATUS or status in _AUTH_STATUS:
             why = "refuses our token (set SONDE_TOKEN)" if status in _AUTH_STATUS else "is busy"
             self._report(f"status{status}", "sonde: server %s %s (%d: %s); requests wait in %s", self.server, why,
