@@ -21,7 +21,7 @@ from torch import nn
 import sonde
 from sonde.errors import ConfigError
 from sonde.records import Record
-from sonde.server.api.tensors import ServerMetric, TensorItem, decode_payload, encode_payload
+from sonde.server.api.tensors import ServerMetric, TensorItem, decode_payload, encode_payload, shift_steps
 from sonde.server.app import create_app
 from sonde.server.evaluator import Evaluator, create_evaluator_app, evaluator_of, http_writer
 from sonde.sinks.base import RunInfo
@@ -259,6 +259,22 @@ def test_server_metrics_need_a_server_and_json_arguments() -> None:
 
 
 def test_the_payload_round_trips() -> None:
-    items = [TensorItem(2, "eval", "", "outputs", np.ones((3, 2)), np.array([0, 1, 1]), SPEC)]
+    items = [TensorItem(2, "eval", "", "outputs", np.ones((3, 2)), np.array([0, 1, 1]), SPEC, "Conv2d")]
     batch_id, decoded = decode_payload(encode_payload("id", items))
     assert batch_id == "id" and decoded[0].labels.tolist() == [0, 1, 1] and decoded[0].phase == "eval"
+    assert decoded[0].layer_type == "Conv2d" and decoded[0].tensor.tolist() == [[1.0, 1.0]] * 3
+    assert decode_payload(shift_steps(encode_payload("id", items), 5))[1][0].step == 7
+
+
+def test_saturation_runs_on_the_server_like_delve_defines_it(app: FastAPI, tmp_path: Path) -> None:
+    seen = probe_and_train(TestClient(app, base_url=URL), tmp_path,
+                           [ServerMetric("saturation", sample=None, compute_every=1, threshold=0.9)], steps=3)
+    assert evaluator_of(app).join(60)
+    store = app.state.store
+    for step in range(3):
+        features = seen[(step, "0")].astype(np.float32).astype(np.float64)  # Linear: (batch, features)
+        eig = np.clip(np.linalg.eigvalsh(np.cov(features.T, bias=True))[::-1], 0, None)
+        k = int(np.argmax(np.cumsum(eig) / eig.sum() >= 0.9)) + 1
+        assert value(store, "0", "intrinsic_dim", step) == k
+        assert value(store, "0", "saturation", step) == pytest.approx(k / features.shape[1])
+        assert value(store, "0", "cov_trace", step) == pytest.approx(eig.sum(), rel=1e-6)

@@ -192,7 +192,7 @@ class Evaluator:
             if metric is None:
                 metric = self._instances[key] = metric_from_spec(spec)
             capture = Capture(tensor, layer=item.layer, topic=item.topic, phase=item.phase, step=item.step,
-                              labels=labels)
+                              labels=labels, layer_type=item.layer_type)
             try:
                 metric.update(capture)
                 metric.updates += 1

@@ -78,6 +78,7 @@ class TensorItem:
     tensor: np.ndarray
     labels: np.ndarray | None
     metrics: list[dict[str, Any]]
+    layer_type: str = ""  # the module's class name: some metrics read features by layer kind
 
 
 # -- payload ---------------------------------------------------------------------------------------
@@ -92,7 +93,8 @@ def encode_payload(batch_id: str, items: Sequence[TensorItem]) -> bytes:
             labels = f"l{i}"
             arrays[labels] = np.ascontiguousarray(item.labels, dtype=np.int64)
         meta.append({"tensor": f"t{i}", "labels": labels, "step": int(item.step), "phase": item.phase,
-                     "layer": item.layer, "topic": item.topic, "metrics": item.metrics})
+                     "layer": item.layer, "topic": item.topic, "metrics": item.metrics,
+                     "layer_type": item.layer_type})
     return st_save(arrays, metadata={"batch_id": batch_id, "items": json.dumps(meta)})
 
 
@@ -133,9 +135,9 @@ def decode_payload(body: bytes) -> tuple[str, list[TensorItem]]:
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
             raise ValueError(f"item {i}: step must be an integer from 0 to {MAX_STEP}; got {step!r:.40}")
         names = {}
-        for key in ("phase", "layer", "topic"):
-            value = entry.get(key)
-            if not isinstance(value, str) or len(value) > MAX_NAME or (not value and key != "layer"):
+        for key in ("phase", "layer", "topic", "layer_type"):
+            value = entry.get(key, "") if key == "layer_type" else entry.get(key)
+            if not isinstance(value, str) or len(value) > MAX_NAME or (not value and key in ("phase", "topic")):
                 raise ValueError(f"item {i}: {key} must be a string of at most {MAX_NAME} characters; "
                                  f"got {value!r:.80}")
             names[key] = check_text(value, f"item {i}: {key}")
@@ -152,7 +154,8 @@ def decode_payload(body: bytes) -> tuple[str, list[TensorItem]]:
             raise ValueError(f"item {i}: metrics must be a non-empty list of {{name, kwargs}}; got {specs!r:.80}")
         for spec in specs:
             metric_from_spec(spec)  # raises for unknown names and bad arguments
-        items.append(TensorItem(step, names["phase"], names["layer"], names["topic"], tensor, labels, specs))
+        items.append(TensorItem(step, names["phase"], names["layer"], names["topic"], tensor, labels, specs,
+                                names["layer_type"]))
     return batch_id, items
 
 
@@ -266,7 +269,7 @@ class ServerMetric(Metric):
         self.sample = sample
         self.topics = type(inner).topics  # type: ignore[misc]
         self.shipper = _Shipper()
-        self.where: tuple[int, str, str, str] | None = None
+        self.where: tuple[int, str, str, str, str] | None = None
         self.add_state("tensor", default=None, reduce=_cat)
         self.add_state("labels", default=None, reduce=_cat)
 
@@ -282,7 +285,7 @@ class ServerMetric(Metric):
         labels = capture.labels
         if labels is not None and tensor.ndim > 0 and labels.ndim == 1 and len(labels) >= len(tensor):
             self.stage("labels", labels.detach()[: len(tensor)].clone())
-        self.where = (capture.step, capture.phase, capture.layer, capture.topic)
+        self.where = (capture.step, capture.phase, capture.layer, capture.topic, getattr(capture, "layer_type", ""))
 
     def compute(self) -> dict[str, Any]:
         tensor, labels = self.state["tensor"], self.state["labels"]
@@ -290,8 +293,8 @@ class ServerMetric(Metric):
             return {}
         if labels is not None and (np.ndim(tensor) == 0 or len(labels) != len(tensor)):
             labels = None
-        step, phase, layer, topic = self.where
-        self.shipper.ship(TensorItem(step, phase, layer, topic, np.asarray(tensor), labels, [self.spec]))
+        step, phase, layer, topic, layer_type = self.where
+        self.shipper.ship(TensorItem(step, phase, layer, topic, np.asarray(tensor), labels, [self.spec], layer_type))
         return {}
 
     def __repr__(self) -> str:
