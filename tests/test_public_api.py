@@ -41,7 +41,8 @@ def test_topics_are_the_design_vocabulary() -> None:
 def test_builtin_metrics_and_sinks_register_through_entry_points() -> None:
     metrics = sonde.metrics.registry()
     for name in ("mean", "std", "var", "min", "max", "abs_mean", "norm", "zero_frac", "nonfinite_frac",
-                 "histogram", "update_ratio", "loss", "train_accuracy", "stats"):
+                 "histogram", "update_ratio", "loss", "train_accuracy", "stats",
+                 "cka", "svcca", "cka_matrix", "probe_f1", "cluster_mi", "test_accuracy"):
         assert name in metrics
     assert {"store", "tensorboard", "csv", "console"} <= set(sonde.sinks.registry())
 

@@ -279,3 +279,13 @@ def test_bad_probe_set_configurations_fail_at_construction() -> None:
     with pytest.raises(ConfigError, match="at least 8"):
         sonde.probe(model, store=None, metrics=["cka"], probe_set=torch.randn(3, 6))
     assert getattr(model, "_sonde_probe", None) is None
+
+
+def test_task_metric_without_labels_says_how_to_give_them(caplog: pytest.LogCaptureFixture) -> None:
+    model = make_model()
+    collect = Collect()
+    with sonde.probe(model, store=None, sinks=[collect], metrics=[ProbeF1(compute_every=1)]):
+        for _ in range(3):
+            model(data(16, 5)[0]).sum().backward()
+    assert not collect.find(metric="probe_f1")
+    assert caplog.text.count("p.log(labels=...)") == len(LAYERS)  # once per layer, not once per step

@@ -261,11 +261,14 @@ def _sq_distances(x: np.ndarray, centres: np.ndarray, x_sq: np.ndarray) -> np.nd
     return np.maximum(d, 0.0)
 
 
-def kmeans(x: Any, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 300) -> np.ndarray:
+def kmeans(
+    x: Any, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 300, tol: float = 1e-4
+) -> np.ndarray:
     """Cluster assignments (n,) of Lloyd's k-means with k-means++ seeding, best of ``n_init`` runs.
 
     Each run seeds with k-means++ (D² sampling) from ``numpy.random.default_rng(seed)`` and
-    iterates until no assignment changes; the run with the least inertia wins. An emptied
+    iterates until no assignment changes or the centres move less than ``tol`` times the mean
+    feature variance (scikit-learn's criterion); the run with the least inertia wins. An emptied
     cluster is moved to the point farthest from its centre.
 
     Example:
@@ -279,6 +282,8 @@ def kmeans(x: Any, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 300)
         raise ValueError(f"k must be between 1 and the number of samples ({n}), got {k}")
     rng = np.random.default_rng(seed)
     x_sq = np.sum(feats * feats, axis=1)
+    threshold = tol * float(np.mean(np.var(feats, axis=0)))
+    rows = np.arange(n)
     best, best_inertia = np.zeros(n, dtype=np.int64), np.inf
     for _ in range(n_init):
         centres = feats[[rng.integers(n)]]
@@ -297,13 +302,18 @@ def kmeans(x: Any, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 300)
             assign = new
             counts = np.bincount(assign, minlength=k)
             for j in np.flatnonzero(counts == 0):  # empty cluster: take the worst-served point
-                far = int(dist[np.arange(n), assign].argmax())
+                far = int(dist[rows, assign].argmax())
                 assign[far] = j
                 dist[far] = 0.0
-            sums = np.zeros_like(centres)
-            np.add.at(sums, assign, feats)
-            centres = sums / np.bincount(assign, minlength=k)[:, None]
-        inertia = _sq_distances(feats, centres, x_sq)[np.arange(n), assign].sum()
+            onehot = np.zeros((k, n))
+            onehot[assign, rows] = 1.0
+            moved = onehot @ feats / onehot.sum(axis=1)[:, None]
+            shift = float(np.sum((moved - centres) ** 2))
+            centres = moved
+            if shift <= threshold:
+                assign = _sq_distances(feats, centres, x_sq).argmin(axis=1)
+                break
+        inertia = _sq_distances(feats, centres, x_sq)[rows, assign].sum()
         if inertia < best_inertia:
             best, best_inertia = assign.copy(), inertia
     return best

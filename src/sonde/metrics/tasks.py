@@ -172,11 +172,12 @@ class _TaskMetric(_ProbeSetMetric):
         if pending[0][1] is None:
             logged = list(self.step_labels or [])
             if len(logged) != len(pending):
-                if logged and not self._warned:
+                if not self._warned:
                     self._warned = True
                     log.warning(
                         "sonde: %s on layer %r: %d forward pass(es) but %d p.log(labels=...) call(s) in step %d; "
-                        "log each batch's labels once, after its forward; such steps are skipped",
+                        "log each batch's labels once, after its forward, or pass probe_set=(inputs, labels); "
+                        "such steps are skipped",
                         self.name, self.layer, len(pending), len(logged), self.step,
                     )
                 return
