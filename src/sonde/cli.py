@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sonde.export import add_parser as add_export_parser
 
     add_export_parser(commands)
+    from sonde.sinks.video import add_parser as add_record_parser
+
+    add_record_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.command == "serve":
@@ -54,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sonde.export import run as run_export
 
         return run_export(args)
+    if args.command == "record":
+        from sonde.sinks.video import run as run_record
+
+        return run_record(args)
     if args.command == "demo":
         from sonde.demo import print_dashboard, print_summary, run_demo, serve_dashboard
         from sonde.errors import SondeError
