@@ -289,3 +289,37 @@ def test_task_metric_without_labels_says_how_to_give_them(caplog: pytest.LogCapt
             model(data(16, 5)[0]).sum().backward()
     assert not collect.find(metric="probe_f1")
     assert caplog.text.count("p.log(labels=...)") == len(LAYERS)  # once per layer, not once per step
+
+
+def test_a_probe_set_pass_that_fails_is_reported_and_the_next_one_starts_clean(
+    caplog: pytest.LogCaptureFixture, small_chunks: int
+) -> None:
+    class Fragile(nn.Module):
+        fail_on: set[int] = {2}  # noqa: RUF012
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:
+                self.calls += 1
+                if self.calls in self.fail_on:  # the second chunk of the first pass
+                    raise RuntimeError("probe input rejected")
+            return self.fc(x)
+
+    model = Fragile()
+    collect = Collect()
+    probe_x = data(100, 7)[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sonde.probe(model, store=None, optimizer=opt, sinks=[collect], metrics=[CKA(compute_every=1)],
+                     probe_set=probe_x):
+        for step in range(3):
+            model(data(8, step)[0]).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert "probe input rejected" in caplog.text
+    steps = [r.step for r in collect.find(layer="fc", metric="cka")]
+    assert steps == [1, 2]  # step 0's pass failed; step 1 became the reference
+    assert collect.value(layer="fc", metric="cka", step=1) == pytest.approx(1.0)

@@ -390,11 +390,19 @@ class TorchProbe(Probe):
         inputs, labels = self._probe_inputs, self._probe_labels
         device = next((p.device for p in self.model.parameters()), inputs.device)
         n = inputs.shape[0]
-        with self._side_pass("probe"):
-            for chunk in np.array_split(np.arange(n), math.ceil(n / self.probe_batch_size)):
-                index = torch.as_tensor(chunk)
-                self._pass_labels = None if labels is None else labels[index]
-                self.model(inputs[index].to(device))
+        try:
+            with self._side_pass("probe"):
+                for chunk in np.array_split(np.arange(n), math.ceil(n / self.probe_batch_size)):
+                    index = torch.as_tensor(chunk)
+                    self._pass_labels = None if labels is None else labels[index]
+                    self.model(inputs[index].to(device))
+        except Exception:
+            # A pass that broke off leaves partial chunks: drop them, so the next pass starts clean.
+            for instances in self.probe_bus._touched["train"].values():
+                for metric in instances:
+                    metric.reset()
+            self.probe_bus._touched["train"] = {}
+            raise
         self._emit(self.probe_bus.flush("train", step))
 
     def _test_pass(self, metric: TestAccuracy, step: int) -> None:
