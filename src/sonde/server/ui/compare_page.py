@@ -14,6 +14,7 @@ from sonde.server.ui.charts import lines_options
 from sonde.server.ui.data import LOG_METRICS, NETWORK_TOPICS, Choices
 from sonde.server.ui.layout import UIState, frame
 from sonde.server.ui.run_page import Panel
+from sonde.server.ui.source import off_loop
 
 __all__ = ["build_compare_page"]
 
@@ -76,8 +77,8 @@ async def build_compare_page(state: UIState, runs: list[str], params: dict[str, 
                     return None
                 where = sel["layer"] or "network"
                 panel.caption.text = f"{len(series)} of {len(sel['runs'])} runs have {sel['metric']} for {where}"
-                return lines_options(series, title=f"{where} · {sel['topic']} · {sel['metric']} ({sel['phase']})",
-                                     log=bool(sel["log"]))
+                title = f"{where} · {sel['topic']} · {sel['metric']} ({sel['phase']})"
+                return await off_loop(lines_options, series, title=title, log=bool(sel["log"]))
 
             panel = Panel("compare", "460px", load)
 

@@ -46,7 +46,7 @@ _HEATMAP_PREFERENCE = (
 )
 _HISTOGRAM_PREFERENCE = ("weights", "weight_grads", "activations", "output_grads")
 #: The most cells one overview heatmap sends to the browser (rows × columns).
-_HEATMAP_CELLS = 60_000
+_HEATMAP_CELLS = 30_000
 
 
 @dataclass
@@ -121,7 +121,7 @@ def heatmap_budget(n_layers: int) -> int:
 
     Example:
         >>> heatmap_budget(10), heatmap_budget(200)
-        (400, 300)
+        (400, 150)
     """
     return max(50, min(400, _HEATMAP_CELLS // max(n_layers, 1)))
 

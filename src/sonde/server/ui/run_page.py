@@ -20,6 +20,7 @@ from nicegui import ui
 from sonde.server.ui.charts import heatmap_options, histogram_options, lines_options
 from sonde.server.ui.data import LOG_METRICS, Choices, heatmap_budget, pick_layers
 from sonde.server.ui.layout import UIState, ago, frame, stamp, stat, status_color
+from sonde.server.ui.source import off_loop
 
 __all__ = ["Panel", "build_run_page", "layer_label"]
 
@@ -97,6 +98,12 @@ class Panel:
             return None
 
 
+def _wide(series: list[tuple[str, dict[str, Any]]]) -> bool:
+    """Whether positive values span more than a factor of 20 (a log axis then reads better)."""
+    values = [v for _, data in series for v in data.get("value", []) if v is not None and v > 0]
+    return bool(values) and max(values) > 20 * min(values)
+
+
 def layer_label(row: dict[str, Any]) -> str:
     """How a layer reads in the dashboard: its name, and its type when that says more (``2 · ReLU``)."""
     name, kind = str(row["name"]), str(row.get("type") or "")
@@ -156,7 +163,7 @@ async def build_run_page(state: UIState, name: str) -> None:
                     if not series:
                         return None
                     title = "loss" if metric == "loss" else "accuracy"
-                    return lines_options(series, title=title, log=metric == "loss")
+                    return await off_loop(lines_options, series, title=title, log=metric == "loss" and _wide(series))
                 return load()
 
             panels.append(Panel(f"network-{metric}", "260px", load_network))
@@ -187,8 +194,8 @@ async def build_run_page(state: UIState, name: str) -> None:
             if not data.get("steps"):
                 return None
             heat_panel.caption.text = f"{len(data['layers'])} layers × {len(data['steps'])} step columns"
-            return heatmap_options(data, title=f"{heat.topic} · {heat.metric}", log=bool(heat.log),
-                                   labels=labels)
+            return await off_loop(heatmap_options, data, title=f"{heat.topic} · {heat.metric}", log=heat.log,
+                                  labels=labels)
 
         heat_panel = Panel("heatmap", heat_height, load_heatmap, on_click=lambda e: heat_clicked(e))
         panels.append(heat_panel)
@@ -216,7 +223,7 @@ async def build_run_page(state: UIState, name: str) -> None:
                 return None
             points = max(len(r["step"]) for _, r in series)
             lines_panel.caption.text = f"{len(series)} layers · up to {points} points each (min–max band per point)"
-            return lines_options(series, title=f"{line.topic} · {line.metric}", log=bool(line.log))
+            return await off_loop(lines_options, series, title=f"{line.topic} · {line.metric}", log=line.log)
 
         lines_panel = Panel("lines", "360px", load_lines)
         panels.append(lines_panel)
@@ -252,7 +259,8 @@ async def build_run_page(state: UIState, name: str) -> None:
                             data = await source.histograms(name, hist.layer, topic, phase=heat.phase)
                             if not data.get("steps") or not data.get("edges"):
                                 return None
-                            return histogram_options(data, title=f"{labels.get(hist.layer, hist.layer)} · {topic}")
+                            title = f"{labels.get(hist.layer, hist.layer)} · {topic}"
+                            return await off_loop(histogram_options, data, title=title)
                         return load()
 
                     panel = Panel(f"histogram-{side}", "320px", load_hist)
@@ -340,17 +348,23 @@ async def build_run_page(state: UIState, name: str) -> None:
     line_log.on_value_change(line_log_changed)
     hist_layer.on_value_change(hist_layer_changed)
 
+    by_label = {label: layer for layer, label in labels.items()}
+
     def heat_clicked(e: Any) -> None:
-        layer = e.data[3] if isinstance(e.data, list) and len(e.data) > 3 else None
-        if layer and layer not in (line.layers or []):
-            layer_select.value = [*list(line.layers or []), layer]  # redraws through its handler
+        chart = heat_panel.chart
+        if chart is None or not isinstance(e.data, list) or len(e.data) < 2:
+            return
+        names = chart.options.get("yAxis", {}).get("data", [])
+        row = int(e.data[1])
+        layer = by_label.get(names[row], names[row]) if 0 <= row < len(names) else None
+        if layer and layer not in line.layers:
+            layer_select.value = [*line.layers, layer]  # redraws through its handler
         if layer:
             hist_layer.value = layer
 
     # -- first load, then live ---------------------------------------------------------------------
     async def first_load() -> None:
-        for panel in panels:
-            await panel.redraw()
+        await asyncio.gather(*(panel.redraw() for panel in panels))
         await load_alerts()
 
     last = {"steps": run["steps"], "updated": run["updated_at"], "status": run["status"]}

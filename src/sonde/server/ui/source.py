@@ -18,13 +18,17 @@ from nicegui import run
 
 from sonde.store import Store
 
-__all__ = ["Source"]
+__all__ = ["Source", "off_loop"]
 
 _T = TypeVar("_T")
 
 
-async def _off(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    """``fn(*args, **kwargs)`` on a worker thread (NiceGUI's ``run.io_bound``)."""
+async def off_loop(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)`` on a worker thread (NiceGUI's ``run.io_bound``), so the event loop stays free.
+
+    Example:
+        >>> options = await off_loop(heatmap_options, data, title="zero_frac")   # doctest: +SKIP
+    """
     result = await run.io_bound(fn, *args, **kwargs)
     return result  # type: ignore[return-value]  # None only while NiceGUI shuts down
 
@@ -47,7 +51,7 @@ class Source:
 
     async def runs(self) -> list[dict[str, Any]]:
         """Every run: name, model, framework, status, steps, started_at, updated_at, ended_at (UTC seconds)."""
-        return await _off(self._runs)
+        return await off_loop(self._runs)
 
     def _runs(self) -> list[dict[str, Any]]:
         frame = self.store.runs()
@@ -73,27 +77,27 @@ class Source:
             return [{"name": str(n), "type": str(t), "params": bool(p)}
                     for n, t, p in zip(frame["name"], frame["type"], frame["param_shapes"], strict=True)]
 
-        return await _off(query)
+        return await off_loop(query)
 
     async def available(self, run_name: str) -> list[tuple[str, str, str]]:
         """The (phase, topic, metric) triples recorded for the run."""
-        return await _off(lambda: [(str(p), str(t), str(m)) for p, t, m in self.store.available(run_name)])
+        return await off_loop(lambda: [(str(p), str(t), str(m)) for p, t, m in self.store.available(run_name)])
 
     async def series(self, run_name: str, layer: str, topic: str, metric: str, *, phase: str = "train",
                      max_points: int = 2000) -> dict[str, Any]:
         """One downsampled series: ``step``, ``value``, ``min``, ``max``."""
-        return await _off(self.store.series, run_name, layer, topic, metric, phase=phase,
+        return await off_loop(self.store.series, run_name, layer, topic, metric, phase=phase,
                                   max_points=max_points)
 
     async def heatmap(self, run_name: str, topic: str, metric: str, *, phase: str = "train",
                       max_steps: int = 400) -> dict[str, Any]:
         """Layers × steps of one metric: ``layers`` (forward order), ``steps``, ``values``."""
-        return await _off(self.store.heatmap, run_name, topic, metric, phase=phase, max_steps=max_steps)
+        return await off_loop(self.store.heatmap, run_name, topic, metric, phase=phase, max_steps=max_steps)
 
     async def histograms(self, run_name: str, layer: str, topic: str, *, phase: str = "train",
                          max_steps: int = 200) -> dict[str, Any]:
         """Histogram counts over training: ``steps``, ``edges``, ``counts`` (one list per step)."""
-        return await _off(self.store.histograms, run_name, layer, topic, phase=phase, max_steps=max_steps)
+        return await off_loop(self.store.histograms, run_name, layer, topic, phase=phase, max_steps=max_steps)
 
     async def alerts(self, run_name: str) -> list[dict[str, Any]]:
         """Records with metric ``alert``, newest first (at most 200)."""
@@ -106,4 +110,4 @@ class Source:
                     for step, phase, layer, topic, value in zip(frame["step"], frame["phase"], frame["layer"],
                                                                 frame["topic"], frame["value"], strict=True)]
 
-        return await _off(query)
+        return await off_loop(query)

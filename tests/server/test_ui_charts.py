@@ -1,0 +1,140 @@
+"""The dashboard's choices and chart options, checked against numpy on the same inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sonde.server.ui.charts import heatmap_options, histogram_options, lines_options
+from sonde.server.ui.data import Choices, heatmap_budget, pick_layers
+from sonde.server.ui.run_page import layer_label
+
+TRIPLES = [
+    ("train", "activations", "zero_frac"), ("train", "activations", "mean"), ("train", "activations", "histogram"),
+    ("train", "activations", "histogram_edges"), ("train", "weights", "norm"), ("train", "weights", "histogram"),
+    ("train", "weight_updates", "update_ratio"), ("train", "loss", "loss"), ("eval", "loss", "loss"),
+    ("train", "outputs", "train_accuracy"), ("train", "activations", "alert"), ("train", "activations", "saturation"),
+]
+
+
+def test_choices_sort_what_the_store_has_into_views() -> None:
+    choices = Choices.from_available(TRIPLES)
+    assert choices.phases == ["train", "eval"]
+    # Per-layer scalar metrics in topic order; arrays and alerts are not heatmap/line choices.
+    assert choices.layer_metrics == {
+        "activations": ["mean", "saturation", "zero_frac"], "weights": ["norm"], "weight_updates": ["update_ratio"],
+    }
+    assert choices.network_metrics == {"loss": ["loss"], "outputs": ["train_accuracy"]}
+    assert choices.histogram_topics == ["activations", "weights"]
+    assert choices.has_alerts
+    assert choices.heatmap_default() == ("activations", "zero_frac")
+    assert choices.histogram_default() == "weights"
+    assert ("loss", "loss") == choices.all_series()[0]
+
+
+def test_choices_fall_back_when_the_preferred_metrics_are_missing() -> None:
+    only_updates = Choices.from_available([("train", "weight_updates", "update_ratio")])
+    assert only_updates.heatmap_default() == ("weight_updates", "update_ratio")
+    plugin = Choices.from_available([("train", "my_topic", "my_metric")])  # a metric sonde never heard of
+    assert plugin.heatmap_default() == ("my_topic", "my_metric")
+    assert Choices.from_available([]).heatmap_default() is None
+    assert Choices.from_available([]).histogram_default() is None
+
+
+def test_pick_layers_spreads_over_the_network() -> None:
+    names = [f"l{i}" for i in range(200)]
+    picked = pick_layers(names, 4)
+    assert picked[0] == "l0" and picked[-1] == "l199" and len(picked) == 4
+    assert picked == [names[int(i)] for i in np.round(np.linspace(0, 199, 4))]
+    assert pick_layers(names[:3], 4) == names[:3]
+
+
+def test_heatmap_budget_bounds_the_cells() -> None:
+    for layers in (1, 5, 75, 200, 1000):
+        columns = heatmap_budget(layers)
+        assert 50 <= columns <= 400
+        assert layers * columns <= 30_000 or columns == 50
+
+
+def test_layer_label_names_the_type_when_it_adds_something() -> None:
+    assert layer_label({"name": "3", "type": "ReLU"}) == "3 · ReLU"
+    assert layer_label({"name": "encoder.relu", "type": "ReLU"}) == "encoder.relu"
+    assert layer_label({"name": "fc1", "type": ""}) == "fc1"
+
+
+def _cells(options: dict, series: int = 0) -> dict[tuple[int, int], float]:
+    return {(c[0], c[1]): c[2] for c in options["series"][series]["data"]}
+
+
+def test_heatmap_cells_rows_and_missing_values() -> None:
+    values = [[0.5, 0.25, 0.125], [None, None, None], [1.0, float("nan"), 4.0], [0.0, 2.0, float("inf")]]
+    data = {"layers": ["a", "dead-row", "b", "c"], "steps": [0, 10, 20], "values": values}
+    opts = heatmap_options(data, title="zero_frac", labels={"a": "a · Linear"})
+    # A row with no value at all is left out; the others keep forward order.
+    assert opts["yAxis"]["data"] == ["a · Linear", "b", "c"] and opts["yAxis"]["inverse"] is True
+    assert opts["xAxis"]["data"] == ["0", "10", "20"]
+    grid = np.array([[0.5, 0.25, 0.125], [1.0, np.nan, 4.0], [0.0, 2.0, np.inf]])
+    finite = np.isfinite(grid)
+    expected = {(x, y): float(grid[y, x]) for y, x in zip(*np.nonzero(finite), strict=True)}
+    assert _cells(opts) == pytest.approx(expected)
+    # NaN and Inf cells are painted by the second ("NaN / Inf") series.
+    assert set(_cells(opts, 1)) == {(x, y) for y, x in zip(*np.nonzero(~finite), strict=True)}
+    assert opts["visualMap"]["min"] == pytest.approx(np.min(grid[finite]))
+    assert opts["visualMap"]["max"] == pytest.approx(np.max(grid[finite]))
+
+
+def test_heatmap_on_a_log_scale_colours_by_log10() -> None:
+    values = [[1e-4, 1e-3, 0.0], [1e-2, 1e-1, 1.0]]
+    opts = heatmap_options({"layers": ["a", "b"], "steps": [0, 1, 2], "values": values}, title="ratio", log=True)
+    grid = np.array(values)
+    positive = grid > 0
+    expected = {(x, y): float(np.log10(grid[y, x])) for y, x in zip(*np.nonzero(positive), strict=True)}
+    assert _cells(opts) == pytest.approx(expected, rel=1e-4)
+    assert set(_cells(opts, 1)) == {(2, 0)}  # zero has no logarithm: shown as missing
+    assert ":formatter" in opts["visualMap"]
+
+
+def test_heatmap_of_nothing_is_an_empty_chart() -> None:
+    opts = heatmap_options({"layers": [], "steps": [], "values": []}, title="x")
+    assert opts["series"][0]["data"] == [] and opts["yAxis"]["data"] == []
+
+
+def test_lines_overlay_with_min_max_band_only_where_downsampled() -> None:
+    raw = {"step": [0, 1, 2], "value": [1.0, 2.0, 3.0], "min": [1.0, 2.0, 3.0], "max": [1.0, 2.0, 3.0]}
+    bucketed = {"step": [0, 100], "value": [1.5, 2.5], "min": [1.0, -2.0], "max": [9.0, 3.0]}
+    opts = lines_options([("fc1", raw), ("fc2", bucketed)], title="norm")
+    kinds = [(s["name"], s["type"]) for s in opts["series"]]
+    assert kinds == [("fc1", "line"), ("fc2", "line"), ("fc2", "custom")]
+    assert opts["series"][0]["data"] == [[0, 1.0], [1, 2.0], [2, 3.0]]
+    assert opts["series"][2]["data"] == [[0, 1.0, 9.0], [100, -2.0, 3.0]]
+    assert opts["legend"]["data"] == ["fc1", "fc2"]
+    assert opts["series"][1]["color"] == opts["series"][2]["color"]  # band drawn in its line's colour
+
+
+def test_lines_leave_gaps_for_nan_and_nonpositive_on_log() -> None:
+    data = {"step": [0, 1, 2, 3], "value": [1.0, float("nan"), -1.0, 10.0]}
+    linear = lines_options([("a", data)], title="x")
+    assert [v for _, v in linear["series"][0]["data"]] == [1.0, None, -1.0, 10.0]
+    log = lines_options([("a", data)], title="x", log=True)
+    assert [v for _, v in log["series"][0]["data"]] == [1.0, None, None, 10.0]
+    assert log["yAxis"]["type"] == "log"
+
+
+def test_histogram_over_time_counts_and_shares() -> None:
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 50, size=(3, 8)).astype(float)
+    counts[1] = 0.0
+    counts[1, 3] = 7.0
+    edges = np.linspace(-1.0, 1.0, 9)
+    opts = histogram_options({"steps": [0, 5, 10], "edges": edges.tolist(), "counts": counts.tolist()}, title="w")
+    centres = (edges[:-1] + edges[1:]) / 2
+    assert opts["yAxis"]["data"] == [f"{c:.3g}" for c in centres]
+    assert opts["xAxis"]["data"] == ["0", "5", "10"]
+    cells = {(c[0], c[1]): c for c in opts["series"][0]["data"]}
+    assert len(cells) == counts.size  # empty bins are drawn too (darkest colour), not left blank
+    for (x, y), cell in cells.items():
+        assert cell[2] == pytest.approx(math.log10(1 + counts[x, y]), rel=1e-4)
+        assert cell[3] == pytest.approx(100 * counts[x, y] / counts[x].sum(), abs=0.01)
+    assert opts["visualMap"]["max"] == pytest.approx(np.log10(1 + counts.max()), rel=1e-4)
