@@ -61,6 +61,7 @@ class Bus:
                         subscribed.append(provider)
         self.watchers = [m for m in metrics if getattr(m, "watches", False)]
         self.worker: Worker | None = None  # set by the probe when a metric offloads its compute
+        self.layer_types: dict[str, str] = {}  # layer name -> module class name, set by the probe
         self._instances: dict[tuple[str, str, str], list[Metric]] = {}
         self._touched: dict[str, dict[tuple[str, str], list[Metric]]] = {"train": {}, "eval": {}}
         # Instances holding state not computed yet (compute_every said "not now"), per phase.
@@ -109,7 +110,9 @@ class Bus:
         if instances is None:
             instances = [m.clone() for m in self.templates.get(topic, ())]
             self._instances[key] = instances
-        capture = Capture(tensor, layer=layer, topic=topic, phase=phase, step=step, labels=labels, memo=self.memo)
+        layer_type = self.layer_types.get(layer) or self.layer_types.get(layer.split(":")[0], "")
+        capture = Capture(tensor, layer=layer, topic=topic, phase=phase, step=step, labels=labels, memo=self.memo,
+                          layer_type=layer_type)
         touched = self._touched[phase]
         for template, instance in zip(self.templates.get(topic, ()), instances, strict=True):
             if phase == "train" and not self.scheduled(template, step):

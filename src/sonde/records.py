@@ -20,7 +20,9 @@ class Record(NamedTuple):
     """One value of one metric of one topic of one layer at one step.
 
     ``value`` is a float for scalar metrics and a 1-D float64 array for non-scalar ones
-    (``histogram`` counts, ``histogram_edges``).
+    (``histogram`` counts, ``histogram_edges``). ``message`` is a readable text for the few
+    Records that carry one: an ``alert`` has value 1.0 and says what is wrong in ``message``
+    (``""`` everywhere else).
 
     Example:
         >>> r = Record("mlp", 3, "train", "fc1", "weights", "norm", 1.5)
@@ -35,6 +37,7 @@ class Record(NamedTuple):
     topic: str
     metric: str
     value: float | np.ndarray
+    message: str = ""
 
     @property
     def is_scalar(self) -> bool:

@@ -60,10 +60,12 @@ class Capture:
 
     ``cached(key, fn)`` computes ``fn(tensor)`` once per tensor version for all metrics of a
     step (the activations of one layer are often the inputs of the next: same tensor, one
-    reduction). The capture holds the tensor only while metrics update.
+    reduction). The capture holds the tensor only while metrics update. ``layer_type`` is the
+    layer's class name (``Linear``, ``Conv2d``, ``LSTM``), for metrics whose reading of a
+    tensor's axes depends on it.
     """
 
-    __slots__ = ("_memo", "labels", "layer", "phase", "step", "tensor", "topic")
+    __slots__ = ("_memo", "labels", "layer", "layer_type", "phase", "step", "tensor", "topic")
 
     def __init__(
         self,
@@ -75,9 +77,11 @@ class Capture:
         step: int = 0,
         labels: torch.Tensor | None = None,
         memo: TensorMemo | None = None,
+        layer_type: str = "",
     ) -> None:
         self.tensor = tensor
         self.layer = layer
+        self.layer_type = layer_type
         self.topic = topic
         self.phase = phase
         self.step = step

@@ -29,6 +29,7 @@ DEFAULT_METRICS = (
     "update_ratio",
     "loss",
     "train_accuracy",
+    "alerts",
 )
 
 

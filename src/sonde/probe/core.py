@@ -96,6 +96,7 @@ class Probe:
                 runner.close("failed")
             raise
         self.bus = Bus(run, self.metrics, topics=TOPICS if topics is None else topics, schedule=self.schedule)
+        self.bus.layer_types = {info.name: info.type for info in layers}
         if any(m.offload for m in self.metrics):
             self.bus.worker = Worker(self._emit, name=f"sonde-worker-{run}")
         self.step = self.info.first_step

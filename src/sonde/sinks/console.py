@@ -47,7 +47,9 @@ class ConsoleSink(Sink):
     ``step 120  loss 0.4123  train_accuracy 0.91`` at most every :attr:`log_interval`
     seconds, and one final line on :meth:`close`.
 
-    Only scalar records are shown; arrays and non-finite values never make it raise.
+    Only scalar records are shown; arrays and non-finite values never make it raise. Alerts
+    (records with a ``message``) are printed as they arrive, one line each:
+    ``ALERT step 120 fc1/activations: layer 'fc1': 97% of its activations are exactly zero ...``.
 
     Args:
         total: Number of steps the run will take, for the progress bar; ``None`` if unknown.
@@ -120,6 +122,9 @@ class ConsoleSink(Sink):
             for record in records:
                 self._absorb(record)
             step = self._step
+        for record in records:
+            if record.message:
+                self._print_alert(record)
         if step is None:
             return
         if self._progress is not None and self._task is not None:
@@ -143,8 +148,17 @@ class ConsoleSink(Sink):
             line = self._summary_line() if self._step is not None else "no steps recorded"
             self._print_line(f"{line}  ({status})")
 
+    def _print_alert(self, record: Record) -> None:
+        where = "/".join(p for p in (record.layer, record.topic) if p)
+        phase = "" if record.phase == "train" else f" ({record.phase})"
+        line = f"ALERT step {record.step}{phase} {where}: {record.message}"
+        if self._live is not None:
+            self._live.console.print(Text(line, style="bold red"))
+        elif self.console is not None:
+            self._print_line(line)
+
     def _absorb(self, record: Record) -> None:
-        if isinstance(record.value, np.ndarray):
+        if isinstance(record.value, np.ndarray) or record.message:
             return
         try:
             value = float(record.value)

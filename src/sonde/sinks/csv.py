@@ -15,8 +15,8 @@ from sonde.sinks.base import RunInfo, Sink
 
 __all__ = ["COLUMNS", "CsvSink", "format_value"]
 
-#: Header of every CSV file the sink writes, in this order.
-COLUMNS = ("run", "step", "phase", "layer", "topic", "metric", "value")
+#: Header of every CSV file the sink writes, in this order (``message``: an alert's text, else empty).
+COLUMNS = ("run", "step", "phase", "layer", "topic", "metric", "value", "message")
 
 
 def format_value(value: float | np.ndarray) -> str:
@@ -42,6 +42,8 @@ class CsvSink(Sink):
     counts, ``histogram_edges``) are written in the ``value`` column as space-separated
     numbers, e.g. ``"0.0 3.0 12.0"``; read them back with
     ``np.array(cell.split(), dtype=float)``. Scalars are written so they round-trip exactly.
+    The last column, ``message``, holds an ``alert``'s readable text and is empty otherwise
+    (``pandas.read_csv(..., keep_default_na=False)`` keeps it a string).
 
     A new run (``RunInfo.resume`` false) starts the file afresh; a resumed run appends to it
     and writes the header only if the file is new or empty.
@@ -76,7 +78,13 @@ class CsvSink(Sink):
             raise StoreError(
                 f"cannot write CSV records to {self.path!r}: {exc}; pass a writable directory= to CsvSink"
             ) from exc
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        columns: Sequence[str] = COLUMNS
+        if self._file.tell() > 0:  # resuming: keep the file's own header (an older one lacks message)
+            with open(self.path, encoding="utf-8", newline="") as existing:
+                header = next(csv.reader(existing), None)
+            if header and set(header) <= set(COLUMNS):
+                columns = header
+        self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore")
         if self._file.tell() == 0:
             self._writer.writeheader()
 
@@ -92,6 +100,7 @@ class CsvSink(Sink):
                 "topic": r.topic,
                 "metric": r.metric,
                 "value": format_value(r.value),
+                "message": r.message,
             }
             for r in records
         )

@@ -2,7 +2,8 @@
 
 Scalars become ``simple_value`` summaries; ``histogram`` counts, joined with the latest
 ``histogram_edges`` of the same (phase, layer, topic), become real ``HistogramProto``
-summaries. Nothing here imports a training framework: the sink sees only Records.
+summaries; an ``alert`` becomes a text summary (TensorBoard's Text tab) holding its message.
+Nothing here imports a training framework: the sink sees only Records.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from tensorboard.compat.proto import types_pb2
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from sonde.errors import StoreError
 from sonde.records import Record, tag
 from sonde.sinks.base import RunInfo, Sink
 
-__all__ = ["TensorBoardSink", "histogram_proto"]
+__all__ = ["TensorBoardSink", "histogram_proto", "text_value"]
 
 log = logging.getLogger("sonde")
 
@@ -144,6 +148,8 @@ class TensorBoardSink(Sink):
     def _summary_values(
         self, record: Record, fresh: dict[tuple[_Key, int], np.ndarray]
     ) -> list[tuple[int, Summary.Value]]:
+        if record.message:
+            return [(record.step, text_value(tag(record), record.message))]
         if record.is_scalar:
             return [(record.step, Summary.Value(tag=tag(record), simple_value=float(record.value)))]
         key = _key(record)
@@ -174,6 +180,19 @@ class TensorBoardSink(Sink):
         if (kind, key) not in self._warned:
             self._warned.add((kind, key))
             log.warning("sonde: tensorboard sink: %s", message)
+
+
+def text_value(name: str, text: str) -> Summary.Value:
+    """A summary value TensorBoard's Text plugin shows: one string tensor.
+
+    Example:
+        >>> text_value("fc1/activations/alert", "dead units").metadata.plugin_data.plugin_name
+        'text'
+    """
+    tensor = TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
+                         tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+    return Summary.Value(tag=name, metadata=metadata, tensor=tensor)
 
 
 def _key(record: Record) -> _Key:

@@ -1,0 +1,197 @@
+"""Saturation and intrinsic dimensionality of a layer's activations (Delve's family).
+
+The training thread only accumulates float64 covariance sums on the tensor's device (one
+``XᵀX`` per batch, as much work as one d×d matmul); the eigendecomposition runs on the probe's
+background worker, only at the steps ``compute_every`` names (default: every 10th step). Train
+and eval phases accumulate apart. See :mod:`sonde.functional.saturation` for the definitions.
+
+Example:
+    >>> import torch
+    >>> from sonde.metrics.base import Capture
+    >>> m = Saturation(threshold=0.99)
+    >>> m.update(Capture(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), layer_type="Linear"))
+    >>> m.absorb_staged({id(t): t.numpy() for _, t in m.staged})
+    >>> out = m.compute()
+    >>> out["intrinsic_dim"], out["saturation"], out["cov_trace"]
+    (1.0, 0.5, 1.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from sonde.errors import ConfigError
+from sonde.functional.saturation import (
+    covariance_from_sums,
+    covariance_sums,
+    eigenvalues,
+    feature_rows,
+    intrinsic_dimension,
+    log_det,
+    nystrom_eigenvalues,
+    orthonormal_test_matrix,
+    sketch_sums,
+)
+from sonde.metrics.base import Capture, Metric
+from sonde.schedules import Schedule
+from sonde.topics import TENSOR_TOPICS
+
+__all__ = ["Saturation"]
+
+_APPROXIMATE = (None, "auto", "sketch")
+
+
+class Saturation(Metric):
+    """``saturation``, ``intrinsic_dim``, ``cov_trace``, ``cov_logdet`` and the top-k ``eigenvalues``.
+
+    ``intrinsic_dim`` is the number of leading principal directions holding ``threshold`` of the
+    variance of a layer's features; ``saturation`` is that over the number of features. Features
+    per sample: Linear (B, d); convolutions channel-wise (B·H·W, C); sequence layers (LSTM,
+    GRU, RNN, attention, transformer) every time step a sample (B·T, d), whichever their
+    ``batch_first``; see :func:`sonde.functional.feature_rows`.
+
+    Args:
+        threshold: share of the variance the leading directions must hold (Delve: 0.99).
+        compute_every: steps at which a value is computed (default every 10th); the covariance
+            accumulates over every recorded batch in between.
+        reset: ``"compute"`` (each value covers the batches since the previous one), ``"epoch"``
+            (call ``probe.end_epoch()``) or ``"never"``.
+        top_k: how many of the largest eigenvalues ``eigenvalues`` holds.
+        approximate: None (exact covariance), ``"sketch"`` (a Nyström sketch of ``sketch_size``
+            random directions: O(rows·d·sketch_size) per batch instead of O(rows·d²)) or
+            ``"auto"`` (the sketch for layers with ≥ 2048 features). With the sketch,
+            ``cov_trace`` stays exact, eigenvalues are under-estimates, ``intrinsic_dim`` is NaN
+            when the sketch holds less than ``threshold`` of the variance, and ``cov_logdet``
+            spreads the unseen variance evenly over the unseen directions.
+        sketch_size: directions the sketch keeps.
+        eps: the ε of ``cov_logdet = log det(C + εI)``.
+        features: ``"auto"``, ``"channels"``, ``"last"`` or ``"flatten"`` (see ``feature_rows``).
+        topics: the topics it applies to (default ``("activations",)``).
+        every: when ``update`` runs (default: the probe's ``every=``).
+
+    Example:
+        ``sonde.probe(model, metrics=[sonde.metrics.Saturation(threshold=0.99, compute_every=10)])``
+    """
+
+    name = "saturation"
+    outputs = ("saturation", "intrinsic_dim", "cov_trace", "cov_logdet", "eigenvalues")
+    topics: ClassVar[tuple[str, ...]] = ("activations",)
+    offload: ClassVar[bool] = True
+    #: Width from which ``approximate="auto"`` sketches.
+    wide: ClassVar[int] = 2048
+
+    def __init__(
+        self,
+        threshold: float = 0.99,
+        *,
+        compute_every: int | Schedule | None = 10,
+        reset: str = "compute",
+        top_k: int = 5,
+        approximate: str | None = None,
+        sketch_size: int = 512,
+        eps: float = 1e-6,
+        features: str = "auto",
+        topics: Sequence[str] | None = None,
+        every: int | Schedule | None = None,
+    ) -> None:
+        super().__init__(every=every, compute_every=compute_every, reset=reset)
+        if not 0 < threshold <= 1:
+            raise ConfigError(f"Saturation(threshold=) expects a share in (0, 1], got {threshold!r}")
+        if approximate not in _APPROXIMATE:
+            raise ConfigError(f"Saturation(approximate=) expects None, 'auto' or 'sketch', got {approximate!r}")
+        if not isinstance(top_k, int) or top_k < 1 or not isinstance(sketch_size, int) or sketch_size < 2:
+            raise ConfigError(f"Saturation expects top_k >= 1 and sketch_size >= 2, got {top_k!r}, {sketch_size!r}")
+        if topics is not None:
+            unknown = [t for t in topics if t not in TENSOR_TOPICS]
+            if unknown or isinstance(topics, str):
+                raise ConfigError(f"Saturation(topics=) takes tensor topics ({', '.join(TENSOR_TOPICS)}), "
+                                  f"got {topics!r}")
+            self.topics = tuple(topics)  # type: ignore[misc]
+        feature_rows(torch.zeros(1, 1), layout=features)  # validates the layout name now
+        self.threshold = threshold
+        self.top_k = top_k
+        self.approximate = approximate
+        self.sketch_size = sketch_size
+        self.eps = eps
+        self.features = features
+        self.dims: int | None = None
+        self.omega: torch.Tensor | None = None  # the sketch's test matrix (configuration, not state)
+        self._gram: torch.Tensor | None = None  # reused device buffer for XᵀX
+        self.add_state("gram", default=0.0, reduce="sum")  # XᵀX, or XᵀXΩ when sketching
+        self.add_state("sum", default=0.0, reduce="sum")
+        self.add_state("squares", default=0.0, reduce="sum")  # Σ‖x‖², for the sketch's exact trace
+        self.add_state("rows", default=0.0, reduce="sum")
+
+    @property
+    def sketching(self) -> bool:
+        if self.approximate is None or self.dims is None:
+            return False
+        return self.approximate == "sketch" or self.dims >= self.wide
+
+    def update(self, capture: Capture) -> None:
+        rows = feature_rows(capture.tensor.detach(), capture.layer_type, self.features)
+        if rows.shape[0] == 0:
+            return
+        dims = int(rows.shape[1])
+        if self.dims is None:
+            self.dims = dims
+        elif dims != self.dims:
+            raise ValueError(f"layer {capture.layer!r} had {self.dims} features per sample and now has {dims}; "
+                             "saturation needs a fixed width (use features='channels' or 'last')")
+        if self.sketching:
+            size = min(self.sketch_size, dims)
+            if self.omega is None or self.omega.device != rows.device:
+                self.omega = orthonormal_test_matrix(dims, size).to(rows.device)
+            y, total, squares, n = sketch_sums(rows, self.omega)
+            self.stage("gram", y)
+            self.stage("squares", squares)
+        else:
+            first = not any(name == "gram" for name, _ in self.staged)
+            if first:  # reuse one buffer per step; later micro-batches of the step add into it
+                if self._gram is None or self._gram.device != rows.device:
+                    self._gram = torch.empty(dims, dims, dtype=torch.float64, device=rows.device)
+                gram, total, n = covariance_sums(rows, out=self._gram)
+                self.stage("gram", gram)
+            else:
+                x = rows.to(torch.float64)
+                self._gram.addmm_(x.T, x)  # type: ignore[union-attr]
+                total, n = x.sum(dim=0), int(x.shape[0])
+        self.stage("sum", total)
+        self.state["rows"] += float(n)  # known on the host already: nothing to transfer
+
+    def compute(self) -> dict[str, Any]:
+        n = float(self.state["rows"])
+        if n <= 0 or self.dims is None:
+            return {}
+        dims = self.dims
+        mean = np.asarray(self.state["sum"], dtype=np.float64) / n
+        if self.sketching:
+            omega = self.omega.cpu().numpy() if self.omega is not None else None
+            if omega is None:
+                return {}
+            c_omega = np.asarray(self.state["gram"]) / n - np.outer(mean, mean @ omega)
+            values = nystrom_eigenvalues(c_omega, omega)
+            trace = max(float(self.state["squares"]) / n - float(mean @ mean), 0.0)
+            dim = intrinsic_dimension(values, self.threshold, total=trace)
+            logdet = log_det(values, self.eps, dims, rest=trace - float(values.sum()))
+        else:
+            cov = covariance_from_sums(self.state["gram"], self.state["sum"], n)
+            values = eigenvalues(cov)
+            trace = float(np.trace(cov))
+            dim = intrinsic_dimension(values, self.threshold)
+            logdet = log_det(values, self.eps)
+        return {
+            "saturation": dim / dims,
+            "intrinsic_dim": float(dim),
+            "cov_trace": trace,
+            "cov_logdet": logdet,
+            "eigenvalues": np.asarray(values[: self.top_k], dtype=np.float64),
+        }
+
+    def reset(self) -> None:
+        super().reset()
+        # dims, omega and the buffer are configuration fixed at the first batch, not state.
