@@ -11,11 +11,12 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +43,23 @@ _FLOAT64 = np.dtype("<f8")
 _T = TypeVar("_T")
 _INSERT_KEYS = ("run_id", "step", "phase", "layer", "topic", "metric", "value", "array", "series_id")
 _Key = tuple[str, str, str, str]  # phase, layer, topic, metric
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a large batch is built.
+
+    Building 50,000 row tuples (or decoding as many msgpack lists) triggers several full
+    collections that walk every live object; they cost more than the work itself (5x for a decode).
+    None of these objects form cycles, so nothing is lost by collecting after the batch instead.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _storable(value: object) -> bool:
@@ -345,7 +363,8 @@ class Store:
                     conn.execute(batches.insert().values(run_id=run_id, batch_id=batch_id, received_at=time.time()))
                 if batch:
                     ids = self._series_ids(conn, run_id, batch)
-                    self._insert(conn, self._rows(run_id, batch, ids))
+                    with paused_gc():
+                        self._insert(conn, self._rows(run_id, batch, ids))
                     conn.execute(self._touch(run_id, max(steps, default=None)))
         except IntegrityError as exc:
             if batch_id is not None and self._batch_seen(run_id, batch_id):

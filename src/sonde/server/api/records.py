@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any
 
 import msgpack
@@ -26,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sonde.records import Record
 from sonde.server.api.common import MAX_NAME, RunName, check_text, fail, need_run, store_of
+from sonde.store.store import paused_gc
 
 __all__ = ["decode_batch", "router"]
 
@@ -56,6 +58,16 @@ _SCHEMA = {
 }
 
 
+def _good_name(value: str, what: str) -> bool:
+    if (not value and what != "layer") or len(value) > MAX_NAME or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _name(value: Any, what: str, index: int) -> str:
     if not isinstance(value, str) or (not value and what != "layer") or len(value) > MAX_NAME:
         fail(422, f"record {index}: {what} must be a string of at most {MAX_NAME} characters"
@@ -84,6 +96,11 @@ def _value(value: Any, index: int) -> float | np.ndarray:
 
 def decode_batch(body: bytes, run: str) -> tuple[str, list[Record]]:
     """Check and decode one msgpack batch into its id and Records; a 4xx ``HTTPException`` when malformed."""
+    with paused_gc():
+        return _decode(body, run)
+
+
+def _decode(body: bytes, run: str) -> tuple[str, list[Record]]:
     try:
         payload = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -100,16 +117,27 @@ def decode_batch(body: bytes, run: str) -> tuple[str, list[Record]]:
         fail(422, str(exc))
     if not isinstance(items, list):
         fail(422, f"records must be a list of [step, phase, layer, topic, metric, value]; got {type(items).__name__}")
-    out: list[Record] = []
-    for i, item in enumerate(items):
-        if not isinstance(item, (list, tuple)) or len(item) != 6:
-            fail(422, f"record {i} must be [step, phase, layer, topic, metric, value]; got {item!r:.80}")
-        step = item[0]
-        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
-            fail(422, f"record {i}: step must be an integer from 0 to {MAX_STEP}; got {step!r:.40}")
-        out.append(Record(run, step, _name(item[1], "phase", i), _name(item[2], "layer", i),
-                          _name(item[3], "topic", i), _name(item[4], "metric", i), _value(item[5], i)))
-    return batch_id, out
+    # Checked column by column (most checks on the few distinct names only): a 50,000-Record
+    # batch decodes in tens of milliseconds instead of being walked field by field.
+    if not all(type(item) is list and len(item) == 6 for item in items):
+        i, item = next((i, it) for i, it in enumerate(items) if not (isinstance(it, list) and len(it) == 6))
+        fail(422, f"record {i} must be [step, phase, layer, topic, metric, value]; got {item!r:.80}")
+    if not items:
+        return batch_id, []
+    steps, phases, layer_names, topics, metrics, values = zip(*items)
+    if not all(type(s) is int and 0 <= s <= MAX_STEP for s in steps):
+        i, step = next((i, s) for i, s in enumerate(steps) if not (type(s) is int and 0 <= s <= MAX_STEP))
+        fail(422, f"record {i}: step must be an integer from 0 to {MAX_STEP}; got {step!r:.40}")
+    for what, column in (("phase", phases), ("layer", layer_names), ("topic", topics), ("metric", metrics)):
+        if not all(type(x) is str for x in column):
+            i = next(i for i, x in enumerate(column) if type(x) is not str)
+            _name(column[i], what, i)  # fails, naming the record
+        for name in set(column):
+            if not _good_name(name, what):
+                _name(name, what, column.index(name))  # fails, naming the first record that has it
+    if not all(type(v) is float for v in values):
+        values = tuple(_value(v, i) for i, v in enumerate(values))
+    return batch_id, list(map(Record, repeat(run), steps, phases, layer_names, topics, metrics, values))
 
 
 @router.post(
