@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import pytest
 import torch
 from torch import nn
 
 import sonde
-from conftest import Collect
 from sonde.graph import Graph, GraphError
 from sonde.probe.torch import TorchProbe
+from sonde.records import Record
+from sonde.sinks import Sink
 
 
 class Block(nn.Module):
@@ -109,12 +111,23 @@ def test_residual_network_names_shapes_and_edges() -> None:
     assert g["layer1"].num_params == sum(p.numel() for p in model.layer1.parameters())
 
 
-def test_names_match_the_probe_layer_names(collect: Collect) -> None:
+class Layers(Sink):
+    name = "layers"
+
+    def __init__(self) -> None:
+        self.layers: set[str] = set()
+
+    def write(self, records: Sequence[Record]) -> None:
+        self.layers.update(r.layer for r in records)
+
+
+def test_names_match_the_probe_layer_names() -> None:
     model = Net()
     x = torch.randn(2, 3, 16, 16)
-    with TorchProbe(model, store=None, sinks=[collect], topics=["activations"], metrics=["mean"]):
+    sink = Layers()
+    with TorchProbe(model, store=None, sinks=[sink], topics=["activations"], metrics=["mean"]):
         model(x)
-    probed = {r.layer for r in collect.records}
+    probed = sink.layers
     leaves = {n.name for n in sonde.graph(model, x).leaves() if n.kind == "module"}
     assert probed == leaves
     assert "layer1.2.relu:2" in probed
