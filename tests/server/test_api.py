@@ -270,3 +270,13 @@ def test_api_on_postgresql(pg_url: str) -> None:
             assert (out["min"][i], out["max"][i]) == (pytest.approx(chunk.min()), pytest.approx(chunk.max()))
         assert api("DELETE", "/api/v1/runs/pg").status_code == 200
         assert store.run_infos() == []
+
+
+def test_cli_serve_refuses_a_public_address_without_token(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from sonde.cli import main
+
+    monkeypatch.delenv("SONDE_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--host", "0.0.0.0", "--store", "unused.db"])
+    assert exit_info.value.code == 2 and "--token" in capsys.readouterr().err

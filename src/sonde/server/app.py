@@ -238,7 +238,8 @@ def serve(
         app = create_app(store, role=role, token=token,
                          evaluator_url=None if role == "all" else evaluator_url, frontend_url=frontend_url)
     else:
-        app = _role_app(role, store=store, token=token, evaluator_url=evaluator_url, frontend_url=frontend_url)
+        # The aggregator and the evaluator hand their results to the frontend, which owns the store.
+        app = _role_app(role, token=token, evaluator_url=evaluator_url, frontend_url=frontend_url)
     shown = "[" + host + "]" if ":" in host else host
     print(f"sonde {role} on http://{shown}:{port} (store {store})" if role in ("all", "frontend")
           else f"sonde {role} on http://{shown}:{port}", flush=True)
