@@ -207,13 +207,38 @@ class SVCCA(_AgainstReference):
         return {self.output: svcca(x, y, keep=self.keep)}
 
 
+class _PassGrams:
+    """The Gram matrices of every layer for one probe-set pass, and (once one row asked for it)
+    the whole CKA matrix, computed in one go and shared by the rows of that pass."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.grams: dict[str, list[np.ndarray]] = {}
+        self.layers: list[str] = []
+        self.matrix: np.ndarray | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PassGrams:
+        return self  # written once per pass, then only read
+
+    def cka(self) -> tuple[list[str], np.ndarray]:
+        if self.matrix is None:
+            # Layers that ran on every chunk of the pass (all of them, unless a layer was skipped).
+            shapes = {name: [g.shape for g in grams] for name, grams in self.grams.items()}
+            common = max(shapes.values(), key=lambda s: sum(1 for v in shapes.values() if v == s))
+            layers = [name for name in self.grams if shapes[name] == common]
+            acc = MinibatchCKA()
+            for c in range(len(common)):
+                acc.update_grams(*(self.grams[name][c] for name in layers))
+            self.layers, self.matrix = layers, acc.matrix()
+        return self.layers, self.matrix
+
+
 class _SharedPass:
-    """The Gram matrices of every layer for one probe-set pass, shared by all clones of one
-    ``CKAMatrix`` template (copying returns the same object)."""
+    """The current pass's :class:`_PassGrams`, shared by all clones of one ``CKAMatrix`` template
+    (copying returns the same object)."""
 
     def __init__(self) -> None:
-        self.step = -1
-        self.grams: dict[str, list[np.ndarray]] = {}
+        self.current = _PassGrams(-1)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _SharedPass:
         return self
@@ -227,8 +252,8 @@ class CKAMatrix(_ProbeSetMetric):
 
     Emits one scalar per ordered pair: layer ``a`` gets ``cka_matrix:<b>`` for every layer ``b``
     (itself included, 1.0), forward order; see the module docstring for the heatmap layout.
-    Cost per evaluation: one n_chunk × n_chunk Gram per layer and chunk on the device, then
-    L² HSIC terms on the worker.
+    Cost per evaluation: one n_chunk × n_chunk Gram per layer and chunk on the device, then one
+    (L × n_chunk²) @ (n_chunk² × L) product per chunk on the worker for the whole matrix.
 
     Example:
         ``sonde.probe(model, metrics=["cka_matrix"], probe_set=x)``
@@ -253,23 +278,17 @@ class CKAMatrix(_ProbeSetMetric):
         self.staged.clear()
         if not chunks:
             return
-        if self.shared.step != self.step:  # a new pass: a new dict, the old one stays with its snapshots
-            self.shared.step = self.step
-            self.shared.grams = {}
-        self.shared.grams[self.layer] = chunks
-        self.state["all"] = self.shared.grams  # complete once every layer of the pass is absorbed
+        if self.shared.current.step != self.step:  # a new pass; the old one stays with its snapshots
+            self.shared.current = _PassGrams(self.step)
+        self.shared.current.grams[self.layer] = chunks
+        self.state["all"] = self.shared.current  # complete once every layer of the pass is absorbed
 
     def compute(self) -> dict[str, Any]:
-        layers = self.state["all"]
-        if not layers or self.layer not in layers:
+        grams: _PassGrams | None = self.state["all"]
+        if grams is None or self.layer not in grams.grams:
             return {}
-        mine = layers[self.layer]
-        row: dict[str, Any] = {}
-        for other, grams in layers.items():
-            if len(grams) != len(mine) or any(a.shape != b.shape for a, b in zip(grams, mine)):
-                continue  # a layer that did not run on every chunk of the pass
-            acc = MinibatchCKA()
-            for k, l in zip(mine, grams):  # noqa: E741
-                acc.update_grams(k, l)
-            row[f"cka_matrix:{other}"] = acc.value()
-        return row
+        layers, matrix = grams.cka()
+        if self.layer not in layers:
+            return {}
+        row = matrix[layers.index(self.layer)]
+        return {f"cka_matrix:{other}": float(value) for other, value in zip(layers, row)}
