@@ -21,6 +21,7 @@ def load(
     metrics: str | Iterable[str] | None = None,
     phase: str | None = None,
     arrays: bool = False,
+    messages: bool = False,
 ) -> pd.DataFrame:
     """Load recorded Records as a DataFrame with columns run, step, phase, layer, topic, metric, value.
 
@@ -36,6 +37,8 @@ def load(
         metrics: keep only these metrics (``norm``, ``mean``, ...).
         phase: keep only this phase (``train``, ``eval``).
         arrays: return array metrics instead of scalar ones.
+        messages: add a ``message`` column: an ``alert``'s readable text (its value is 1.0), ``""``
+            for Records without one, e.g. ``sonde.load(path, metrics="alert", messages=True)``.
 
     Raises:
         StoreError: no store at that path (nothing was recorded there yet) or it cannot be read.
@@ -49,7 +52,8 @@ def load(
     owned = not isinstance(store, Store)
     opened = open_store(store, create=False) if not isinstance(store, Store) else store
     try:
-        return opened.load(run, layers=layers, topics=topics, metrics=metrics, phase=phase, arrays=arrays)
+        return opened.load(run, layers=layers, topics=topics, metrics=metrics, phase=phase, arrays=arrays,
+                           messages=messages)
     finally:
         if owned:
             opened.close()

@@ -130,3 +130,24 @@ def test_alerts_reach_the_csv_and_the_console(tmp_path: Path, collect: Collect) 
     assert rows["message"].iloc[0].startswith("layer '1': 100% of its activations are exactly zero")
     assert (df[df["metric"] != "alert"]["message"] == "").all()
     assert "ALERT step 2 1/activations: layer '1': 100% of its activations" in out.getvalue()
+
+
+def test_alerts_round_trip_through_the_store(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    db = tmp_path / "sonde.db"
+    with sonde.probe(model, run="dead", store=db, optimizer=opt, metrics=[*DEFAULT_METRICS, Alerts(warmup=1)]):
+        for _ in range(3):
+            model(torch.randn(16, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    plain = sonde.load(db, run="dead", metrics="alert")
+    assert list(plain.columns) == ["run", "step", "phase", "layer", "topic", "metric", "value"]
+    df = sonde.load(db, run="dead", metrics="alert", messages=True)
+    dead = df[df["topic"] == "activations"]
+    assert dead[["step", "layer", "value"]].values.tolist() == [[1, "1", 1.0]]
+    assert dead["message"].iloc[0].startswith("layer '1': 100% of its activations are exactly zero at step 1")
+    others = sonde.load(db, run="dead", metrics="zero_frac", messages=True)
+    assert len(others) > 0 and (others["message"] == "").all()

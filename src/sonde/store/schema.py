@@ -47,6 +47,7 @@ __all__ = [
     "batches",
     "graphs",
     "layers",
+    "messages",
     "metadata",
     "migrate",
     "records",
@@ -148,6 +149,21 @@ series = Table(
     UniqueConstraint("run_id", "phase", "layer", "topic", "metric", name="uq_series"),
 )
 
+# The readable text of the Records that carry one (alerts); the Record itself is in ``records``.
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("phase", Text, nullable=False),
+    Column("layer", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("metric", Text, nullable=False),
+    Column("message", Text, nullable=False),
+    Index("ix_messages_run_step", "run_id", "step"),
+)
+
 
 def _migration_1(conn: Connection) -> None:
     """Create runs, layers and records with their indexes."""
@@ -168,8 +184,13 @@ def _migration_2(conn: Connection) -> None:
     next(i for i in records.indexes if i.name == "ix_records_series_step").create(conn, checkfirst=True)
 
 
+def _migration_3(conn: Connection) -> None:
+    """Add the messages of Records that carry one (alerts)."""
+    metadata.create_all(conn, tables=[messages], checkfirst=True)
+
+
 #: Numbered migrations; the position in the list plus one is the version each one produces.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)

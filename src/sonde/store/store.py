@@ -33,7 +33,7 @@ from sonde.errors import ConfigError, RunExistsError, StoreError
 from sonde.records import Record
 from sonde.sinks.base import RunInfo
 from sonde.store import queries
-from sonde.store.schema import batches, graphs, layers, migrate, records, runs, series
+from sonde.store.schema import batches, graphs, layers, messages, migrate, records, runs, series
 
 __all__ = ["Store", "open_store"]
 
@@ -177,6 +177,11 @@ _MAX_COLUMNS = 5000
 def _check_limit(name: str, value: int, most: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
         raise ConfigError(f"{name} must be an integer from 1 to {most}; got {value!r}")
+
+
+def _message_row(run_id: int, r: Record) -> dict[str, Any]:
+    return {"run_id": run_id, "step": r.step, "phase": r.phase, "layer": r.layer, "topic": r.topic,
+            "metric": r.metric, "message": r.message}
 
 
 def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
@@ -366,6 +371,9 @@ class Store:
                     with paused_gc():
                         self._insert(conn, self._rows(run_id, batch, ids))
                     conn.execute(self._touch(run_id, max(steps, default=None)))
+                    notes = [_message_row(run_id, r) for r in batch if getattr(r, "message", "")]
+                    if notes:  # alerts: their text beside the Record
+                        conn.execute(messages.insert(), notes)
         except IntegrityError as exc:
             if batch_id is not None and self._batch_seen(run_id, batch_id):
                 return False  # a concurrent writer stored the same batch first
@@ -529,11 +537,14 @@ class Store:
         metrics: str | Iterable[str] | None = None,
         phase: str | None = None,
         arrays: bool = False,
+        messages: bool = False,
     ) -> pd.DataFrame:
         """Records as a tidy DataFrame with columns run, step, phase, layer, topic, metric, value.
 
         Sorted by run, step, layer, topic, metric. With ``arrays=False`` only scalar records
         (``value`` float64); with ``arrays=True`` only array records (``value`` a float64 ndarray).
+        With ``messages=True`` a ``message`` column holds the text of the Records that carry one
+        (``alert``: value 1.0 and what is wrong), ``""`` elsewhere.
 
         Raises:
             ConfigError: a run name that is not in the store (the message lists those that are).
@@ -575,7 +586,22 @@ class Store:
             df["value"] = df["value"].astype("float64")  # NULL (a NaN on SQLite) becomes NaN
         # Sort here, not in SQL: text collation differs between databases, Python's order does not.
         df = df.sort_values(["run", "step", "layer", "topic", "metric"], kind="stable", ignore_index=True)
+        if messages:
+            df["message"] = self._messages(df)
         return df
+
+    def _messages(self, df: pd.DataFrame) -> list[str]:
+        """The message of each row of a loaded frame ("" for Records without one)."""
+        keys = ("step", "phase", "layer", "topic", "metric")
+
+        def query(conn: Connection) -> dict[tuple[Any, ...], str]:
+            stmt = select(runs.c.name, *(messages.c[k] for k in keys), messages.c.message).join_from(
+                messages, runs, messages.c.run_id == runs.c.id).where(runs.c.name.in_(df["run"].unique().tolist()))
+            return {tuple(row[:-1]): row[-1] for row in conn.execute(stmt)}
+
+        found = self._read(query) if len(df) else {}
+        rows = zip(df["run"], *(df[k] for k in keys))
+        return [found.get((run, int(step), *rest), "") for run, step, *rest in rows]
 
     # -- runs, graphs and plotting queries ---------------------------------------------------
 
@@ -631,7 +657,7 @@ class Store:
                 # Children first and explicitly: SQLite enforces no foreign keys unless asked to.
                 own = select(series.c.id).where(series.c.run_id == run_id)
                 conn.execute(records.delete().where(records.c.series_id.in_(own)))  # by the index
-                for table in (series, batches, graphs, layers):
+                for table in (series, batches, graphs, layers, messages):
                     conn.execute(table.delete().where(table.c.run_id == run_id))
                 conn.execute(runs.delete().where(runs.c.id == run_id))
         except SQLAlchemyError as exc:
