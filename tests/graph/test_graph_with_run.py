@@ -71,3 +71,15 @@ def test_a_graph_that_cannot_be_built_never_breaks_training(caplog: pytest.LogCa
     assert sink.graphs == []
     assert {r.step for r in sink.records} == {0, 1, 2}
     assert "the model graph could not be built" in caplog.text and "not traceable" in caplog.text
+
+
+def test_a_sink_that_cannot_keep_the_graph_keeps_its_records(caplog: pytest.LogCaptureFixture) -> None:
+    class Refuses(GraphCollect):
+        def graph(self, graph: dict[str, Any]) -> None:
+            raise OSError("disk full")
+
+    sink = Refuses()
+    with caplog.at_level(logging.ERROR, logger="sonde"):
+        _train(nn.Sequential(nn.Linear(6, 1)), {"store": None, "sinks": [sink]})
+    assert {r.step for r in sink.records} == {0, 1, 2}
+    assert "could not record the model graph: OSError: disk full" in caplog.text
