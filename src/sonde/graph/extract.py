@@ -154,14 +154,14 @@ def _shadow(model: nn.Module, *, meta: bool) -> nn.Module:
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with every tensor in it (through dicts, lists and tuples) replaced by ``fn(tensor)``."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, dict):
-        return type(value)({k: _map_tensors(v, fn) for k, v in value.items()}) if type(value) is dict else {
-            k: _map_tensors(v, fn) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        items = [_map_tensors(v, fn) for v in value]
-        return type(value)(items) if type(value) in (tuple, list) else items
+        return type(value)(_map_tensors(v, fn) for v in value) if type(value) in (tuple, list) else [
+            _map_tensors(v, fn) for v in value]
     return value
 
 

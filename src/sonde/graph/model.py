@@ -159,7 +159,9 @@ class Graph:
             modules: names of further module calls to show as one box each.
 
         Example:
-            >>> g.collapse(1)            # doctest: +SKIP  (ResNet: conv1, bn1, ..., layer1, ..., fc)
+            >>> g = sonde.graph(resnet, x)                  # doctest: +SKIP
+            >>> [n.name for n in g.collapse(1).nodes]     # doctest: +SKIP
+            ['input', 'conv1', 'bn1', 'relu', 'maxpool', 'layer1', ..., 'fc', 'output']
         """
         if depth is not None and (not isinstance(depth, int) or depth < 1):
             raise ValueError(f"collapse(depth) expects None or an int >= 1, got {depth!r}")

@@ -37,11 +37,12 @@ def format_tree(graph: Graph) -> str:
     """The module tree as aligned text: name (× repeats), class or function, output shapes, parameters.
 
     Example:
-        >>> print(format_tree(sonde.graph(model, x).fold().collapse(2)))   # doctest: +SKIP
-        ResNet: 23 nodes, 22 edges, 11.7M parameters (traced on meta)
-        input                Tensor       [1, 3, 224, 224]
-        conv1                Conv2d       [1, 64, 112, 112]   9.4k
-        ...
+        >>> import torch, sonde
+        >>> print(format_tree(sonde.graph(torch.nn.Sequential(torch.nn.Linear(4, 8)), torch.zeros(2, 4))))
+        Sequential: 3 nodes, 2 edges, 40 parameters (traced on meta)
+        input   Tensor  [2, 4]
+        0       Linear  [2, 8]  40
+        output  Tensor  [2, 8]
     """
     total = graph.num_params
     rows = []
