@@ -9,7 +9,9 @@ Rows, each measured in this one process:
 * ingest through ``POST /api/v1/runs/{run}/records`` (msgpack), in-process over httpx's ASGI
   transport, so it counts decoding and validation but no network;
 * the median latency of ``GET .../series`` for a 100,000-step series downsampled to 2,000 points
-  (store call and HTTP call).
+  (store call and HTTP call), and of the overview heatmap of a 200-layer run;
+* as a reference for the machine's speed, sqlite3's own ``executemany`` of the same rows into a
+  table without indexes, so the store's number can be read as a ratio when the machine is busy.
 
 Records are shaped like a probe's: 200 layers × 5 metrics per step. Each number is printed
 beside its goal, with the ratio (measured ÷ goal for throughput, goal ÷ measured for latency;
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -74,6 +77,34 @@ def ingest_store(store: Store, total: int, batch: int) -> float:
     for b in batches:
         store.write_batch(run, uuid.uuid4().hex, b)
     return total / (time.perf_counter() - start)
+
+
+def ingest_raw_sqlite(tmp: Path, total: int, batch: int) -> float:
+    """The floor of the cost: sqlite3's executemany of the same rows into an unindexed table, same pragmas."""
+    conn = sqlite3.connect(tmp / "raw.db", isolation_level=None)
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "cache_size=-65536"):
+        conn.execute(f"PRAGMA {pragma}")
+    conn.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, run_id INT, step INT, phase TEXT, layer TEXT, "
+                 "topic TEXT, metric TEXT, value REAL, array BLOB, series_id INT)")
+    batches = [[(1, *row, None, 0) for row in rows(i // 1000, batch)] for i in range(0, total, batch)]
+    start = time.perf_counter()
+    for b in batches:
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO records (run_id, step, phase, layer, topic, metric, value, array, series_id) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", b)
+        conn.execute("COMMIT")
+    rate = total / (time.perf_counter() - start)
+    conn.close()
+    return rate
+
+
+def heatmap_latency(store: Store, repeats: int, steps: int = 2000) -> float:
+    """A 200-layer run, ``steps`` steps of one metric: the overview heatmap at 400 columns."""
+    run = new_run(store, f"wide-{uuid.uuid4().hex[:8]}")
+    for lo in range(0, steps, 250):
+        store.write(run, [Record(run, s, "train", layer, "weights", "norm", float(s))
+                          for s in range(lo, min(lo + 250, steps)) for layer in LAYERS])
+    return median_ms(lambda: store.heatmap(run, "weights", "norm", max_steps=400), repeats)
 
 
 def ingest_http(store: Store, total: int, batch: int) -> float:
@@ -170,17 +201,23 @@ def main(argv: list[str] | None = None) -> int:
             backends.append(("PostgreSQL", open_store(f"{args.postgres}{sep}options=-csearch_path%3D{schema}")))
         else:
             print("(PostgreSQL rows skipped: pass --postgres URL or set SONDE_TEST_POSTGRES_URL)\n")
+        raw = ingest_raw_sqlite(Path(tmp), args.records, args.batch)
+        line("sqlite3 executemany, no index (reference)", raw, "Records/s", None, True)
         for label, store in backends:
             before = {r["name"] for r in store.run_infos()}
             goal = INGEST_GOAL if label == "SQLite" else None
             try:
-                line(f"{label}: ingest via Store.write_batch", ingest_store(store, args.records, args.batch),
-                     "Records/s", goal, True)
+                rate = ingest_store(store, args.records, args.batch)
+                line(f"{label}: ingest via Store.write_batch", rate, "Records/s", goal, True)
+                if label == "SQLite":
+                    print(f"{'':<44} (×{rate / raw:.2f} of the unindexed sqlite3 reference above)")
                 line(f"{label}: ingest via POST /records (msgpack)", ingest_http(store, args.records, args.batch),
                      "Records/s", goal, True)
                 store_ms, http_ms = query_latency(store, args.repeats)
                 line(f"{label}: 100k-step series → 2,000 pts (Store)", store_ms, "ms", QUERY_GOAL_MS, False)
                 line(f"{label}: 100k-step series → 2,000 pts (HTTP)", http_ms, "ms", QUERY_GOAL_MS, False)
+                line(f"{label}: heatmap 200 layers × 2,000 steps → 400", heatmap_latency(store, args.repeats), "ms",
+                     None, False)
             finally:
                 for info in store.run_infos():
                     if info["name"] not in before:
