@@ -11,29 +11,28 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import ColumnElement, Connection, Engine, Update, case, create_engine, event, func, select
+from sqlalchemy import ColumnElement, Connection, Engine, Update, case, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from sonde.errors import ConfigError, RunExistsError, StoreError
 from sonde.records import Record
 from sonde.sinks.base import RunInfo
-from sonde.store import queries
+from sonde.store.engine import engine_for, paused_gc
 from sonde.store.schema import batches, graphs, layers, messages, migrate, records, runs, series
+from sonde.store.views import StoreViews
 
 __all__ = ["Store", "open_store"]
 
@@ -45,90 +44,12 @@ _INSERT_KEYS = ("run_id", "step", "phase", "layer", "topic", "metric", "value", 
 _Key = tuple[str, str, str, str]  # phase, layer, topic, metric
 
 
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a large batch is built.
-
-    Building 50,000 row tuples (or decoding as many msgpack lists) triggers several full
-    collections that walk every live object; they cost more than the work itself (5x for a decode).
-    None of these objects form cycles, so nothing is lost by collecting after the batch instead.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def _storable(value: object) -> bool:
     try:
         _ = np.asarray(value, dtype=_FLOAT64) if isinstance(value, np.ndarray) else float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False
     return True
-
-
-def _sqlite_engine(url: str) -> Engine:
-    memory = make_url(url).database in (None, "", ":memory:")
-    # A pooled connection may be handed to another thread; the write lock serialises writers.
-    # An in-memory database exists once per connection, so it must be a single shared one.
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": 30.0},
-        poolclass=StaticPool if memory else None,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Turn off the driver's own implicit BEGIN so that ours (below) covers DDL too:
-        # a migration is then all-or-nothing.
-        dbapi_conn.isolation_level = None
-        cursor = dbapi_conn.cursor()
-        if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe with WAL
-        # Each commit rewrites one index leaf per series it touches; a 64 MiB page cache and a
-        # 40 MiB WAL between checkpoints (default 4 MiB) more than double the records/s of
-        # one-step batches, because a page modified by many commits is checkpointed once.
-        cursor.execute("PRAGMA cache_size=-65536")
-        cursor.execute("PRAGMA wal_autocheckpoint=10000")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # Writers take the write lock at BEGIN, so a read-then-write transaction waits for
-        # another writer (busy timeout) instead of failing when it tries to upgrade.
-        mode = "IMMEDIATE" if conn.get_execution_options().get("sonde_write") else "DEFERRED"
-        conn.exec_driver_sql(f"BEGIN {mode}")
-
-    return engine
-
-
-def _engine_for(path_or_url: str | Path) -> tuple[Engine, str]:
-    text = str(path_or_url)
-    if text.startswith("sqlite:"):
-        return _sqlite_engine(text), text
-    if text.startswith("postgresql"):
-        url = make_url(text)
-        if url.drivername == "postgresql":  # psycopg 3 is the driver sonde ships with, not psycopg2
-            url = url.set(drivername="postgresql+psycopg")
-        return create_engine(url, pool_pre_ping=True), url.render_as_string(hide_password=True)
-    if "://" in text:
-        raise StoreError(
-            f"unsupported store URL '{text}'; use a file path ('sonde.db'), 'sqlite:///path.db' "
-            "or 'postgresql+psycopg://user@host/db'"
-        )
-    path = Path(text).expanduser()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(
-            f"cannot create the directory for the sonde store '{path}' ({exc.strerror or exc}); "
-            "pass store= a path in a writable directory"
-        ) from exc
-    return _sqlite_engine(f"sqlite:///{path}"), str(path)
 
 
 def open_store(path_or_url: str | Path = "sonde.db", *, create: bool = True) -> Store:
@@ -153,7 +74,7 @@ def open_store(path_or_url: str | Path = "sonde.db", *, create: bool = True) -> 
     if not create and "://" not in text and not Path(text).expanduser().is_file():
         raise StoreError(f"no sonde store at '{text}'; record a run first with sonde.probe(...)")
     try:
-        engine, where = _engine_for(path_or_url)
+        engine, where = engine_for(path_or_url)
     except StoreError:
         raise
     except (SQLAlchemyError, ImportError, ValueError) as exc:
@@ -170,15 +91,6 @@ def open_store(path_or_url: str | Path = "sonde.db", *, create: bool = True) -> 
     return Store(engine, where)
 
 
-#: The most columns a heatmap or histogram view asks for (each is one bound parameter of an IN list).
-_MAX_COLUMNS = 5000
-
-
-def _check_limit(name: str, value: int, most: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        raise ConfigError(f"{name} must be an integer from 1 to {most}; got {value!r}")
-
-
 def _message_row(run_id: int, r: Record) -> dict[str, Any]:
     return {"run_id": run_id, "step": r.step, "phase": r.phase, "layer": r.layer, "topic": r.topic,
             "metric": r.metric, "message": r.message}
@@ -190,7 +102,7 @@ def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
     return [value] if isinstance(value, str) else list(value)
 
 
-class Store:
+class Store(StoreViews):
     """Runs, layers and Records in one SQL database. Build it with :func:`open_store`.
 
     Example:
@@ -603,7 +515,7 @@ class Store:
         rows = zip(df["run"], *(df[k] for k in keys))
         return [found.get((run, int(step), *rest), "") for run, step, *rest in rows]
 
-    # -- runs, graphs and plotting queries ---------------------------------------------------
+    # -- runs ---------------------------------------------------------------------------------
 
     def has_run(self, run: str) -> bool:
         """Whether a run of that name is in the store."""
@@ -666,105 +578,6 @@ class Store:
             run_id_cached = self._run_ids.pop(run, None)
             if run_id_cached is not None:
                 self._series.pop(run_id_cached, None)
-
-    def put_graph(self, run: str, graph: dict[str, Any]) -> None:
-        """Store ``run``'s topology (any JSON object, e.g. ``sonde.graph(...).to_json()``), replacing any.
-
-        Raises:
-            ConfigError: no run has that name, or ``graph`` is not a JSON-serialisable dict.
-        """
-        if not isinstance(graph, dict):
-            raise ConfigError(f"a graph must be a JSON object (dict); got {type(graph).__name__}")
-        try:
-            text = json.dumps(graph, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"the graph of run '{run}' is not JSON-serialisable: {exc}") from exc
-        try:
-            with self._lock, self._write_conn() as conn, conn.begin():
-                run_id = self._run_id(conn, run)
-                conn.execute(graphs.delete().where(graphs.c.run_id == run_id))
-                conn.execute(graphs.insert().values(run_id=run_id, graph=text, updated_at=time.time()))
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot store the graph of run '{run}' in {self.where}: {exc}") from exc
-
-    def get_graph(self, run: str) -> dict[str, Any] | None:
-        """``run``'s stored graph, None when none was stored.
-
-        Raises:
-            ConfigError: no run has that name.
-        """
-        def query(conn: Connection) -> str | None:
-            run_id = self._run_id(conn, run)
-            return conn.execute(select(graphs.c.graph).where(graphs.c.run_id == run_id)).scalar()
-
-        text = self._read(query)
-        return None if text is None else dict(json.loads(text))
-
-    def available(self, run: str) -> list[tuple[str, str, str]]:
-        """The (phase, topic, metric) triples ``run`` has Records of, sorted.
-
-        Example:
-            >>> store.available("mlp")[:2]   # doctest: +SKIP
-            [('train', 'activations', 'mean'), ('train', 'activations', 'std')]
-        """
-        def query(conn: Connection) -> list[tuple[str, str, str]]:
-            run_id = self._run_id(conn, run)
-            stmt = select(series.c.phase, series.c.topic, series.c.metric).where(series.c.run_id == run_id).distinct()
-            return sorted((str(p), str(t), str(m)) for p, t, m in conn.execute(stmt))
-
-        return self._read(query)
-
-    def series(self, run: str, layer: str, topic: str, metric: str, phase: str = "train", max_points: int = 2000,
-               start: int | None = None, end: int | None = None) -> dict[str, list[Any]]:
-        """One scalar metric over steps, downsampled in SQL to at most ``max_points`` buckets.
-
-        Returns ``{"step", "value", "min", "max"}``: per bucket its first step, mean, minimum and
-        maximum, so a one-step spike survives in ``max``. ``start``/``end`` bound the steps (inclusive).
-
-        Raises:
-            ConfigError: no run has that name, or ``max_points`` is below 1.
-
-        Example:
-            >>> s = store.series("mlp", "fc1", "weights", "norm", max_points=500)   # doctest: +SKIP
-            >>> len(s["step"]) <= 500                                               # doctest: +SKIP
-            True
-        """
-        _check_limit("max_points", max_points, 1_000_000)
-        return self._read(lambda conn: queries.series(
-            conn, self._run_id(conn, run), layer, topic, metric, phase, max_points, start, end))
-
-    def heatmap(self, run: str, topic: str, metric: str, phase: str = "train",
-                max_steps: int = 400) -> dict[str, list[Any]]:
-        """Every layer's value of one topic's metric: ``{"layers", "steps", "values"}`` (rows in forward order).
-
-        At most ``max_steps`` recorded steps, picked evenly; a missing or NaN cell is None.
-
-        Raises:
-            ConfigError: no run has that name, or ``max_steps`` is not in 1..5000.
-
-        Example:
-            >>> h = store.heatmap("mlp", "weight_grads", "norm")   # doctest: +SKIP
-            >>> h["layers"], len(h["values"][0]) == len(h["steps"])   # doctest: +SKIP
-            (['fc1', 'fc2'], True)
-        """
-        _check_limit("max_steps", max_steps, _MAX_COLUMNS)
-        return self._read(lambda conn: queries.heatmap(conn, self._run_id(conn, run), topic, metric, phase, max_steps))
-
-    def histograms(self, run: str, layer: str, topic: str, phase: str = "train",
-                   max_steps: int = 200) -> dict[str, list[Any]]:
-        """One layer's ``histogram`` counts over training: ``{"steps", "edges", "counts"}``.
-
-        Raises:
-            ConfigError: no run has that name, or ``max_steps`` is not in 1..5000.
-
-        Example:
-            >>> h = store.histograms("mlp", "fc1", "weights")   # doctest: +SKIP
-            >>> len(h["counts"][0]) == len(h["edges"]) - 1      # doctest: +SKIP
-            True
-        """
-        _check_limit("max_steps", max_steps, _MAX_COLUMNS)
-        return self._read(lambda conn: queries.histograms(conn, self._run_id(conn, run), layer, topic, phase,
-                                                          max_steps))
 
     def close(self) -> None:
         """Release the store's connections; the Store must not be used afterwards."""

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sonde.records import Record
 from sonde.server.api.common import MAX_NAME, RunName, check_text, fail, need_run, store_of
-from sonde.store.store import paused_gc
+from sonde.store.engine import paused_gc
 
 __all__ = ["decode_batch", "router"]
 

@@ -1,0 +1,147 @@
+"""The store's plotting, graph and catalog methods (a mixin of :class:`~sonde.store.Store`).
+
+The SQL lives in :mod:`sonde.store.queries`; these methods check their arguments, find the run
+and run the query in one read transaction.
+
+Example:
+    >>> store.series("mlp", "fc1", "weights", "norm", max_points=500)["max"][:2]   # doctest: +SKIP
+    [1.5, 1.52]
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Connection, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from sonde.errors import ConfigError, StoreError
+from sonde.store import queries
+from sonde.store.schema import graphs, series
+
+__all__ = ["StoreViews"]
+
+_T = TypeVar("_T")
+
+#: The most columns a heatmap or histogram view asks for (each is one bound parameter of an IN list).
+_MAX_COLUMNS = 5000
+
+
+def _check_limit(name: str, value: int, most: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ConfigError(f"{name} must be an integer from 1 to {most}; got {value!r}")
+
+
+class StoreViews:
+    """Graphs, the series catalog and the downsampled queries behind the REST API and the dashboard."""
+
+    if TYPE_CHECKING:
+        where: str
+        _lock: threading.RLock
+
+        def _read(self, fn: Callable[[Connection], _T]) -> _T: ...
+        def _run_id(self, conn: Connection, run: str) -> int: ...
+        def _write_conn(self) -> Connection: ...
+
+    def put_graph(self, run: str, graph: dict[str, Any]) -> None:
+        """Store ``run``'s topology (any JSON object, e.g. ``sonde.graph(...).to_json()``), replacing any.
+
+        Raises:
+            ConfigError: no run has that name, or ``graph`` is not a JSON-serialisable dict.
+        """
+        if not isinstance(graph, dict):
+            raise ConfigError(f"a graph must be a JSON object (dict); got {type(graph).__name__}")
+        try:
+            text = json.dumps(graph, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"the graph of run '{run}' is not JSON-serialisable: {exc}") from exc
+        try:
+            with self._lock, self._write_conn() as conn, conn.begin():
+                run_id = self._run_id(conn, run)
+                conn.execute(graphs.delete().where(graphs.c.run_id == run_id))
+                conn.execute(graphs.insert().values(run_id=run_id, graph=text, updated_at=time.time()))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot store the graph of run '{run}' in {self.where}: {exc}") from exc
+
+    def get_graph(self, run: str) -> dict[str, Any] | None:
+        """``run``'s stored graph, None when none was stored.
+
+        Raises:
+            ConfigError: no run has that name.
+        """
+        def query(conn: Connection) -> str | None:
+            run_id = self._run_id(conn, run)
+            return conn.execute(select(graphs.c.graph).where(graphs.c.run_id == run_id)).scalar()
+
+        text = self._read(query)
+        return None if text is None else dict(json.loads(text))
+
+    def available(self, run: str) -> list[tuple[str, str, str]]:
+        """The (phase, topic, metric) triples ``run`` has Records of, sorted.
+
+        Example:
+            >>> store.available("mlp")[:2]   # doctest: +SKIP
+            [('train', 'activations', 'mean'), ('train', 'activations', 'std')]
+        """
+        def query(conn: Connection) -> list[tuple[str, str, str]]:
+            run_id = self._run_id(conn, run)
+            stmt = select(series.c.phase, series.c.topic, series.c.metric).where(series.c.run_id == run_id).distinct()
+            return sorted((str(p), str(t), str(m)) for p, t, m in conn.execute(stmt))
+
+        return self._read(query)
+
+    def series(self, run: str, layer: str, topic: str, metric: str, phase: str = "train", max_points: int = 2000,
+               start: int | None = None, end: int | None = None) -> dict[str, list[Any]]:
+        """One scalar metric over steps, downsampled in SQL to at most ``max_points`` buckets.
+
+        Returns ``{"step", "value", "min", "max"}``: per bucket its first step, mean, minimum and
+        maximum, so a one-step spike survives in ``max``. ``start``/``end`` bound the steps (inclusive).
+
+        Raises:
+            ConfigError: no run has that name, or ``max_points`` is below 1.
+
+        Example:
+            >>> s = store.series("mlp", "fc1", "weights", "norm", max_points=500)   # doctest: +SKIP
+            >>> len(s["step"]) <= 500                                               # doctest: +SKIP
+            True
+        """
+        _check_limit("max_points", max_points, 1_000_000)
+        return self._read(lambda conn: queries.series(
+            conn, self._run_id(conn, run), layer, topic, metric, phase, max_points, start, end))
+
+    def heatmap(self, run: str, topic: str, metric: str, phase: str = "train",
+                max_steps: int = 400) -> dict[str, list[Any]]:
+        """Every layer's value of one topic's metric: ``{"layers", "steps", "values"}`` (rows in forward order).
+
+        At most ``max_steps`` recorded steps, picked evenly; a missing or NaN cell is None.
+
+        Raises:
+            ConfigError: no run has that name, or ``max_steps`` is not in 1..5000.
+
+        Example:
+            >>> h = store.heatmap("mlp", "weight_grads", "norm")   # doctest: +SKIP
+            >>> h["layers"], len(h["values"][0]) == len(h["steps"])   # doctest: +SKIP
+            (['fc1', 'fc2'], True)
+        """
+        _check_limit("max_steps", max_steps, _MAX_COLUMNS)
+        return self._read(lambda conn: queries.heatmap(conn, self._run_id(conn, run), topic, metric, phase, max_steps))
+
+    def histograms(self, run: str, layer: str, topic: str, phase: str = "train",
+                   max_steps: int = 200) -> dict[str, list[Any]]:
+        """One layer's ``histogram`` counts over training: ``{"steps", "edges", "counts"}``.
+
+        Raises:
+            ConfigError: no run has that name, or ``max_steps`` is not in 1..5000.
+
+        Example:
+            >>> h = store.histograms("mlp", "fc1", "weights")   # doctest: +SKIP
+            >>> len(h["counts"][0]) == len(h["edges"]) - 1      # doctest: +SKIP
+            True
+        """
+        _check_limit("max_steps", max_steps, _MAX_COLUMNS)
+        return self._read(lambda conn: queries.histograms(conn, self._run_id(conn, run), layer, topic, phase,
+                                                          max_steps))
