@@ -221,6 +221,8 @@ def test_token_is_required_on_every_call_when_configured(store: Store) -> None:
     assert login.status_code == 303 and login.headers["location"] == "/run/t"
     cookie = login.headers["set-cookie"].split(";")[0]
     assert Api(app, {"cookie": cookie})("GET", "/api/v1/runs").status_code == 200
+    assert anonymous("GET", "/api/v1/runs", params={"token": "s3cret"}).status_code == 401  # not for the API
+    assert anonymous("GET", "/no-page", params={"token": "s3cret"}).status_code == 404  # let through to the pages
     evil = anonymous("GET", "/login", params={"token": "s3cret", "next": "//evil.example"})
     assert evil.headers["location"] == "/"
 

@@ -3,8 +3,9 @@
 * **Token.** When the app has a token (``sonde serve --token`` or ``SONDE_TOKEN``), every request
   must carry it, as ``Authorization: Bearer <token>`` (API clients, remote probes) or as the
   ``sonde_token`` cookie that ``GET /login?token=<token>`` sets (browsers: the dashboard and its
-  websocket). Without it, API paths answer 401 JSON and browser pages redirect to ``/login``, a
-  small form that asks for the token.
+  websocket); a dashboard page (not the API) may also be opened with ``?token=<token>``. Without
+  it, API paths answer 401 JSON and browser pages redirect to ``/login``, a small form that asks
+  for the token.
 * **Size.** A request body above ``max_body`` bytes answers 413 JSON before any handler runs
   (checked on ``Content-Length`` and again while the body streams in).
 
@@ -106,13 +107,21 @@ class Guard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path: str = scope.get("path", "")
-        if self.token is not None and not path.startswith(_OPEN_PATHS) and not authorized(headers, self.token):
+        if self.token is not None and not path.startswith(_OPEN_PATHS) and not authorized(headers, self.token) \
+                and not self._page_with_token(scope):
             await self._refuse(scope, receive, send, headers)
             return
         if scope["type"] == "http" and scope.get("method") in _BODY_METHODS:
             await self._limited(scope, receive, send, headers)
             return
         await self.app(scope, receive, send)
+
+    def _page_with_token(self, scope: Scope) -> bool:
+        """A dashboard page opened with ``?token=`` (a shared link); the page then keeps it in the cookie."""
+        if self.token is None or scope.get("method") != "GET" or scope.get("path", "").startswith("/api/"):
+            return False
+        given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+        return bool(given) and _same(given, self.token)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         if scope["type"] == "websocket":
