@@ -160,6 +160,12 @@ def test_dashboard_shows_a_training_run_live(server: tuple[str, Path], tmp_path:
             assert page.url == page_url
             assert int(grown["x"][-1]) > int(heat["x"][-1]) and more
 
+            # Zooming into a range of steps asks the server for that range in detail.
+            page.evaluate("""() => getElement(document.querySelector('[data-chart="lines"]')).chart
+                                   .dispatchAction({type: 'dataZoom', start: 50, end: 100})""")
+            _wait(lambda: "in detail" in page.locator("[data-caption=lines]").inner_text(), 15,
+                  "the zoomed line chart to load its window")
+
             hist = _wait(lambda: (c := _chart(page, "histogram-left")) and c["series"][0]["n"] > 0 and c, 20,
                          "the weights histogram over time")
             assert len(hist["x"]) >= 2

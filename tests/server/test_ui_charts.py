@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from sonde.server.ui.charts import heatmap_options, histogram_options, lines_options
-from sonde.server.ui.data import Choices, heatmap_budget, pick_layers
+from sonde.server.ui.data import Choices, heatmap_budget, pick_layers, splice
+from sonde.server.ui.panel import step_extent, zoom_window
 from sonde.server.ui.run_page import layer_label
 
 TRIPLES = [
@@ -138,3 +139,30 @@ def test_histogram_over_time_counts_and_shares() -> None:
         assert cell[2] == pytest.approx(math.log10(1 + counts[x, y]), rel=1e-4)
         assert cell[3] == pytest.approx(100 * counts[x, y] / counts[x].sum(), abs=0.01)
     assert opts["visualMap"]["max"] == pytest.approx(np.log10(1 + counts.max()), rel=1e-4)
+
+
+def test_zoom_window_maps_percent_to_steps() -> None:
+    assert zoom_window((0, 100_000), 25.0, 50.0) == (25_000, 50_000)
+    assert zoom_window((1000, 2000), 0.0, 10.0) == (1000, 1100)
+    assert zoom_window((0, 10), 0.0, 100.0) is None  # all of it: no detail query
+    assert zoom_window((0, 1000), 50.0, 100.0) == (500, None)  # up to the right edge: open, follows a live run
+    assert step_extent({"series": [{"type": "line", "data": [[5, 1.0], [70, None]]},
+                                   {"type": "custom", "data": [[900, 0.0, 1.0]]}]}) == (5, 70)
+    assert step_extent({"series": []}) is None
+
+
+def test_splice_puts_the_detailed_window_into_the_whole_series() -> None:
+    steps = np.arange(0, 100_000, 50)
+    coarse = {"step": steps.tolist(), "value": np.sin(steps / 1e4).tolist(),
+              "min": (np.sin(steps / 1e4) - 1).tolist(), "max": (np.sin(steps / 1e4) + 1).tolist()}
+    window = np.arange(40_000, 40_101)
+    fine = {"step": window.tolist(), "value": np.cos(window).tolist(), "min": np.cos(window).tolist(),
+            "max": np.cos(window).tolist()}
+    out = splice(coarse, fine, 40_000, 40_100)
+    expected_steps = np.concatenate([steps[steps < 40_000], window, steps[steps > 40_100]])
+    assert out["step"] == expected_steps.tolist()
+    inside = (np.array(out["step"]) >= 40_000) & (np.array(out["step"]) <= 40_100)
+    assert np.array(out["value"])[inside].tolist() == np.cos(window).tolist()
+    assert np.array(out["max"])[~inside].tolist() == (np.sin(expected_steps[~inside] / 1e4) + 1).tolist()
+    tail = splice(coarse, fine, 40_000, None)  # open window: nothing of the coarse series after its start
+    assert tail["step"] == np.concatenate([steps[steps < 40_000], window]).tolist()

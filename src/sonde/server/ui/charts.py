@@ -106,14 +106,14 @@ def heatmap_options(
     longest = max((len(n) for n in names), default=4)
     visual: dict[str, Any] = {
         "type": "continuous", "min": low, "max": high, "calculable": True, "orient": "vertical",
-        "right": 8, "top": 48, "itemHeight": 160, "dimension": 2, "seriesIndex": 0,
+        "right": 14, "top": 52, "itemHeight": 120, "itemWidth": 14, "dimension": 2, "seriesIndex": 0,
         "inRange": {"color": VIRIDIS}, "precision": 3,
     }
     if log:
         visual[":formatter"] = _EXP_LABEL
     options = _base(title)
     options.update({
-        "grid": {"left": min(12 + 7 * longest, 260), "right": 90, "top": 36, "bottom": 64},
+        "grid": {"left": min(12 + 7 * longest, 260), "right": 100, "top": 36, "bottom": 64},
         "tooltip": {"position": "top", ":formatter": _heat_tip(names, steps, log)},
         "xAxis": {"type": "category", "data": [str(s) for s in steps], "name": "step", "nameLocation": "middle",
                   "nameGap": 26, "splitArea": {"show": False}},

@@ -13,7 +13,7 @@ from nicegui import ui
 from sonde.server.ui.charts import lines_options
 from sonde.server.ui.data import LOG_METRICS, NETWORK_TOPICS, Choices
 from sonde.server.ui.layout import UIState, frame
-from sonde.server.ui.run_page import Panel
+from sonde.server.ui.panel import Panel
 from sonde.server.ui.source import off_loop
 
 __all__ = ["build_compare_page"]
@@ -71,7 +71,8 @@ async def build_compare_page(state: UIState, runs: list[str], params: dict[str, 
                 if not sel["runs"] or not sel["topic"] or not sel["metric"]:
                     return None
                 results = await asyncio.gather(*(source.series(r, sel["layer"] or "", sel["topic"], sel["metric"],
-                                                               phase=sel["phase"]) for r in sel["runs"]))
+                                                               phase=sel["phase"], window=panel.window)
+                                                 for r in sel["runs"]))
                 series = [(r, data) for r, data in zip(sel["runs"], results, strict=True) if data.get("step")]
                 if not series:
                     return None
@@ -80,7 +81,7 @@ async def build_compare_page(state: UIState, runs: list[str], params: dict[str, 
                 title = f"{where} · {sel['topic']} · {sel['metric']} ({sel['phase']})"
                 return await off_loop(lines_options, series, title=title, log=bool(sel["log"]))
 
-            panel = Panel("compare", "460px", load)
+            panel = Panel("compare", "460px", load, zoomable=True)
 
     def redraw() -> None:
         ui.timer(0, panel.redraw, once=True)

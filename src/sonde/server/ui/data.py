@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "Choices",
     "heatmap_budget",
     "pick_layers",
+    "splice",
 ]
 
 #: Topics recorded once per step for the whole network (layer ``""``), not per layer.
@@ -139,6 +140,31 @@ def pick_layers(layers: Sequence[str], limit: int = 4) -> list[str]:
         return [layers[0]]
     idx = sorted({round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)})
     return [layers[i] for i in idx]
+
+
+def splice(coarse: Mapping[str, Sequence[Any]], fine: Mapping[str, Sequence[Any]], start: int, end: int | None
+           ) -> dict[str, list[Any]]:
+    """A whole-run series with the steps ``start..end`` replaced by a finer query of just that window.
+
+    ``end=None`` is open: everything from ``start`` on comes from ``fine``.
+
+    The chart keeps its full step axis (so its zoom stays where the user put it) while the
+    zoomed range shows full detail.
+
+    Example:
+        >>> coarse = {"step": [0, 50, 100], "value": [1.0, 2.0, 3.0]}
+        >>> splice(coarse, {"step": [40, 41], "value": [5.0, 6.0]}, 40, 60)["step"]
+        [0, 40, 41, 100]
+    """
+    keys = [k for k in ("step", "value", "min", "max") if k in coarse and k in fine]
+    out: dict[str, list[Any]] = {k: [] for k in keys}
+    steps = list(coarse.get("step", []))
+    before = [i for i, s in enumerate(steps) if s < start]
+    after = [] if end is None else [i for i, s in enumerate(steps) if s > end]
+    for k in keys:
+        column = list(coarse[k])
+        out[k] = [column[i] for i in before] + list(fine[k]) + [column[i] for i in after]
+    return out
 
 
 def finite(values: Iterable[Any]) -> list[float | None]:

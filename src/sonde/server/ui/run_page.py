@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +20,18 @@ from nicegui import ui
 from sonde.server.ui.charts import heatmap_options, histogram_options, lines_options
 from sonde.server.ui.data import LOG_METRICS, Choices, heatmap_budget, pick_layers
 from sonde.server.ui.layout import UIState, ago, frame, stamp, stat, status_color
+from sonde.server.ui.panel import Panel
 from sonde.server.ui.source import off_loop
 
-__all__ = ["Panel", "build_run_page", "layer_label"]
+__all__ = ["build_run_page", "layer_label"]
 
 log = logging.getLogger("sonde")
+
+#: What an alert on a topic is about (the store keeps the alert's place, not its text).
+_ALERT_KINDS = {
+    "activations": "dead units, saturation collapse or NaN/Inf",
+    "weight_updates": "update ratio outside the healthy range",
+}
 
 
 @dataclass
@@ -40,64 +47,6 @@ class _View:
     topics: dict[str, str] = field(default_factory=dict)  # histogram side -> topic
 
 
-class Panel:
-    """One chart with a loader: ``redraw`` rebuilds it (new selection), ``refresh`` merges new data."""
-
-    def __init__(self, name: str, height: str, load: Callable[[], Awaitable[dict[str, Any] | None]],
-                 on_click: Callable[[Any], None] | None = None) -> None:
-        self.name = name
-        self.on_click = on_click
-        self.height = height
-        self.load = load
-        self.box = ui.column().classes("w-full gap-0")
-        self.caption = ui.label("").classes("sonde-muted px-2").props(f"data-caption={name}")
-        self.chart: ui.echart | None = None
-        self._busy = asyncio.Lock()
-        self._started = False
-        with self.box:
-            ui.skeleton().classes("w-full").style(f"height: {height}")
-
-    async def redraw(self) -> None:
-        """Query and draw from scratch (after a selection changed)."""
-        self._started = True
-        async with self._busy:
-            options = await self._options()
-            self.box.clear()
-            with self.box:
-                if options is None:
-                    self.chart = None
-                    ui.label("Nothing recorded for this choice yet.").classes("sonde-muted p-4")
-                    return
-                self.chart = ui.echart(options, on_point_click=self.on_click)
-                self.chart.style(f"height: {self.height}").props(f"data-chart={self.name}")
-
-    async def refresh(self) -> None:
-        """Query again and merge into the drawn chart (keeps zoom); skipped while a query runs."""
-        if self._busy.locked() or not self._started:
-            return
-        if self.chart is None:
-            await self.redraw()
-            return
-        async with self._busy:
-            options = await self._options()
-            if options is None or self.chart is None:
-                return
-            self.chart.options.clear()
-            self.chart.options.update(options)
-            self.chart.update()
-
-    async def _options(self) -> dict[str, Any] | None:
-        try:
-            options = await self.load()
-            if self.caption.text.startswith("could not load"):
-                self.caption.text = ""
-            return options
-        except Exception as exc:  # noqa: BLE001  # a failing query must not kill the page; say what happened
-            log.warning("sonde dashboard: %s chart failed: %s", self.name, exc)
-            self.caption.text = f"could not load: {exc}"
-            return None
-
-
 def _wide(series: list[tuple[str, dict[str, Any]]]) -> bool:
     """Whether positive values span more than a factor of 20 (a log axis then reads better)."""
     values = [v for _, data in series for v in data.get("value", []) if v is not None and v > 0]
@@ -108,6 +57,11 @@ def layer_label(row: dict[str, Any]) -> str:
     """How a layer reads in the dashboard: its name, and its type when that says more (``2 · ReLU``)."""
     name, kind = str(row["name"]), str(row.get("type") or "")
     return f"{name} · {kind}" if kind and kind.lower() not in name.lower() else name
+
+
+def _offer(select: ui.select, options: list[str], value: str) -> None:
+    """New options for a selector, keeping its value when it is still offered."""
+    select.set_options(options, value=value if value in options else None)
 
 
 def _select(options: list[str] | dict[str, str], value: Any, label: str, **kw: Any) -> ui.select:
@@ -149,6 +103,7 @@ async def build_run_page(state: UIState, name: str) -> None:
         hist_card = ui.card().classes("sonde-card")
 
     panels: list[Panel] = []
+    network_panels: dict[str, Panel] = {}
 
     # -- training curves (network-wide topics) -------------------------------------------
     wanted = (("loss", "loss"), ("outputs", "train_accuracy"))
@@ -158,7 +113,9 @@ async def build_run_page(state: UIState, name: str) -> None:
             def load_network(topic: str = topic, metric: str = metric) -> Awaitable[dict[str, Any] | None]:
                 async def load() -> dict[str, Any] | None:
                     phases = [p for p in choices.phases if p in ("train", "eval")] or choices.phases
-                    results = await asyncio.gather(*(source.series(name, "", topic, metric, phase=p) for p in phases))
+                    window = network_panels[metric].window
+                    results = await asyncio.gather(*(source.series(name, "", topic, metric, phase=p, window=window)
+                                                     for p in phases))
                     series = [(p, r) for p, r in zip(phases, results, strict=True) if r.get("step")]
                     if not series:
                         return None
@@ -166,7 +123,8 @@ async def build_run_page(state: UIState, name: str) -> None:
                     return await off_loop(lines_options, series, title=title, log=metric == "loss" and _wide(series))
                 return load()
 
-            panels.append(Panel(f"network-{metric}", "260px", load_network))
+            network_panels[metric] = Panel(f"network-{metric}", "260px", load_network, zoomable=True)
+            panels.append(network_panels[metric])
 
     # -- overview heatmap --------------------------------------------------------------------
     default = choices.heatmap_default()
@@ -183,7 +141,7 @@ async def build_run_page(state: UIState, name: str) -> None:
             metric_select = _select(choices.layer_metrics.get(heat.topic or "", []), heat.metric, "metric")
             phase_select = _select(choices.phases, heat.phase, "phase")
             log_switch = ui.switch("log colour", value=heat.log)
-        rows = max(4, min(len(layers), 200))
+        rows = max(8, min(len(layers), 200))
         heat_height = f"{min(900, 90 + 18 * rows)}px"
 
         async def load_heatmap() -> dict[str, Any] | None:
@@ -216,16 +174,21 @@ async def build_run_page(state: UIState, name: str) -> None:
             chosen = list(line.layers or [])
             if not chosen or not line.topic or not line.metric:
                 return None
-            results = await asyncio.gather(*(source.series(name, layer, line.topic, line.metric,
-                                                           phase=heat.phase) for layer in chosen))
+            window = lines_panel.window
+            results = await asyncio.gather(*(source.series(name, layer, line.topic, line.metric, phase=heat.phase,
+                                                           window=window) for layer in chosen))
             series = [(labels.get(layer, layer), r) for layer, r in zip(chosen, results, strict=True) if r.get("step")]
             if not series:
                 return None
             points = max(len(r["step"]) for _, r in series)
-            lines_panel.caption.text = f"{len(series)} layers · up to {points} points each (min–max band per point)"
+            zoom = ""
+            if window:
+                zoom = f" · steps {window[0]:,}–{'newest' if window[1] is None else f'{window[1]:,}'} in detail"
+            lines_panel.caption.text = (f"{len(series)} layers · up to {points} points each "
+                                        f"(min–max band where a point stands for several steps){zoom}")
             return await off_loop(lines_options, series, title=f"{line.topic} · {line.metric}", log=line.log)
 
-        lines_panel = Panel("lines", "360px", load_lines)
+        lines_panel = Panel("lines", "360px", load_lines, zoomable=True)
         panels.append(lines_panel)
 
     # -- histograms over time ------------------------------------------------------------------
@@ -274,18 +237,39 @@ async def build_run_page(state: UIState, name: str) -> None:
                     side_select.on_value_change(on_side)
 
     # -- alerts ------------------------------------------------------------------------------
+    shown_alerts = {"count": -1}
+
     async def load_alerts() -> None:
         if not choices.has_alerts:
             return
         alerts = await source.alerts(name)
+        if len(alerts) == shown_alerts["count"]:
+            return
+        shown_alerts["count"] = len(alerts)
         alerts_box.clear()
         if not alerts:
             return
+        rows = [{**a, "what": _ALERT_KINDS.get(a["topic"], "NaN/Inf first seen here")} for a in alerts]
         with alerts_box, ui.card().classes("sonde-card").style("border-left: 4px solid #d62728"):
-            ui.label(f"Alerts ({len(alerts)})").classes("text-base font-semibold text-negative")
+            with ui.row().classes("items-baseline gap-3 px-2"):
+                ui.label(f"Alerts ({len(alerts)})").classes("text-base font-semibold text-negative")
+                ui.label("where a problem started; the charts below show it").classes("sonde-muted")
             ui.table(columns=[{"name": k, "label": k, "field": k, "align": "left"}
-                              for k in ("step", "layer", "topic", "phase", "value")],
-                     rows=alerts[:50], pagination=10).props("flat dense data-view=alerts").classes("w-full")
+                              for k in ("step", "layer", "topic", "what", "phase")],
+                     rows=rows, pagination=5).props("flat dense data-view=alerts").classes("w-full")
+
+    async def refresh_choices() -> None:
+        nonlocal choices
+        fresh = Choices.from_available(await source.available(name))
+        if fresh == choices:
+            return
+        choices = fresh
+        _offer(phase_select, choices.phases, heat.phase)
+        for view, topic, metric in ((heat, topic_select, metric_select), (line, line_topic, line_metric)):
+            if not view.topic and choices.heatmap_default():  # the run had no per-layer metric yet
+                view.topic, view.metric = choices.heatmap_default() or ("", "")
+            _offer(topic, list(choices.layer_metrics), view.topic)
+            _offer(metric, choices.layer_metrics.get(view.topic, []), view.metric)
 
     # -- selection handlers ----------------------------------------------------------------------
     def redraw(panel: Panel) -> None:
@@ -381,6 +365,7 @@ async def build_run_page(state: UIState, name: str) -> None:
         if (now["steps"], now["updated_at"], now["status"]) == (last["steps"], last["updated"], last["status"]):
             return
         last.update(steps=now["steps"], updated=now["updated_at"], status=now["status"])
+        await refresh_choices()  # metrics that start later (eval, alerts, an evaluator's results) appear
         await asyncio.gather(*(panel.refresh() for panel in panels))
         await load_alerts()
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from nicegui import run
 
+from sonde.server.ui.data import splice
 from sonde.store import Store
 
 __all__ = ["Source", "off_loop"]
@@ -84,10 +85,20 @@ class Source:
         return await off_loop(lambda: [(str(p), str(t), str(m)) for p, t, m in self.store.available(run_name)])
 
     async def series(self, run_name: str, layer: str, topic: str, metric: str, *, phase: str = "train",
-                     max_points: int = 2000) -> dict[str, Any]:
-        """One downsampled series: ``step``, ``value``, ``min``, ``max``."""
-        return await off_loop(self.store.series, run_name, layer, topic, metric, phase=phase,
-                                  max_points=max_points)
+                     max_points: int = 2000, window: tuple[int, int | None] | None = None) -> dict[str, Any]:
+        """One downsampled series: ``step``, ``value``, ``min``, ``max``.
+
+        With a ``window`` (first, last step; last None for "to the newest"), the steps inside it
+        come from a second query of just that range (full detail when it holds ``max_points``
+        steps or fewer), spliced into the whole-run series.
+        """
+        coarse = await off_loop(self.store.series, run_name, layer, topic, metric, phase=phase,
+                                max_points=max_points)
+        if window is None:
+            return coarse
+        fine = await off_loop(self.store.series, run_name, layer, topic, metric, phase=phase,
+                              max_points=max_points, start=window[0], end=window[1])
+        return splice(coarse, fine, *window)
 
     async def heatmap(self, run_name: str, topic: str, metric: str, *, phase: str = "train",
                       max_steps: int = 400) -> dict[str, Any]:

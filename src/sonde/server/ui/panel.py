@@ -1,0 +1,144 @@
+"""A chart that loads itself: placeholder first, data when ready, live merges, zoom-to-detail.
+
+Every chart of the dashboard is a :class:`Panel` around a loader coroutine that returns ECharts
+options (or None for "nothing recorded yet"). ``redraw`` builds the chart anew (a selection
+changed); ``refresh`` re-queries and merges into the drawn chart, so a live update keeps the
+user's zoom. A *zoomable* panel also watches the chart's zoom: when the user zooms into a
+range of steps, the loader is asked again with that window (``panel.window``), so a
+100,000-step series shows every step once the window is narrow enough, not the same 2,000
+buckets stretched.
+
+Example:
+    >>> panel = Panel("lines", "360px", load_lines, zoomable=True)   # doctest: +SKIP
+    >>> ui.timer(0, panel.redraw, once=True)                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nicegui import background_tasks, ui
+
+__all__ = ["Panel", "step_extent", "zoom_window"]
+
+log = logging.getLogger("sonde")
+
+
+def step_extent(options: dict[str, Any]) -> tuple[int, int] | None:
+    """The first and last step drawn by the line series of chart ``options`` (None when empty).
+
+    Example:
+        >>> step_extent({"series": [{"type": "line", "data": [[3, 1.0], [90, 2.0]]}]})
+        (3, 90)
+    """
+    steps = [point[0] for s in options.get("series", []) if s.get("type") == "line" for point in s.get("data", [])]
+    return (int(min(steps)), int(max(steps))) if steps else None
+
+
+def zoom_window(extent: tuple[int, int], start: float, end: float) -> tuple[int, int | None] | None:
+    """The steps a zoom of ``start``..``end`` percent covers of ``extent``; None when zoomed out.
+
+    A zoom that reaches the right edge is open-ended (``None`` as its last step), so a live run
+    keeps showing its newest steps in detail.
+
+    Example:
+        >>> zoom_window((0, 100_000), 25.0, 50.0)
+        (25000, 50000)
+        >>> zoom_window((0, 100_000), 90.0, 100.0)
+        (90000, None)
+        >>> zoom_window((0, 100_000), 0.0, 100.0) is None
+        True
+    """
+    if start <= 0.0 and end >= 100.0:
+        return None
+    lo, hi = extent
+    first = int(lo + (hi - lo) * max(0.0, start) / 100.0)
+    return first, (None if end >= 100.0 else round(lo + (hi - lo) * end / 100.0))
+
+
+class Panel:
+    """One chart with a loader (see the module docstring)."""
+
+    def __init__(self, name: str, height: str, load: Callable[[], Awaitable[dict[str, Any] | None]], *,
+                 on_click: Callable[[Any], None] | None = None, zoomable: bool = False) -> None:
+        self.name = name
+        self.height = height
+        self.load = load
+        self.on_click = on_click
+        self.zoomable = zoomable
+        #: The step range the user zoomed into (loaders fetch it in detail), or None.
+        self.window: tuple[int, int | None] | None = None
+        self.box = ui.column().classes("w-full gap-0")
+        self.caption = ui.label("").classes("sonde-muted px-2").props(f"data-caption={name}")
+        self.chart: ui.echart | None = None
+        self._extent: tuple[int, int] | None = None
+        self._busy = asyncio.Lock()
+        self._started = False
+        self._zoom_due = False
+        with self.box:
+            ui.skeleton().classes("w-full").style(f"height: {height}")
+
+    async def redraw(self) -> None:
+        """Query and draw from scratch (after a selection changed); the zoom is reset."""
+        self._started = True
+        self.window = None
+        async with self._busy:
+            options = await self._options()
+            self.box.clear()
+            with self.box:
+                if options is None:
+                    self.chart = None
+                    ui.label("Nothing recorded for this choice yet.").classes("sonde-muted p-4")
+                    return
+                self._extent = step_extent(options)
+                self.chart = ui.echart(options, on_point_click=self.on_click)
+                self.chart.style(f"height: {self.height}").props(f"data-chart={self.name}")
+                if self.zoomable:
+                    self.chart.on("chart:datazoom", self._zoomed, ["start", "end", "batch"])
+
+    async def refresh(self) -> None:
+        """Query again and merge into the drawn chart (keeps zoom); skipped while a query runs."""
+        if self._busy.locked() or not self._started:
+            return
+        if self.chart is None:
+            await self.redraw()
+            return
+        async with self._busy:
+            options = await self._options()
+            if options is None or self.chart is None:
+                return
+            # Spliced or not, the series span the whole run: the zoom's percentages refer to this.
+            self._extent = step_extent(options) or self._extent
+            self.chart.options.clear()
+            self.chart.options.update(options)
+            self.chart.update()
+
+    def _zoomed(self, event: Any) -> None:
+        args = event.args if isinstance(event.args, dict) else {}
+        batch = args.get("batch") or [args]
+        start, end = batch[0].get("start"), batch[0].get("end")
+        if self._extent is None or start is None or end is None:
+            return
+        self.window = zoom_window(self._extent, float(start), float(end))
+        if not self._zoom_due:  # one query per burst of zoom events (a drag sends dozens)
+            self._zoom_due = True
+            background_tasks.create(self._apply_zoom(), name=f"sonde zoom {self.name}")
+
+    async def _apply_zoom(self) -> None:
+        await asyncio.sleep(0.3)
+        self._zoom_due = False
+        await self.refresh()
+
+    async def _options(self) -> dict[str, Any] | None:
+        try:
+            options = await self.load()
+        except Exception as exc:  # noqa: BLE001  # a failing query must not kill the page; say what happened
+            log.warning("sonde dashboard: %s chart failed: %s", self.name, exc)
+            self.caption.text = f"could not load: {exc}"
+            return None
+        if self.caption.text.startswith("could not load"):
+            self.caption.text = ""
+        return options
