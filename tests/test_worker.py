@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.errors import ConfigError
 from sonde.metrics import Metric
 from sonde.metrics.base import Capture

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.functional import histogram_counts, histogram_edges
 from sonde.metrics import Histogram
 from sonde.records import Record

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.errors import ConfigError
 from sonde.metrics import Mean, Metric, Norm, registry, resolve_metrics
 from sonde.metrics.base import Capture

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.errors import ConfigError
 from sonde.functional import intrinsic_dimension, saturation
 from sonde.metrics import Saturation

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.errors import ConfigError
 from sonde.functional import condition_number, spectral_norm
 from sonde.metrics import ConditionNumber, SpectralNorm

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.functional import EMPTY_SUMMARY, merge_summaries, summarize, summary_stats
 from sonde.records import Record
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.errors import ConfigError
 from sonde.metrics import TestAccuracy
 

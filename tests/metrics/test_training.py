@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.functional import accuracy_counts
 from sonde.records import Record
 

@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.errors import ConfigError
 from sonde.functional import stratified_split
 from sonde.metrics import CKA, SVCCA, ProbeF1, TestAccuracy

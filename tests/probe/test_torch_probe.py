@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import sonde
-from conftest import Collect
+from collect import Collect
 from sonde.errors import ConfigError, LayerFilterError, ProbeError, StoreError
 from sonde.topics import TENSOR_TOPICS
 
