@@ -282,3 +282,14 @@ def test_cli_serve_refuses_a_public_address_without_token(monkeypatch: pytest.Mo
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--host", "0.0.0.0", "--store", "unused.db"])
     assert exit_info.value.code == 2 and "--token" in capsys.readouterr().err
+
+
+def test_with_the_dashboard_mounted_api_errors_stay_json(store: Store) -> None:
+    pytest.importorskip("nicegui", reason="the dashboard needs nicegui")
+    api = Api(create_app(store))  # the dashboard mounts itself at "/" and catches every other path
+    for method, url, status in (("GET", "/api/v1/nope", 404), ("DELETE", "/api/v1/runs", 405),
+                                ("GET", "/api/v1/runs/absent", 404)):
+        r = api(method, url)
+        assert r.status_code == status and r.headers["content-type"] == "application/json", (method, url)
+        assert r.json()["error"]
+    assert api("GET", "/api/v1/runs").json() == []
