@@ -40,8 +40,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=None, help="show modules down to this depth (1: top level)")
     parser.add_argument("--fold", action="store_true", help="fold runs of identical blocks into one (× n)")
     parser.add_argument("--prune", action="store_true", help="leave out views, reshapes, identities, inactive dropout")
-    parser.add_argument("--device", default="auto", choices=["auto", "meta", "real"],
-                        help="trace on the meta device (no memory, no compute), real tensors, or auto (default)")
+    parser.add_argument("--device", default="auto", choices=["auto", "meta", "fake", "real"],
+                        help="trace on meta or fake tensors (no memory, no compute), real tensors, or the first "
+                             "of these that works (auto, the default)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the full graph as JSON to PATH")
     parser.add_argument("--svg", default=None, metavar="PATH", help="write a picture of the graph to PATH")
     return parser

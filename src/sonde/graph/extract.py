@@ -6,9 +6,11 @@ compute; module pre/post hooks on the copy see every module call and a
 :class:`torch.overrides.TorchFunctionMode` sees every functional operation between modules.
 Each tensor remembers the node that produced it (by identity), which gives the edges. A
 forward that cannot run on meta tensors (``if mask.any():`` reads a value) is traced again on
-real tensors: the copy then shares the real parameters (no copy; under ``torch.no_grad()``)
-and works on clones of the buffers, and the global random state is restored afterwards, so the
-model and the training run are left exactly as they were.
+*fake* tensors (``FakeTensorMode``: still no storage, but libraries such as transformers
+recognise them and skip their data-dependent checks, as they do under ``torch.compile``), and
+failing that on real tensors: the copy then shares the real parameters (no copy; under
+``torch.no_grad()``) and works on clones of the buffers, and the global random state is
+restored afterwards, so the model and the training run are left exactly as they were.
 
 Names follow the probe's: module paths, ``name:2`` for a second call of a module in one
 forward pass; functions are ``<enclosing module call>/<function>`` (``layer1.0/add``), ``:2``
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
 from sonde.graph.model import Graph, GraphError, Node
@@ -59,12 +62,13 @@ def graph(model: nn.Module, example_input: Any, *, device: str = "auto") -> Grap
     Args:
         model: any ``torch.nn.Module``; it is not modified (the trace runs on a copy of its module tree).
         example_input: a tensor, a tuple/list of positional arguments, or a dict of keyword arguments
-            (``{"input_ids": ids, "attention_mask": mask}``). Only shapes and dtypes matter on the meta device.
-        device: ``"auto"`` (meta device, real tensors if the forward cannot run on meta), ``"meta"`` or
-            ``"real"``.
+            (``{"input_ids": ids, "attention_mask": mask}``). Only shapes and dtypes matter, unless the
+            forward reads values and has to run on real tensors.
+        device: ``"auto"`` (meta tensors, else fake tensors, else real tensors: the first that works),
+            ``"meta"``, ``"fake"`` or ``"real"``.
 
     Returns:
-        the graph; ``graph.device`` says which way it was traced.
+        the graph; ``graph.device`` says which way it was traced (``meta``, ``fake`` or ``real``).
 
     Raises:
         GraphError: the forward pass failed; the message names the operation and the module it ran in.
@@ -96,50 +100,61 @@ def trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, de
     state is shared with training and cannot be saved and restored, so a real-tensor trace then runs
     the copy in eval mode (dropout draws no random numbers).
     """
-    if device not in ("auto", "meta", "real"):
-        raise GraphError(f"device= expects 'auto', 'meta' or 'real', got {device!r}")
-    meta_error: GraphError | None = None
-    if device in ("auto", "meta"):
+    if device not in ("auto", *_MODES):
+        raise GraphError(f"device= expects 'auto', 'meta', 'fake' or 'real', got {device!r}")
+    failures: list[tuple[str, str]] = []
+    for mode in _MODES if device == "auto" else (device,):
         try:
-            return _trace(model, args, kwargs, meta=True, background=background)
+            return _trace(model, args, kwargs, mode=mode, background=background)
         except GraphError as exc:
-            if device == "meta":
-                raise
-            meta_error = exc
-    try:
-        return _trace(model, args, kwargs, meta=False, background=background)
-    except GraphError as exc:
-        if meta_error is not None:
-            raise GraphError(f"{exc} (on the meta device too: {meta_error})") from exc
-        raise
+            if mode == "real" or device != "auto":
+                earlier = "".join(f" (with {m} tensors too: {e})" for m, e in failures)
+                raise GraphError(f"{exc}{earlier}") from exc
+            failures.append((mode, str(exc)))
+    raise AssertionError("unreachable")
 
 
-def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, meta: bool,
+#: Tried in this order: meta tensors (fastest: shapes only), fake tensors (shapes only, and libraries
+#: such as transformers skip their data-dependent checks on them, as under torch.compile), real tensors.
+_MODES = ("meta", "fake", "real")
+
+
+def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, mode: str,
            background: bool) -> Graph:
-    shadow = _shadow(model, meta=meta)
-    if meta:
-        to_meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
-        args, kwargs = _map_tensors(args, to_meta), _map_tensors(kwargs, to_meta)
+    fake = FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else None
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = (
+        _to_meta if mode == "meta" else fake.from_tensor if fake is not None else None)
+    shadow = _shadow(model, convert)
+    if convert is not None:
+        args, kwargs = _map_tensors(args, convert), _map_tensors(kwargs, convert)
     elif background:
         shadow.eval()
     tracer = _Tracer(shadow)
     name = type(model).__name__
     with torch.no_grad():
-        if meta or background:
-            return tracer.run(args, kwargs, name, "meta" if meta else "real")
+        if fake is not None:
+            with fake:
+                return tracer.run(args, kwargs, name, mode)
+        if convert is not None or background:
+            return tracer.run(args, kwargs, name, mode)
         devices = sorted({t.device.index or 0 for t in shadow.parameters() if t.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices):
-            return tracer.run(args, kwargs, name, "real")
+            return tracer.run(args, kwargs, name, mode)
 
 
-def _shadow(model: nn.Module, *, meta: bool) -> nn.Module:
-    """A copy of the module tree without hooks: meta parameters and buffers, or shared parameters and cloned buffers."""
+def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(tensor, device="meta")
+
+
+def _shadow(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] | None) -> nn.Module:
+    """A copy of the module tree without hooks: storage-less (meta or fake) parameters and buffers, or,
+    with ``convert=None``, shared parameters and cloned buffers."""
     memo: dict[int, Any] = {}
     for param in model.parameters():
-        memo[id(param)] = (nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
-                           if meta else param)
+        memo[id(param)] = (nn.Parameter(convert(param), requires_grad=param.requires_grad)
+                           if convert is not None else param)
     for buffer in model.buffers():
-        memo[id(buffer)] = torch.empty_like(buffer, device="meta") if meta else buffer.detach().clone()
+        memo[id(buffer)] = convert(buffer) if convert is not None else buffer.detach().clone()
     for module in model.modules():
         for attr in _HOOK_ATTRS:
             table = getattr(module, attr, None)
@@ -286,7 +301,8 @@ class _Tracer(TorchFunctionMode):
         op = _op_name(func)
         try:
             first = args[0] if args else None
-            if op in SHAPE_PRESERVING and isinstance(first, torch.Tensor) and first.is_meta:
+            if op in SHAPE_PRESERVING and isinstance(first, torch.Tensor) and (first.is_meta or
+                                                                               isinstance(first, FakeTensor)):
                 out = torch.empty_like(first)
             else:
                 out = func(*args, **kwargs)
