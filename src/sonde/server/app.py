@@ -24,6 +24,8 @@ import inspect
 import ipaddress
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,7 +144,15 @@ def create_app(
     if token is not None and not token:
         raise ConfigError("token must be a non-empty string or None")
     opened = store if isinstance(store, Store) else open_store(store)
-    app = FastAPI(title="sonde", version="1", description="Probes for every layer of a network: REST API.")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if opened is not store:  # opened here, so closed here; a Store passed in belongs to its caller
+            opened.close()
+
+    app = FastAPI(title="sonde", version="1", description="Probes for every layer of a network: REST API.",
+                  lifespan=lifespan)
     app.state.store = opened
     app.state.role = role
     app.state.token = token
