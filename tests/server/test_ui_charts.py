@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sonde.server.ui.charts import heatmap_options, histogram_options, lines_options
-from sonde.server.ui.data import Choices, heatmap_budget, pick_layers, splice
+from sonde.server.ui.data import Choices, heatmap_budget, pick_changing, pick_layers, splice
 from sonde.server.ui.panel import step_extent, zoom_window
 from sonde.server.ui.run_page import layer_label
 
@@ -166,3 +166,17 @@ def test_splice_puts_the_detailed_window_into_the_whole_series() -> None:
     assert np.array(out["max"])[~inside].tolist() == (np.sin(expected_steps[~inside] / 1e4) + 1).tolist()
     tail = splice(coarse, fine, 40_000, None)  # open window: nothing of the coarse series after its start
     assert tail["step"] == np.concatenate([steps[steps < 40_000], window]).tolist()
+
+
+def test_pick_changing_prefers_the_layers_that_moved() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.random((6, 20)) * 0.05 + 0.4
+    values[2] = np.linspace(0.4, 1.0, 20)  # units dying
+    values[4, 10:] = 1.0  # dying later
+    values[5] = np.nan  # nothing finite: never picked
+    data = {"layers": [f"l{i}" for i in range(6)], "values": values.tolist()}
+    picked = pick_changing(data, 3)
+    spans = np.nanmax(values[:5], axis=1) - np.nanmin(values[:5], axis=1)
+    expected = sorted(np.argsort(-spans, kind="stable")[:3].tolist())
+    assert picked == [f"l{i}" for i in expected]
+    assert {"l2", "l4"} <= set(picked)

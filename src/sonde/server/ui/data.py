@@ -26,6 +26,7 @@ __all__ = [
     "NETWORK_TOPICS",
     "Choices",
     "heatmap_budget",
+    "pick_changing",
     "pick_layers",
     "splice",
 ]
@@ -140,6 +141,25 @@ def pick_layers(layers: Sequence[str], limit: int = 4) -> list[str]:
         return [layers[0]]
     idx = sorted({round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)})
     return [layers[i] for i in idx]
+
+
+def pick_changing(heatmap: Mapping[str, Any], limit: int = 4) -> list[str]:
+    """The layers whose values moved the most over the run (range of their heatmap row), in forward order.
+
+    The overview's first line chart shows these: a layer whose units die or whose updates
+    explode is the one that moved.
+
+    Example:
+        >>> pick_changing({"layers": ["a", "b", "c"], "values": [[0.5, 0.5], [0.1, 0.9], [0.2, 0.4]]}, 2)
+        ['b', 'c']
+    """
+    spans: list[tuple[float, int, str]] = []
+    for i, (layer, row) in enumerate(zip(heatmap.get("layers", []), heatmap.get("values", []), strict=False)):
+        values = [v for v in finite(row) if v is not None]
+        if values:
+            spans.append((max(values) - min(values), i, str(layer)))
+    top = sorted(spans, key=lambda t: (-t[0], t[1]))[:limit]
+    return [layer for _, _, layer in sorted(top, key=lambda t: t[1])]
 
 
 def splice(coarse: Mapping[str, Sequence[Any]], fine: Mapping[str, Sequence[Any]], start: int, end: int | None

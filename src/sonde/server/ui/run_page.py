@@ -18,7 +18,7 @@ from typing import Any
 from nicegui import ui
 
 from sonde.server.ui.charts import heatmap_options, histogram_options, lines_options
-from sonde.server.ui.data import LOG_METRICS, Choices, heatmap_budget, pick_layers
+from sonde.server.ui.data import LOG_METRICS, Choices, heatmap_budget, pick_changing, pick_layers
 from sonde.server.ui.layout import UIState, ago, frame, stamp, stat, status_color
 from sonde.server.ui.panel import Panel
 from sonde.server.ui.source import off_loop
@@ -103,6 +103,8 @@ async def build_run_page(state: UIState, name: str) -> None:
         hist_card = ui.card().classes("sonde-card")
 
     panels: list[Panel] = []
+    heat_ready = asyncio.Event()  # the first heatmap is in: the line chart picks its layers from it
+    first_heatmap: dict[str, Any] = {}
     network_panels: dict[str, Panel] = {}
 
     # -- training curves (network-wide topics) -------------------------------------------
@@ -145,10 +147,14 @@ async def build_run_page(state: UIState, name: str) -> None:
         heat_height = f"{min(900, 90 + 18 * rows)}px"
 
         async def load_heatmap() -> dict[str, Any] | None:
-            if not heat.topic or not heat.metric:
-                return None
-            data = await source.heatmap(name, heat.topic, heat.metric, phase=heat.phase,
-                                        max_steps=heatmap_budget(len(layers)))
+            try:
+                if not heat.topic or not heat.metric:
+                    return None
+                data = await source.heatmap(name, heat.topic, heat.metric, phase=heat.phase,
+                                            max_steps=heatmap_budget(len(layers)))
+                first_heatmap.setdefault("data", data)
+            finally:
+                heat_ready.set()
             if not data.get("steps"):
                 return None
             heat_panel.caption.text = f"{len(data['layers'])} layers × {len(data['steps'])} step columns"
@@ -348,7 +354,18 @@ async def build_run_page(state: UIState, name: str) -> None:
 
     # -- first load, then live ---------------------------------------------------------------------
     async def first_load() -> None:
-        await asyncio.gather(*(panel.redraw() for panel in panels))
+        async def lines_after_heatmap() -> None:
+            try:
+                await asyncio.wait_for(heat_ready.wait(), timeout=30)
+            except asyncio.TimeoutError:
+                pass
+            moved = pick_changing(first_heatmap.get("data", {}))
+            if moved and moved != line.layers and (line.topic, line.metric) == (heat.topic, heat.metric):
+                layer_select.set_value(moved)  # its change handler redraws
+            else:
+                await lines_panel.redraw()
+
+        await asyncio.gather(*(panel.redraw() for panel in panels if panel is not lines_panel), lines_after_heatmap())
         await load_alerts()
 
     last = {"steps": run["steps"], "updated": run["updated_at"], "status": run["status"]}
