@@ -91,11 +91,12 @@ def _heatmap_png(names: list[str], steps: list[int], values: np.ndarray, title: 
     finite = values[np.isfinite(values)]
     log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
     shown = np.log10(values) if log else values
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.22 * len(names)))
+    fig, ax = plt.subplots(figsize=(10, min(1.2 + 0.22 * len(names), 24.0)))
     extent = (steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5) if steps else None
     image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", interpolation="nearest", cmap="viridis",
                       extent=extent)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+    every = max(1, math.ceil(len(names) / 100))  # at most ~100 readable labels (ResNet-152 has 500 layers)
+    ax.set_yticks(range(0, len(names), every), names[::every], fontsize=7 if every == 1 else 5)
     ax.set_xlabel("step")
     ax.set_title(title + (" (log10)" if log else ""), fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.03)
