@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from torch import nn
@@ -50,6 +52,16 @@ def test_probe_hands_the_graph_to_every_sink_once(tmp_path: Any) -> None:
     assert graph["nodes"][1]["output_shapes"] == [[4, 5]]
     with open_store(tmp_path / "s.db") as store:
         assert store.get_graph("g") == graph
+    # ... and the API serves it
+    from sonde.server.app import create_app
+
+    async def get() -> httpx.Response:
+        app = create_app(tmp_path / "s.db", ui=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+            return await client.get("/api/v1/runs/g/graph")
+
+    response = asyncio.run(get())
+    assert response.status_code == 200 and response.json() == graph
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
