@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import inspect
 
 from sonde.errors import ConfigError
 from sonde.records import Record
@@ -200,21 +201,53 @@ def test_limits_are_checked(any_store: Store) -> None:
         any_store.heatmap(run, "weights", "norm", max_steps=10**6)
 
 
-def test_version_1_store_gets_its_series_catalog(tmp_path: Path) -> None:
-    path = tmp_path / "v1.db"
-    with open_store(path) as store:
-        run = _run(store, "old", ["fc1"])
-        store.write(run, _scalars(run, "fc1", np.arange(4.0)))
-    with sqlite3.connect(path) as conn:  # back to what sonde 0.1 wrote: no catalog, version 1
-        conn.execute("DROP TABLE series")
-        conn.execute("DROP TABLE batches")
-        conn.execute("DROP TABLE graphs")
-        conn.execute("DROP INDEX ix_records_series_step")
-        conn.execute("ALTER TABLE records DROP COLUMN series_id")
-        conn.execute("CREATE INDEX ix_records_series ON records (run_id, layer, topic, metric, step)")
-        conn.execute("DELETE FROM schema_version WHERE version > 1")
-    with open_store(path) as store:
-        assert store.available("old") == [("train", "weights", "norm")]
-        assert store.heatmap("old", "weights", "norm")["values"] == [[0.0, 1.0, 2.0, 3.0]]
+_V1_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at {float} NOT NULL);
+CREATE TABLE runs (id {serial} PRIMARY KEY, name TEXT NOT NULL UNIQUE, model TEXT NOT NULL, framework TEXT NOT NULL,
+    config TEXT NOT NULL, status TEXT NOT NULL, started_at {float} NOT NULL, updated_at {float} NOT NULL,
+    ended_at {float}, last_step INTEGER);
+CREATE TABLE layers (id {serial} PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL, param_shapes TEXT NOT NULL,
+    CONSTRAINT uq_layers_run_name UNIQUE (run_id, name));
+CREATE TABLE records (id {serial} PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL, phase TEXT NOT NULL, layer TEXT NOT NULL, topic TEXT NOT NULL, metric TEXT NOT NULL,
+    value {float}, "array" {blob});
+CREATE INDEX ix_records_series ON records (run_id, layer, topic, metric, step);
+INSERT INTO schema_version VALUES (1, 0);
+INSERT INTO runs (name, model, framework, config, status, started_at, updated_at, last_step)
+    VALUES ('old', 'MLP', 'torch', '{{}}', 'finished', 0, 0, 3);
+INSERT INTO layers (run_id, position, name, type, param_shapes) VALUES (1, 0, 'fc1', 'Linear', '{{}}');
+INSERT INTO records (run_id, step, phase, layer, topic, metric, value) VALUES
+    (1, 0, 'train', 'fc1', 'weights', 'norm', 0.0), (1, 1, 'train', 'fc1', 'weights', 'norm', 1.0),
+    (1, 2, 'train', 'fc1', 'weights', 'norm', 2.0), (1, 3, 'train', 'fc1', 'weights', 'norm', 3.0),
+    (1, 3, 'eval', '', 'loss', 'loss', 0.25);
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_1_store_is_migrated_with_its_records(backend: str, tmp_path: Path,
+                                                        request: pytest.FixtureRequest) -> None:
+    """A store written by sonde 0.1 (names in every record) opens with every record in its series."""
+    if backend == "sqlite":
+        url = str(tmp_path / "v1.db")
+        with sqlite3.connect(url) as conn:
+            conn.executescript(_V1_SCHEMA.format(float="DOUBLE", serial="INTEGER", blob="BLOB"))
+    else:
+        url = request.getfixturevalue("pg_url")
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:  # the URL's options pick the test's schema
+            conn.execute(_V1_SCHEMA.format(float="DOUBLE PRECISION", serial="SERIAL", blob="BYTEA"))
+    with open_store(url) as store:
+        assert store.available("old") == [("eval", "loss", "loss"), ("train", "weights", "norm")]
         assert store.series("old", "fc1", "weights", "norm")["value"] == [0.0, 1.0, 2.0, 3.0]
-        assert len(store.load("old")) == 4
+        assert store.heatmap("old", "weights", "norm")["values"] == [[0.0, 1.0, 2.0, 3.0]]
+        df = store.load("old")
+        assert df[["step", "phase", "layer", "metric", "value"]].values.tolist() == [
+            [0, "train", "fc1", "norm", 0.0], [1, "train", "fc1", "norm", 1.0], [2, "train", "fc1", "norm", 2.0],
+            [3, "eval", "", "loss", 0.25], [3, "train", "fc1", "norm", 3.0]]
+        with store.engine.connect() as conn:
+            columns = {c["name"] for c in inspect(conn).get_columns("records")}
+        assert columns == {"id", "run_id", "step", "value", "array", "series_id"}
+        store.write("old", [Record("old", 4, "train", "fc1", "weights", "norm", 4.0)])
+        assert store.series("old", "fc1", "weights", "norm")["value"] == [0.0, 1.0, 2.0, 3.0, 4.0]

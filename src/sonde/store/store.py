@@ -41,7 +41,7 @@ COLUMNS = ["run", "step", "phase", "layer", "topic", "metric", "value"]
 _STATUSES = ("running", "finished", "failed")
 _FLOAT64 = np.dtype("<f8")
 _T = TypeVar("_T")
-_INSERT_KEYS = ("run_id", "step", "phase", "layer", "topic", "metric", "value", "array", "series_id")
+_INSERT_KEYS = ("run_id", "step", "value", "array", "series_id")  # the table's column order
 _Key = tuple[str, str, str, str]  # phase, layer, topic, metric
 _BY_SERIES = itemgetter(_INSERT_KEYS.index("series_id"))
 _STEP = attrgetter("step")
@@ -320,9 +320,9 @@ class Store(StoreViews):
                 if type(v) is float:  # the common case, without a call
                     # NaN is stored as NULL on every database (SQLite does so by itself), so that
                     # min, max and mean skip it alike on SQLite and PostgreSQL.
-                    append((run_id, r.step, r.phase, r.layer, r.topic, r.metric, v if v == v else None, None, sid))
+                    append((run_id, r.step, v if v == v else None, None, sid))
                 else:
-                    append((*self._row(run_id, r), sid))
+                    append((run_id, r.step, *self._payload(v), sid))
         except (TypeError, ValueError) as exc:
             bad = next(r for r in batch if not _storable(r.value))
             raise StoreError(f"cannot store {bad!r}: value must be a float or a 1-D float array ({exc})") from exc
@@ -372,13 +372,12 @@ class Store(StoreViews):
         conn.exec_driver_sql(self._insert_sql, params)
 
     @staticmethod
-    def _row(run_id: int, r: Record) -> tuple[Any, ...]:
-        v = r.value
+    def _payload(v: Any) -> tuple[float | None, bytes | None]:
+        """``(value, array)`` columns of a Record's value: a float (NaN as NULL), or float64 bytes."""
         if isinstance(v, np.ndarray) and v.ndim > 0:
-            return (run_id, r.step, r.phase, r.layer, r.topic, r.metric, None,
-                    np.ascontiguousarray(v, dtype=_FLOAT64).tobytes())
+            return None, np.ascontiguousarray(v, dtype=_FLOAT64).tobytes()
         f = float(v)
-        return (run_id, r.step, r.phase, r.layer, r.topic, r.metric, f if f == f else None, None)
+        return (f if f == f else None), None
 
     @staticmethod
     def _touch(run_id: int, last: int | None) -> Update:
@@ -479,25 +478,24 @@ class Store(StoreViews):
             0  mlp     0  train   fc1  weights   norm   1.50
         """
         names, filters = _as_list(run), list[ColumnElement[bool]]()
-        for column, wanted in ((records.c.layer, layers), (records.c.topic, topics), (records.c.metric, metrics)):
+        for column, wanted in ((series.c.layer, layers), (series.c.topic, topics), (series.c.metric, metrics)):
             values = _as_list(wanted)
             if values is not None:
                 filters.append(column.in_(values))
         if phase is not None:
-            filters.append(records.c.phase == phase)
+            filters.append(series.c.phase == phase)
         filters.append(records.c.array.is_not(None) if arrays else records.c.array.is_(None))
         payload = records.c.array if arrays else records.c.value
 
         def query(conn: Connection) -> list[Any]:
             where = list(filters)
             if names is not None:
-                run_ids = [self._run_id(conn, n) for n in names]
-                where.append(records.c.run_id.in_(run_ids))
-                # Through the series catalog, so that the integer index finds the rows of these runs.
-                where.append(records.c.series_id.in_(select(series.c.id).where(series.c.run_id.in_(run_ids))))
-            stmt = (select(runs.c.name, records.c.step, records.c.phase, records.c.layer, records.c.topic,
-                           records.c.metric, payload)
-                    .join_from(records, runs, records.c.run_id == runs.c.id).where(*where).order_by(records.c.id))
+                where.append(series.c.run_id.in_([self._run_id(conn, n) for n in names]))
+            # From the catalog to the records: the (series_id, step) index finds each series' rows.
+            stmt = (select(runs.c.name, records.c.step, series.c.phase, series.c.layer, series.c.topic,
+                           series.c.metric, payload)
+                    .join_from(series, runs, series.c.run_id == runs.c.id)
+                    .join(records, records.c.series_id == series.c.id).where(*where).order_by(records.c.id))
             # Plain tuples: pandas probes each Row for namedtuple fields, which is slow on Rows.
             return [tuple(row) for row in conn.execute(stmt)]
 
