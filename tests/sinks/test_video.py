@@ -38,6 +38,8 @@ def _train(model: nn.Module, steps: int, stop_after: int | None = None, **probe_
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             opt.zero_grad()
+            with torch.no_grad():
+                model(x[:4])  # an evaluation pass: phase eval, not filmed by default
 
 
 def _frames(path: Path) -> tuple[int, tuple[int, int]]:
@@ -93,6 +95,8 @@ def test_video_sink_writes_one_frame_per_recorded_step(tmp_path: Path) -> None:
     assert set(sink.panels) == {("conv", "weights"), ("fc", "weights"), ("conv", "activations"),
                                 ("fc", "activations")}
     assert _frames(mp4) == (5, (3 * 320, 2 * 256))
+    kind, points = sink._latest[("conv", "activations")]
+    assert kind == PROJECTION and points.shape == (16, 2)  # the training batch, not the 4-sample eval pass
     assert _frames(gif) == (5, (3 * 160, 2 * 128))
     image = iio.imread(gif, index=0)
     assert image.std() > 10  # a drawn frame, not a blank one

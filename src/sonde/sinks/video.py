@@ -56,6 +56,7 @@ class VideoSink(Sink):
         max_panels: at most this many panels (the first ones in record order).
         panel_size: pixels of one panel, (width, height); multiples of 16 keep MP4 encoders happy.
         path: write to this file stem instead (``out/video`` gives ``out/video.mp4``, ``out/video.gif``).
+        phase: film this phase's snapshots (``train``, or ``eval`` for the evaluation passes).
 
     Example:
         >>> sink = VideoSink("runs", layers=["fc*"], topics=["weights"], fps=8)   # doctest: +SKIP
@@ -66,7 +67,7 @@ class VideoSink(Sink):
     def __init__(self, directory: str | Path = "runs", *, layers: Sequence[str] | None = None,
                  topics: Sequence[str] | None = None, fps: float = 8.0, formats: Sequence[str] = ("mp4", "gif"),
                  max_panels: int = 12, panel_size: tuple[int, int] = (320, 256),
-                 path: str | Path | None = None) -> None:
+                 path: str | Path | None = None, phase: str = "train") -> None:
         unknown = sorted(set(formats) - {"mp4", "gif"})
         if unknown or not formats:
             raise ConfigError(f"VideoSink(formats=...) takes 'mp4' and/or 'gif', got {list(formats)!r}")
@@ -78,6 +79,7 @@ class VideoSink(Sink):
         self.layers = [layers] if isinstance(layers, str) else list(layers) if layers is not None else None
         self.topics = [topics] if isinstance(topics, str) else list(topics) if topics is not None else None
         self.fps = fps
+        self.phase = phase
         self.formats = tuple(formats)
         self.max_panels = max_panels
         self.panel_size = panel_size
@@ -130,6 +132,8 @@ class VideoSink(Sink):
 
     # -- rendering ---------------------------------------------------------------------------------
     def _wanted(self, record: Record) -> bool:
+        if record.phase != self.phase:
+            return False
         if self.topics is not None and record.topic not in self.topics:
             return False
         return self.layers is None or any(fnmatch.fnmatchcase(record.layer, p) for p in self.layers)
@@ -249,7 +253,7 @@ def record_from_store(store: Any, run: str, out: str | Path, *, layers: Sequence
                           "(sonde.metrics.Snapshot) on the layers to film")
     stem = Path(out)
     sink = VideoSink(path=stem.with_suffix("") if stem.suffix in (".mp4", ".gif") else stem, layers=layers,
-                     topics=topics, fps=fps, formats=formats)
+                     topics=topics, fps=fps, formats=formats, phase=phase)
     sink.open(RunInfo(run))
     try:
         for _, group in df.groupby("step", sort=True):
