@@ -173,6 +173,13 @@ def test_dashboard_shows_a_training_run_live(server: tuple[str, Path], tmp_path:
             ARTIFACTS.mkdir(exist_ok=True)
             shot = ARTIFACTS / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # Comparison: the run's loss in the overlay chart.
+            page.goto(f"{url}/compare?runs={RUN}")
+            compared = _wait(lambda: (c := _chart(page, "compare")) and c["series"][0]["n"] > 0 and c, 30,
+                             "the comparison chart")
+            assert compared["series"][0]["name"] == RUN
+
             print(f"\nscreenshot: {shot}")
             assert not errors, errors
             browser.close()

@@ -21,6 +21,11 @@ __all__ = ["build_compare_page"]
 _NETWORK = "(network)"
 
 
+def _series_label(topic: str | None, metric: str | None) -> str:
+    """``activations · zero_frac``; just ``loss`` when topic and metric agree."""
+    return str(metric) if topic == metric else f"{topic} · {metric}"
+
+
 async def build_compare_page(state: UIState, runs: list[str], params: dict[str, str]) -> None:
     """Draw the comparison page for the runs named in the query (all runs may be picked)."""
     source = state.source
@@ -39,7 +44,7 @@ async def build_compare_page(state: UIState, runs: list[str], params: dict[str, 
             layer_names += [r["name"] for r in await source.layers(run_name) if r["name"] not in layer_names]
         choices = Choices.from_available(triples)
         series = choices.all_series()
-        options["series"] = {f"{t} · {m}": (t, m) for t, m in series}
+        options["series"] = {_series_label(t, m): (t, m) for t, m in series}
         options["layers"] = {"": _NETWORK, **{n: n for n in layer_names}}
         options["phases"] = choices.phases or ["train"]
         if (sel["topic"], sel["metric"]) not in series and series:
@@ -56,7 +61,7 @@ async def build_compare_page(state: UIState, runs: list[str], params: dict[str, 
             with ui.row().classes("w-full items-center gap-3 px-2 pt-1"):
                 run_select = ui.select(all_runs, value=sel["runs"], label="runs", multiple=True, with_input=True)
                 run_select.props("dense outlined use-chips").classes("min-w-80 flex-1")
-                key = f"{sel['topic']} · {sel['metric']}"
+                key = _series_label(sel["topic"], sel["metric"])
                 series_select = ui.select(list(options["series"]), value=key if key in options["series"] else None,
                                           label="metric", with_input=True).props("dense outlined").classes("min-w-56")
                 layer_select = ui.select(options["layers"], value=sel["layer"] if sel["layer"] in options["layers"]
@@ -89,7 +94,8 @@ async def build_compare_page(state: UIState, runs: list[str], params: dict[str, 
     async def runs_changed(e: Any) -> None:
         sel["runs"] = list(e.value or [])
         await refresh_options()
-        series_select.set_options(list(options["series"]), value=f"{sel['topic']} · {sel['metric']}")
+        label = _series_label(sel["topic"], sel["metric"])
+        series_select.set_options(list(options["series"]), value=label if label in options["series"] else None)
         layer_select.set_options(options["layers"], value=sel["layer"] if sel["layer"] in options["layers"] else "")
         redraw()
 
