@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sqlalchemy import inspect
 
-from sonde.errors import ConfigError
+from sonde.errors import ConfigError, StoreError
 from sonde.records import Record
 from sonde.sinks.base import LayerInfo, RunInfo
 from sonde.store import Store, open_store
@@ -251,3 +251,17 @@ def test_a_version_1_store_is_migrated_with_its_records(backend: str, tmp_path: 
         assert columns == {"id", "run_id", "step", "value", "array", "series_id"}
         store.write("old", [Record("old", 4, "train", "fc1", "weights", "norm", 4.0)])
         assert store.series("old", "fc1", "weights", "norm")["value"] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_bad_records_are_refused_whole_with_a_clear_error(any_store: Store) -> None:
+    run = _run(any_store, "bad", ["fc1"])
+    good = _scalars(run, "fc1", np.arange(3.0))
+    with pytest.raises(StoreError, match="must be strings"):
+        any_store.write(run, [*good, Record(run, 3, "train", ["fc1"], "weights", "norm", 1.0)])  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="must be strings"):
+        any_store.write(run, [*good, Record(run, 3, "train", None, "weights", "norm", 1.0)])  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="float"):
+        any_store.write(run, [*good, Record(run, 3, "train", "fc1", "weights", "norm", "high")])  # type: ignore[arg-type]
+    assert any_store.load(run).empty  # all of a batch or none of it
+    any_store.write(run, good)
+    assert any_store.series(run, "fc1", "weights", "norm")["value"] == [0.0, 1.0, 2.0]

@@ -324,20 +324,25 @@ class Store(StoreViews):
                 else:
                     append((run_id, r.step, *self._payload(v), sid))
         except (TypeError, ValueError) as exc:
-            bad = next(r for r in batch if not _storable(r.value))
+            bad = next((r for r in batch if not _storable(r.value)), None)
+            if bad is None:  # the names, not the value: e.g. a list where a layer name belongs
+                raise StoreError(f"cannot store a Record of this batch: phase, layer, topic and metric must be "
+                                 f"strings ({exc})") from exc
             raise StoreError(f"cannot store {bad!r}: value must be a float or a 1-D float array ({exc})") from exc
         return rows
 
     def _series_ids(self, conn: Connection, run_id: int, batch: Sequence[Record]) -> dict[_Key, int]:
         """The catalog id of every series in ``batch``, creating the rows of new ones."""
         known = self._series.get(run_id, {})
-        missing = {key for r in batch if (key := (r.phase, r.layer, r.topic, r.metric)) not in known}
+        missing: set[_Key] = set()
+        for r in batch:  # only for batches that bring a new series: the names are checked here
+            key = (r.phase, r.layer, r.topic, r.metric)
+            if not all(isinstance(x, str) for x in key):
+                raise StoreError(f"cannot store {r!r}: phase, layer, topic and metric must be strings")
+            if key not in known:
+                missing.add(key)
         if not missing:
             return known
-        for phase, layer, topic, metric in missing:
-            if not all(isinstance(x, str) for x in (phase, layer, topic, metric)):
-                key = (phase, layer, topic, metric)
-                raise StoreError(f"phase, layer, topic and metric must be strings; got {key!r}")
         rows = [{"run_id": run_id, "phase": p, "layer": la, "topic": t, "metric": m} for p, la, t, m in missing]
         insert: Any = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(series)
         conn.execute(insert.on_conflict_do_nothing(), rows)
