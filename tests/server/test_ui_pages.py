@@ -49,16 +49,22 @@ def serving(app: FastAPI) -> Iterator[str]:
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     with open_store(tmp_path / "sonde.db") as s:
-        s.start_run(RunInfo("mlp", model="Sequential", framework="torch",
-                            layers=[LayerInfo("fc1", "Linear", {"weight": [4, 2]}), LayerInfo("act", "ReLU")]))
-        rng = np.random.default_rng(0)
-        s.write("mlp", [Record("mlp", step, "train", layer, "activations", "zero_frac", float(rng.random()))
-                        for step in range(5) for layer in ("fc1", "act")])
-        yield s
+        yield _seed(s)
 
 
-def test_pages_answer_with_the_runs(store: Store) -> None:
-    with serving(create_app(store)) as url:
+def _seed(s: Store) -> Store:
+    """One run "mlp" with two layers and five steps of zero_frac."""
+    s.start_run(RunInfo("mlp", model="Sequential", framework="torch",
+                        layers=[LayerInfo("fc1", "Linear", {"weight": [4, 2]}), LayerInfo("act", "ReLU")]))
+    rng = np.random.default_rng(0)
+    s.write("mlp", [Record("mlp", step, "train", layer, "activations", "zero_frac", float(rng.random()))
+                    for step in range(5) for layer in ("fc1", "act")])
+    return s
+
+
+def test_pages_answer_with_the_runs(any_store: Store) -> None:
+    """On SQLite, and on PostgreSQL when SONDE_TEST_POSTGRES_URL is set."""
+    with serving(create_app(_seed(any_store))) as url:
         runs = httpx.get(url + "/", headers=HTML, timeout=20)
         assert runs.status_code == 200
         assert "<title>Runs · sonde</title>" in runs.text and "mlp" in runs.text and "Sequential" in runs.text

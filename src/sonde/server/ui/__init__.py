@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -102,6 +103,9 @@ def attach(app: FastAPI, store: Store, **run_with: Any) -> None:
         >>> app = create_app("sonde.db")   # calls attach(app, store) itself  # doctest: +SKIP
     """
     global _nicegui_configured
+    # NiceGUI finds its server by walking gc.get_objects() at startup; touching torch's deprecated
+    # ``reduce_op`` alias there warns on every start. The warning is about NiceGUI's walk, not the user.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", category=FutureWarning)
     _register_pages()
     app.add_middleware(_StateMiddleware, state=UIState(source=Source(store), app=app))
     if not _nicegui_configured:
