@@ -27,18 +27,18 @@ RUN = "e2e-mlp"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian's Chromium is not installed at {CHROMIUM}")
 
-# Trains a small MLP with every probe on, a little slowly so that the browser sees it grow,
-# until the stop file appears (or 600 steps).
+# Trains a small MLP with every probe on, reporting to the server (server=, as a remote training
+# job would), a little slowly so that the browser sees it grow, until the stop file appears.
 TRAINER = """
 import sys, time, pathlib, torch
 from torch import nn
 import sonde
-store, stop = sys.argv[1], pathlib.Path(sys.argv[2])
+server, stop = sys.argv[1], pathlib.Path(sys.argv[2])
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 x, y = torch.randn(512, 16), torch.randint(0, 4, (512,))
-with sonde.probe(model, run=sys.argv[3], store=store, optimizer=opt) as p:
+with sonde.probe(model, run=sys.argv[3], server=server, optimizer=opt) as p:
     for step in range(600):
         i = (step * 32) % 512
         out = model(x[i:i + 32]); loss = nn.functional.cross_entropy(out, y[i:i + 32])
@@ -118,7 +118,7 @@ def test_dashboard_shows_a_training_run_live(server: tuple[str, Path], tmp_path:
 
     url, store = server
     stop = tmp_path / "stop"
-    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(store), str(stop), RUN],
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, url, str(stop), RUN],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with sync_playwright() as pw:
@@ -156,7 +156,8 @@ def test_dashboard_shows_a_training_run_live(server: tuple[str, Path], tmp_path:
                           "the heatmap to gain steps while training runs")
             more = _wait(lambda: (c := _chart(page, "lines")) and max(s["n"] for s in c["series"])
                          > max(s["n"] for s in lines["series"]) and c, 20, "the line chart to gain points")
-            assert int(page.locator("[data-stat=steps]").inner_text()) > steps_before
+            _wait(lambda: int(page.locator("[data-stat=steps]").inner_text()) > steps_before, 20,
+                  "the step count in the header to move")
             assert page.url == page_url
             assert int(grown["x"][-1]) > int(heat["x"][-1]) and more
 

@@ -101,3 +101,17 @@ def test_attached_without_the_server_guard_the_pages_ask_for_the_token(store: St
         assert "Network overview" in by_cookie.text
         by_query = httpx.get(url + "/run/mlp?token=s3cret", headers=HTML, timeout=20)
         assert "Network overview" in by_query.text
+
+
+def test_alerts_come_with_their_message(store: Store) -> None:
+    import asyncio
+
+    from sonde.server.ui.source import Source
+
+    text = "layer 'act': 97% of its activations are zero"
+    store.write("mlp", [Record("mlp", 3, "train", "act", "activations", "alert", 1.0, message=text),
+                        Record("mlp", 4, "train", "fc1", "weight_updates", "alert", 1.0)])
+    alerts = asyncio.run(Source(store).alerts("mlp"))
+    assert [(a["step"], a["layer"], a["topic"], a["message"]) for a in alerts] == [
+        (4, "fc1", "weight_updates", ""), (3, "act", "activations", text),
+    ]

@@ -27,7 +27,7 @@ __all__ = ["build_run_page", "layer_label"]
 
 log = logging.getLogger("sonde")
 
-#: What an alert on a topic is about (the store keeps the alert's place, not its text).
+#: What an alert on a topic is about, for alerts stored without their text.
 _ALERT_KINDS = {
     "activations": "dead units, saturation collapse or NaN/Inf",
     "weight_updates": "update ratio outside the healthy range",
@@ -255,7 +255,7 @@ async def build_run_page(state: UIState, name: str) -> None:
         alerts_box.clear()
         if not alerts:
             return
-        rows = [{**a, "what": _ALERT_KINDS.get(a["topic"], "NaN/Inf first seen here")} for a in alerts]
+        rows = [{**a, "what": a["message"] or _ALERT_KINDS.get(a["topic"], "NaN/Inf first seen here")} for a in alerts]
         with alerts_box, ui.card().classes("sonde-card").style("border-left: 4px solid #d62728"):
             with ui.row().classes("items-baseline gap-3 px-2"):
                 ui.label(f"Alerts ({len(alerts)})").classes("text-base font-semibold text-negative")

@@ -111,14 +111,14 @@ class Source:
         return await off_loop(self.store.histograms, run_name, layer, topic, phase=phase, max_steps=max_steps)
 
     async def alerts(self, run_name: str) -> list[dict[str, Any]]:
-        """Records with metric ``alert``, newest first (at most 200)."""
+        """Records with metric ``alert``, newest first (at most 200), with their message when stored."""
 
         def query() -> list[dict[str, Any]]:
-            frame = self.store.load(run_name, metrics="alert")
-            frame = frame.sort_values("step", ascending=False).head(200)
+            frame = self.store.load(run_name, metrics="alert", messages=True)
+            frame = frame.sort_values("step", ascending=False, kind="stable").head(200)
             return [{"step": int(step), "phase": str(phase), "layer": str(layer) or "(network)",
-                     "topic": str(topic), "value": float(value)}
-                    for step, phase, layer, topic, value in zip(frame["step"], frame["phase"], frame["layer"],
-                                                                frame["topic"], frame["value"], strict=True)]
+                     "topic": str(topic), "message": str(message)}
+                    for step, phase, layer, topic, message in zip(frame["step"], frame["phase"], frame["layer"],
+                                                                  frame["topic"], frame["message"], strict=True)]
 
         return await off_loop(query)
