@@ -52,6 +52,10 @@ def test_demo_records_to_every_sink(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert losses.last()["mlp-healthy"] < losses.first()["mlp-healthy"]
     assert losses.last()["mlp-lr-too-high"] > losses.last()["mlp-healthy"]
     assert "mlp-lr-too-high" in out and "most inactive layer: mlp-lr-too-high" in out
+    # ... and the alerts say so, for that run only.
+    alerts = sonde.load(str(store), metrics="alert", messages=True)
+    assert set(alerts.run) == {"mlp-lr-too-high"}
+    assert alerts.message.str.contains("dead units|updates too large").all()
 
 
 def test_demo_serves_the_dashboard(tmp_path: Path) -> None:

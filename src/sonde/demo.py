@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import sonde
+from sonde.metrics import DEFAULT_METRICS, Alerts
 from sonde.sinks.console import ConsoleSink
 from sonde.sinks.csv import CsvSink
 from sonde.sinks.tensorboard import TensorBoardSink
@@ -80,7 +81,9 @@ def train(
     steps_per_epoch = (len(y) + batch - 1) // batch
     run = open_store(store).unique_run_name(name)
     sinks = [TensorBoardSink(logdir), CsvSink(logdir), ConsoleSink(total=epochs * steps_per_epoch)]
-    with sonde.probe(model, run=run, store=store, optimizer=opt, sinks=sinks) as probe:
+    # Alerts after a 10-step warm-up (default 100): the demo's runs are short.
+    metrics = [m for m in DEFAULT_METRICS if m != "alerts"] + [Alerts(warmup=10)]
+    with sonde.probe(model, run=run, store=store, optimizer=opt, sinks=sinks, metrics=metrics) as probe:
         for _ in range(epochs):
             model.train()
             for i in range(0, len(y), batch):
