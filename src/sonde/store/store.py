@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from itertools import repeat
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,7 +45,8 @@ _T = TypeVar("_T")
 _INSERT_KEYS = ("run_id", "step", "value", "array", "series_id")  # the table's column order
 _Key = tuple[str, str, str, str]  # phase, layer, topic, metric
 _BY_SERIES = itemgetter(_INSERT_KEYS.index("series_id"))
-_STEP = attrgetter("step")
+_STEP, _VALUE, _MESSAGE = attrgetter("step"), attrgetter("value"), attrgetter("message")
+_PHASE, _LAYER, _TOPIC, _METRIC = (attrgetter(k) for k in ("phase", "layer", "topic", "metric"))
 
 
 def _storable(value: object) -> bool:
@@ -295,7 +297,7 @@ class Store(StoreViews):
                         rows.sort(key=_BY_SERIES)
                         self._insert(conn, rows)
                     conn.execute(self._touch(run_id, last if isinstance(last, int) else None))
-                    notes = [_message_row(run_id, r) for r in batch if getattr(r, "message", "")]
+                    notes = [_message_row(run_id, r) for r in filter(_MESSAGE, batch)]
                     if notes:  # alerts: their text beside the Record
                         conn.execute(messages.insert(), notes)
         except IntegrityError as exc:
@@ -311,25 +313,25 @@ class Store(StoreViews):
         return True
 
     def _rows(self, run_id: int, batch: Sequence[Record], ids: dict[_Key, int]) -> list[tuple[Any, ...]]:
-        rows: list[tuple[Any, ...]] = []
-        append = rows.append
         try:
-            for r in batch:
-                v = r.value
-                sid = ids[(r.phase, r.layer, r.topic, r.metric)]
-                if type(v) is float:  # the common case, without a call
-                    # NaN is stored as NULL on every database (SQLite does so by itself), so that
-                    # min, max and mean skip it alike on SQLite and PostgreSQL.
-                    append((run_id, r.step, v if v == v else None, None, sid))
-                else:
-                    append((run_id, r.step, *self._payload(v), sid))
+            # Column by column with C-level maps: a third of the time of a loop over Records.
+            sids = list(map(ids.__getitem__, zip(map(_PHASE, batch), map(_LAYER, batch), map(_TOPIC, batch),
+                                                 map(_METRIC, batch))))
+            values = list(map(_VALUE, batch))
+            if set(map(type, values)) <= {float}:
+                # NaN is stored as NULL on every database (SQLite does so by itself), so that
+                # min, max and mean skip it alike on SQLite and PostgreSQL.
+                scalars = [v if v == v else None for v in values]
+                return list(zip(repeat(run_id), map(_STEP, batch), scalars, repeat(None), sids))
+            payloads = [self._payload(v) for v in values]
+            return [(run_id, r.step, value, array, sid)
+                    for r, (value, array), sid in zip(batch, payloads, sids)]
         except (TypeError, ValueError) as exc:
             bad = next((r for r in batch if not _storable(r.value)), None)
             if bad is None:  # the names, not the value: e.g. a list where a layer name belongs
                 raise StoreError(f"cannot store a Record of this batch: phase, layer, topic and metric must be "
                                  f"strings ({exc})") from exc
             raise StoreError(f"cannot store {bad!r}: value must be a float or a 1-D float array ({exc})") from exc
-        return rows
 
     def _series_ids(self, conn: Connection, run_id: int, batch: Sequence[Record]) -> dict[_Key, int]:
         """The catalog id of every series in ``batch``, creating the rows of new ones."""
