@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 
 import pytest
@@ -234,3 +235,23 @@ def test_transformers_models_from_configs() -> None:
     assert modules == [(n.name, n.output_shapes) for n in real.nodes if n.kind == "module"]
     with pytest.raises(GraphError, match=r"'bool' .* failed"):
         sonde.graph(bert, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, device="meta")
+
+
+def test_what_a_module_refers_to_is_shared_not_copied() -> None:
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lock = threading.Lock()  # stands for a trainer, a data loader, an open file: copy.deepcopy fails
+            self.fc = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 3)
+            self.head.weight = self.fc.weight  # tied
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with self.lock:
+                return self.head(self.fc(x))
+
+    model = Holder()
+    g = sonde.graph(model, torch.zeros(2, 3))
+    assert [n.name for n in g.nodes] == ["input", "fc", "head", "output"]
+    assert g.num_params == 3 * 3 + 3 + 3  # the tied weight once
+    assert not model.lock.locked()

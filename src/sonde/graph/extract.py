@@ -147,25 +147,46 @@ def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _shadow(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] | None) -> nn.Module:
-    """A copy of the module tree without hooks: storage-less (meta or fake) parameters and buffers, or,
-    with ``convert=None``, shared parameters and cloned buffers."""
-    memo: dict[int, Any] = {}
-    for param in model.parameters():
-        memo[id(param)] = (nn.Parameter(convert(param), requires_grad=param.requires_grad)
-                           if convert is not None else param)
-    for buffer in model.buffers():
-        memo[id(buffer)] = convert(buffer) if convert is not None else buffer.detach().clone()
-    for module in model.modules():
+    """A copy of the module tree: storage-less (meta or fake) parameters and buffers, or, with
+    ``convert=None``, shared parameters and cloned buffers; no hooks.
+
+    Each module is copied shallowly (its own attribute dict, whose values are shared), with new
+    parameter, buffer, submodule and hook tables. Unlike ``copy.deepcopy`` this never copies what a
+    module merely refers to (a config is shared; a Lightning module's trainer and data loaders are
+    not duplicated), and tied parameters stay tied.
+    """
+    tensors: dict[int, Any] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def param(p: nn.Parameter) -> Any:
+        if id(p) not in tensors:
+            tensors[id(p)] = nn.Parameter(convert(p), requires_grad=p.requires_grad) if convert is not None else p
+        return tensors[id(p)]
+
+    def buffer(b: torch.Tensor) -> Any:
+        if id(b) not in tensors:
+            tensors[id(b)] = convert(b) if convert is not None else b.detach().clone()
+        return tensors[id(b)]
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) in modules:
+            return modules[id(module)]
+        twin = copy.copy(module)
+        modules[id(module)] = twin
+        twin._parameters = {k: None if v is None else param(v) for k, v in module._parameters.items()}
+        twin._buffers = {k: None if v is None else buffer(v) for k, v in module._buffers.items()}
+        twin._modules = {k: None if v is None else clone(v) for k, v in module._modules.items()}
         for attr in _HOOK_ATTRS:
             table = getattr(module, attr, None)
             if table is not None:
-                memo[id(table)] = type(table)()
+                setattr(twin, attr, type(table)())
+        return twin
+
     try:
-        shadow = copy.deepcopy(model, memo)
+        return clone(model)
     except Exception as exc:  # any copy failure means the same thing to the caller
         raise GraphError(f"cannot copy {type(model).__name__}'s module tree to trace it: {type(exc).__name__}: {exc}"
                          ) from exc
-    return shadow
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
