@@ -115,3 +115,5 @@ def test_alerts_come_with_their_message(store: Store) -> None:
     assert [(a["step"], a["layer"], a["topic"], a["message"]) for a in alerts] == [
         (4, "fc1", "weight_updates", ""), (3, "act", "activations", text),
     ]
+    store.start_run(RunInfo("calm"))
+    assert asyncio.run(Source(store).alert_counts(["mlp", "calm"])) == {"mlp": 2}

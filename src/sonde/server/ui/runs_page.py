@@ -26,12 +26,14 @@ _COLUMNS: list[dict[str, Any]] = [
     {"name": "steps", "label": "Steps", "field": "steps", "align": "right", "sortable": True},
     {"name": "started", "label": "Started (UTC)", "field": "started", "align": "left", "sortable": True},
     {"name": "updated", "label": "Last update", "field": "updated", "align": "left"},
+    {"name": "alerts", "label": "Alerts", "field": "alerts", "align": "left", "sortable": True},
 ]
 
 
-def table_row(run: dict[str, Any], *, now: float | None = None) -> dict[str, Any]:
+def table_row(run: dict[str, Any], *, now: float | None = None, alerts: int = 0) -> dict[str, Any]:
     """One run as a row of the runs table (times formatted for reading)."""
     return {
+        "alerts": alerts,
         "name": run["name"], "href": f"/run/{quote(run['name'], safe='')}", "model": run["model"] or "–",
         "framework": run["framework"] or "–", "status": run["status"], "color": status_color(run["status"]),
         "steps": run["steps"], "started": stamp(run["started_at"]), "updated": ago(run["updated_at"], now=now),
@@ -55,6 +57,9 @@ async def build_runs_page(state: UIState) -> None:
             table.add_slot("body-cell-name", """
                 <q-td :props="props"><a :href="props.row.href" class="text-primary font-medium no-underline"
                    data-run-link>{{ props.value }}</a></q-td>""")
+            table.add_slot("body-cell-alerts", """
+                <q-td :props="props"><q-badge v-if="props.value > 0" color="red-7" rounded
+                   :label="props.value + (props.value === 1 ? ' alert' : ' alerts')" /></q-td>""")
             table.add_slot("body-cell-status", """
                 <q-td :props="props"><q-badge :color="props.row.color" :label="props.value" rounded /></q-td>""")
             table.add_slot("no-data", """
@@ -72,9 +77,16 @@ async def build_runs_page(state: UIState) -> None:
     table.on_select(lambda _: selection_changed())
     compare.on_click(open_compare)
 
+    counts: dict[str, int] = {}
+    ticks = {"n": 0}
+
     async def refresh() -> None:
         runs = await state.source.runs()
-        table.rows = [table_row(r) for r in runs]
+        if ticks["n"] % 5 == 0:  # alert counts every 5 s: they change rarely
+            counts.clear()
+            counts.update(await state.source.alert_counts([r["name"] for r in runs]))
+        ticks["n"] += 1
+        table.rows = [table_row(r, alerts=counts.get(r["name"], 0)) for r in runs]
         table.update()
         running = sum(r["status"] == "running" for r in runs)
         summary.text = f"{len(runs)} run{'s' * (len(runs) != 1)} · {running} running · updates live"

@@ -110,6 +110,17 @@ class Source:
         """Histogram counts over training: ``steps``, ``edges``, ``counts`` (one list per step)."""
         return await off_loop(self.store.histograms, run_name, layer, topic, phase=phase, max_steps=max_steps)
 
+    async def alert_counts(self, run_names: list[str]) -> dict[str, int]:
+        """How many ``alert`` Records each run has (runs without any are left out)."""
+        if not run_names:
+            return {}
+
+        def query() -> dict[str, int]:
+            frame = self.store.load(run_names, metrics="alert")
+            return {str(k): int(v) for k, v in frame.groupby("run").size().items()}
+
+        return await off_loop(query)
+
     async def alerts(self, run_name: str) -> list[dict[str, Any]]:
         """Records with metric ``alert``, newest first (at most 200), with their message when stored."""
 
