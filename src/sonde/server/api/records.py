@@ -117,25 +117,25 @@ def _decode(body: bytes, run: str) -> tuple[str, list[Record]]:
         fail(422, str(exc))
     if not isinstance(items, list):
         fail(422, f"records must be a list of [step, phase, layer, topic, metric, value]; got {type(items).__name__}")
-    # Checked column by column (most checks on the few distinct names only): a 50,000-Record
-    # batch decodes in tens of milliseconds instead of being walked field by field.
-    if not all(type(item) is list and len(item) == 6 for item in items):
+    # Checked column by column with C-level maps (and names once per distinct name): a
+    # 50,000-Record batch decodes in tens of milliseconds instead of being walked field by field.
+    if not (set(map(type, items)) <= {list} and set(map(len, items)) <= {6}):
         i, item = next((i, it) for i, it in enumerate(items) if not (isinstance(it, list) and len(it) == 6))
         fail(422, f"record {i} must be [step, phase, layer, topic, metric, value]; got {item!r:.80}")
     if not items:
         return batch_id, []
     steps, phases, layer_names, topics, metrics, values = zip(*items)
-    if not all(type(s) is int and 0 <= s <= MAX_STEP for s in steps):
+    if not (set(map(type, steps)) <= {int} and 0 <= min(steps) and max(steps) <= MAX_STEP):
         i, step = next((i, s) for i, s in enumerate(steps) if not (type(s) is int and 0 <= s <= MAX_STEP))
         fail(422, f"record {i}: step must be an integer from 0 to {MAX_STEP}; got {step!r:.40}")
     for what, column in (("phase", phases), ("layer", layer_names), ("topic", topics), ("metric", metrics)):
-        if not all(type(x) is str for x in column):
+        if not set(map(type, column)) <= {str}:
             i = next(i for i, x in enumerate(column) if type(x) is not str)
             _name(column[i], what, i)  # fails, naming the record
         for name in set(column):
             if not _good_name(name, what):
                 _name(name, what, column.index(name))  # fails, naming the first record that has it
-    if not all(type(v) is float for v in values):
+    if not set(map(type, values)) <= {float}:
         values = tuple(_value(v, i) for i, v in enumerate(values))
     return batch_id, list(map(Record, repeat(run), steps, phases, layer_names, topics, metrics, values))
 
