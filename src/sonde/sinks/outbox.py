@@ -187,7 +187,7 @@ class Outbox:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             path = self.root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            path.mkdir()
+            path.mkdir(parents=True)  # parents: another session may have just removed an empty root
             self._lock_file = open(path / "lock", "wb")  # held for the session's life
             if fcntl is not None:
                 fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -289,6 +289,7 @@ class Outbox:
                 path.unlink()
         with contextlib.suppress(OSError):
             self.dir.rmdir()
+            self.root.rmdir()  # only when no other session is there: no empty directory left behind
 
     # -- sending ---------------------------------------------------------------------------
     def _loop(self) -> None:
