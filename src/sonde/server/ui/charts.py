@@ -141,6 +141,11 @@ def lines_options(
         title: chart title.
         log: logarithmic y axis (non-positive values become gaps).
         y_name: y axis label.
+
+    Example:
+        >>> opts = lines_options([("fc1", {"step": [0, 1], "value": [2.0, 1.0]})], title="norm")
+        >>> opts["series"][0]["data"]
+        [[0, 2.0], [1, 1.0]]
     """
     out: list[dict[str, Any]] = []
     legend: list[str] = []
@@ -206,6 +211,11 @@ def histogram_options(data: Mapping[str, Any], *, title: str) -> dict[str, Any]:
     Args:
         data: ``Store.histograms`` result: ``steps``, ``edges`` (bins + 1), ``counts`` (one list per step).
         title: chart title.
+
+    Example:
+        >>> opts = histogram_options({"steps": [0], "edges": [0.0, 1.0, 2.0], "counts": [[9.0, 0.0]]}, title="w")
+        >>> [cell[:2] + cell[3:] for cell in opts["series"][0]["data"]]
+        [[0, 0, 100.0], [0, 1, 0.0]]
     """
     steps = list(data.get("steps", []))
     edges = [float(e) for e in data.get("edges", [])]

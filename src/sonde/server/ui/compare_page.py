@@ -27,7 +27,11 @@ def _series_label(topic: str | None, metric: str | None) -> str:
 
 
 async def build_compare_page(state: UIState, runs: list[str], params: dict[str, str]) -> None:
-    """Draw the comparison page for the runs named in the query (all runs may be picked)."""
+    """Draw the comparison page for the runs named in the query (all runs may be picked).
+
+    Example:
+        >>> await build_compare_page(state, ["a", "b"], {"topic": "loss", "metric": "loss"})  # doctest: +SKIP
+    """
     source = state.source
     frame("Compare runs")
     all_runs = [r["name"] for r in await source.runs()]

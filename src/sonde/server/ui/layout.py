@@ -37,7 +37,13 @@ body { background: #f6f7f9; }
 
 @dataclass
 class UIState:
-    """What the pages of one app read: its store (through a :class:`Source`) and its FastAPI app."""
+    """What the pages of one app read: its store (through a :class:`Source`) and its FastAPI app.
+
+    Example:
+        >>> state = UIState(Source(open_store("sonde.db")), app)   # doctest: +SKIP
+        >>> state.token() is None                                   # doctest: +SKIP
+        True
+    """
 
     source: Source
     app: FastAPI
@@ -53,19 +59,34 @@ class UIState:
 
 
 def status_color(status: str) -> str:
-    """Quasar colour of a run status badge."""
+    """Quasar colour of a run status badge.
+
+    Example:
+        >>> status_color("failed")
+        'red-7'
+    """
     return _STATUS_COLORS.get(status, "grey-7")
 
 
 def stamp(seconds: float | None) -> str:
-    """A UTC timestamp as ``2026-11-21 03:37:13``; ``–`` for none."""
+    """A UTC timestamp as ``2026-11-21 03:37:13``; ``–`` for none.
+
+    Example:
+        >>> stamp(0.0)
+        '1970-01-01 00:00:00'
+    """
     if seconds is None:
         return "–"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
 def ago(seconds: float | None, *, now: float | None = None) -> str:
-    """How long ago a UTC timestamp was, in words a person scans: ``4 s ago``, ``3 min ago``, ``2 h ago``."""
+    """How long ago a UTC timestamp was, in words a person scans: ``4 s ago``, ``3 min ago``, ``2 h ago``.
+
+    Example:
+        >>> ago(0.0, now=7200.0)
+        '2 h ago'
+    """
     if seconds is None:
         return "–"
     delta = max(0.0, (time.time() if now is None else now) - seconds)
@@ -79,7 +100,11 @@ def ago(seconds: float | None, *, now: float | None = None) -> str:
 
 
 def frame(title: str) -> None:
-    """The page's title, stylesheet and header with the navigation."""
+    """The page's title, stylesheet and header with the navigation.
+
+    Example:
+        >>> frame("Runs")   # inside a @ui.page function  # doctest: +SKIP
+    """
     ui.page_title(f"{title} · sonde")
     ui.add_css(_CSS)
     ui.colors(primary="#3949ab", secondary="#26a69a", accent="#f28e2b")
@@ -101,6 +126,10 @@ def gate(state: UIState, request: Request) -> bool:
     ``create_app``'s guard already sends a browser without the token to ``/login``; this gate
     holds for an app that mounts the dashboard without that guard. The token is accepted as the
     ``sonde_token`` cookie, a bearer header, or a ``?token=`` query parameter (kept in the cookie).
+
+    Example:
+        >>> if gate(state, request):          # doctest: +SKIP
+        ...     await build_runs_page(state)
     """
     token = state.token()
     if token is None or _authorized(request, token):
@@ -143,7 +172,12 @@ def _set_cookie_js(token: str) -> str:
 
 
 def stat(label: str, value: Any) -> ui.label:
-    """A small labelled figure of a page header; returns the value label (to update it live)."""
+    """A small labelled figure of a page header; returns the value label (to update it live).
+
+    Example:
+        >>> steps = stat("steps", 120)   # doctest: +SKIP
+        >>> steps.text = "121"           # doctest: +SKIP
+    """
     with ui.column().classes("sonde-stat gap-0"):
         ui.label(label).classes("label")
         return ui.label(str(value)).classes("value")

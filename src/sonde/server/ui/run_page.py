@@ -54,7 +54,12 @@ def _wide(series: list[tuple[str, dict[str, Any]]]) -> bool:
 
 
 def layer_label(row: dict[str, Any]) -> str:
-    """How a layer reads in the dashboard: its name, and its type when that says more (``2 · ReLU``)."""
+    """How a layer reads in the dashboard: its name, and its type when that says more.
+
+    Example:
+        >>> layer_label({"name": "2", "type": "ReLU"}), layer_label({"name": "fc1.relu", "type": "ReLU"})
+        ('2 · ReLU', 'fc1.relu')
+    """
     name, kind = str(row["name"]), str(row.get("type") or "")
     return f"{name} · {kind}" if kind and kind.lower() not in name.lower() else name
 
@@ -69,7 +74,11 @@ def _select(options: list[str] | dict[str, str], value: Any, label: str, **kw: A
 
 
 async def build_run_page(state: UIState, name: str) -> None:
-    """Draw the run page for run ``name`` (or a not-found message)."""
+    """Draw the run page for run ``name`` (or a not-found message).
+
+    Example:
+        >>> await build_run_page(state, "mlp-healthy")   # inside "/run/{name}"  # doctest: +SKIP
+    """
     source = state.source
     frame(name)
     run = await source.run(name)

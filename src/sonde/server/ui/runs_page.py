@@ -41,7 +41,11 @@ def table_row(run: dict[str, Any], *, now: float | None = None, alerts: int = 0)
 
 
 async def build_runs_page(state: UIState) -> None:
-    """Draw the runs table and keep it current."""
+    """Draw the runs table and keep it current.
+
+    Example:
+        >>> await build_runs_page(state)   # inside the "/" page  # doctest: +SKIP
+    """
     frame("Runs")
     with ui.column().classes("w-full max-w-screen-xl mx-auto p-6 gap-4"):
         with ui.row().classes("w-full items-end"):
