@@ -117,3 +117,11 @@ def test_alerts_come_with_their_message(store: Store) -> None:
     ]
     store.start_run(RunInfo("calm"))
     assert asyncio.run(Source(store).alert_counts(["mlp", "calm"])) == {"mlp": 2}
+
+
+def test_a_run_that_has_recorded_nothing_yet_has_a_page(tmp_path: Path) -> None:
+    with open_store(tmp_path / "sonde.db") as s:
+        s.start_run(RunInfo("fresh", layers=[LayerInfo("fc1", "Linear")]))
+        with serving(create_app(s)) as url:
+            page = httpx.get(url + "/run/fresh", headers=HTML, timeout=20)
+            assert page.status_code == 200 and "Network overview" in page.text

@@ -70,6 +70,8 @@ def _offer(select: ui.select, options: list[str], value: str) -> None:
 
 
 def _select(options: list[str] | dict[str, str], value: Any, label: str, **kw: Any) -> ui.select:
+    # A run that has recorded nothing yet offers nothing: the selector starts empty, never invalid.
+    value = value if value in options else None
     return ui.select(options, value=value, label=label, **kw).props("dense outlined options-dense").classes("min-w-40")
 
 
@@ -117,25 +119,33 @@ async def build_run_page(state: UIState, name: str) -> None:
     network_panels: dict[str, Panel] = {}
 
     # -- training curves (network-wide topics) -------------------------------------------
-    wanted = (("loss", "loss"), ("outputs", "train_accuracy"))
-    network = [(t, m) for t, m in wanted if m in choices.network_metrics.get(t, ())]
-    for topic, metric in network:
-        with network_row, ui.card().classes("sonde-card flex-1 min-w-0"):
-            def load_network(topic: str = topic, metric: str = metric) -> Awaitable[dict[str, Any] | None]:
-                async def load() -> dict[str, Any] | None:
-                    phases = [p for p in choices.phases if p in ("train", "eval")] or choices.phases
-                    window = network_panels[metric].window
-                    results = await asyncio.gather(*(source.series(name, "", topic, metric, phase=p, window=window)
-                                                     for p in phases))
-                    series = [(p, r) for p, r in zip(phases, results, strict=True) if r.get("step")]
-                    if not series:
-                        return None
-                    title = "loss" if metric == "loss" else "accuracy"
-                    return await off_loop(lines_options, series, title=title, log=metric == "loss" and _wide(series))
-                return load()
+    def add_network_panels() -> list[Panel]:
+        """A chart for loss and for accuracy once the run has them (also when they start later)."""
+        added = []
+        for topic, metric in (("loss", "loss"), ("outputs", "train_accuracy")):
+            if metric in network_panels or metric not in choices.network_metrics.get(topic, ()):
+                continue
+            with network_row, ui.card().classes("sonde-card flex-1 min-w-0"):
+                def load_network(topic: str = topic, metric: str = metric) -> Awaitable[dict[str, Any] | None]:
+                    async def load() -> dict[str, Any] | None:
+                        phases = [p for p in choices.phases if p in ("train", "eval")] or choices.phases
+                        window = network_panels[metric].window
+                        results = await asyncio.gather(*(source.series(name, "", topic, metric, phase=p,
+                                                                       window=window) for p in phases))
+                        series = [(p, r) for p, r in zip(phases, results, strict=True) if r.get("step")]
+                        if not series:
+                            return None
+                        title = "loss" if metric == "loss" else "accuracy"
+                        log = metric == "loss" and _wide(series)
+                        return await off_loop(lines_options, series, title=title, log=log)
+                    return load()
 
-            network_panels[metric] = Panel(f"network-{metric}", "260px", load_network, zoomable=True)
+                network_panels[metric] = Panel(f"network-{metric}", "260px", load_network, zoomable=True)
             panels.append(network_panels[metric])
+            added.append(network_panels[metric])
+        return added
+
+    add_network_panels()
 
     # -- overview heatmap --------------------------------------------------------------------
     default = choices.heatmap_default()
@@ -209,9 +219,8 @@ async def build_run_page(state: UIState, name: str) -> None:
     # -- histograms over time ------------------------------------------------------------------
     hist_topics = choices.histogram_topics
     hist_layers = [row["name"] for row in layer_rows if row["params"]] or layers
-    left = choices.histogram_default() or ""
-    right = "weight_grads" if "weight_grads" in hist_topics and left != "weight_grads" else ""
-    right = right or next((t for t in hist_topics if t != left), "")
+    left = choices.histogram_default() or "weights"  # a run without histograms yet may record them later
+    right = "weight_grads" if left != "weight_grads" else next((t for t in hist_topics if t != left), "")
     hist = _View(layer=hist_layers[0] if hist_layers else "", topics={"left": left, "right": right})
     hist_panels: dict[str, Panel] = {}
     with hist_card:
@@ -220,14 +229,16 @@ async def build_run_page(state: UIState, name: str) -> None:
             ui.label("histogram of each recorded step; colour = log count").classes("sonde-muted")
             ui.space()
             hist_layer = _select(labels, hist.layer, "layer", with_input=True)
-        if not hist_topics:
-            ui.label("No histograms recorded in this run (add the 'histogram' metric).").classes("sonde-muted p-4")
+        no_hist = ui.label("No histograms recorded in this run yet (the 'histogram' metric records them).")
+        no_hist.classes("sonde-muted px-2").set_visibility(not hist_topics)
+        hist_selects: dict[str, ui.select] = {}
         with ui.row().classes("w-full gap-4 no-wrap"):
             for side in ("left", "right"):
                 if not hist.topics[side]:
                     continue
                 with ui.column().classes("flex-1 min-w-0 gap-1"):
                     side_select = _select(hist_topics, hist.topics[side], "topic").classes("ml-2")
+                    hist_selects[side] = side_select
 
                     def load_hist(side: str = side) -> Awaitable[dict[str, Any] | None]:
                         async def load() -> dict[str, Any] | None:
@@ -279,6 +290,11 @@ async def build_run_page(state: UIState, name: str) -> None:
         if fresh == choices:
             return
         choices = fresh
+        for panel in add_network_panels():
+            ui.timer(0, panel.redraw, once=True)
+        no_hist.set_visibility(not choices.histogram_topics)
+        for side, select in hist_selects.items():
+            _offer(select, choices.histogram_topics, hist.topics[side])
         _offer(phase_select, choices.phases, heat.phase)
         for view, topic, metric in ((heat, topic_select, metric_select), (line, line_topic, line_metric)):
             if not view.topic and choices.heatmap_default():  # the run had no per-layer metric yet
