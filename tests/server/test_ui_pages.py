@@ -125,3 +125,16 @@ def test_a_run_that_has_recorded_nothing_yet_has_a_page(tmp_path: Path) -> None:
         with serving(create_app(s)) as url:
             page = httpx.get(url + "/run/fresh", headers=HTML, timeout=20)
             assert page.status_code == 200 and "Network overview" in page.text
+
+
+def test_run_names_with_slashes_and_spaces_have_pages(tmp_path: Path) -> None:
+    from urllib.parse import quote
+
+    name = "sweep/lr 0.1"
+    with open_store(tmp_path / "sonde.db") as s:
+        s.start_run(RunInfo(name, layers=[LayerInfo("fc1", "Linear")]))
+        with serving(create_app(s)) as url:
+            runs = httpx.get(url + "/", headers=HTML, timeout=20)
+            assert quote(name, safe="") in runs.text  # the link on the runs page
+            page = httpx.get(f"{url}/run/{quote(name, safe='')}", headers=HTML, timeout=20)
+            assert page.status_code == 200 and "Network overview" in page.text and "lr 0.1" in page.text
