@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 import sonde
 import sonde.functional
 import sonde.metrics
@@ -42,13 +44,24 @@ def test_builtin_metrics_and_sinks_register_through_entry_points() -> None:
     metrics = sonde.metrics.registry()
     for name in ("mean", "std", "var", "min", "max", "abs_mean", "norm", "zero_frac", "nonfinite_frac",
                  "histogram", "update_ratio", "loss", "train_accuracy", "stats",
-                 "cka", "svcca", "cka_matrix", "probe_f1", "cluster_mi", "test_accuracy"):
+                 "cka", "svcca", "cka_matrix", "probe_f1", "cluster_mi", "test_accuracy",
+                 "saturation", "spectral_norm", "condition_number", "alerts", "snapshot"):
         assert name in metrics
-    assert {"store", "tensorboard", "csv", "console"} <= set(sonde.sinks.registry())
+    assert {"store", "tensorboard", "csv", "console", "remote", "video"} <= set(sonde.sinks.registry())
+
+
+def test_lazily_imported_names_are_the_real_classes() -> None:
+    from sonde.server.api.tensors import ServerMetric
+    from sonde.sinks.remote import RemoteSink
+
+    assert sonde.metrics.ServerMetric is ServerMetric
+    assert sonde.sinks.RemoteSink is RemoteSink
+    with pytest.raises(AttributeError):
+        _ = sonde.metrics.NoSuchMetric
 
 
 def test_every_public_name_has_a_docstring() -> None:
-    for module in (sonde, sonde.metrics, sonde.functional):
+    for module in (sonde, sonde.metrics, sonde.functional, sonde.sinks):
         for name in module.__all__:
             obj = getattr(module, name)
             if callable(obj) and not isinstance(obj, tuple):

@@ -28,6 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--token", default=None, help="access token clients must send (default: $SONDE_TOKEN)")
     serve.add_argument("--evaluator-url", default=None, help="evaluator to use (default http://127.0.0.1:8081)")
     serve.add_argument("--frontend-url", default=None, help="frontend to report to (default http://127.0.0.1:8080)")
+    replay = commands.add_parser("replay", help="send the Records remote probes left on disk while the server was down")
+    replay.add_argument("spill_dir", nargs="?", default="sonde-spill", help="spill directory (default: sonde-spill)")
+    replay.add_argument("--server", default=None, help="server URL (default: the one each probe was sending to)")
+    replay.add_argument("--token", default=None, help="access token (default: $SONDE_TOKEN)")
+    replay.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
     from sonde.graph.cli import add_parser as add_graph_parser
 
     add_graph_parser(commands)
@@ -49,6 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SondeError as exc:
             parser.exit(2, f"sonde serve: {exc}\n")
         return 0
+    if args.command == "replay":
+        import os
+
+        from sonde.errors import SondeError
+        from sonde.sinks.outbox import replay as replay_spill
+
+        try:
+            left = replay_spill(args.spill_dir, args.server, token=args.token or os.environ.get("SONDE_TOKEN"),
+                                timeout=args.timeout)
+        except SondeError as exc:
+            parser.exit(2, f"sonde replay: {exc}\n")
+        print(f"{left} request(s) still waiting in {args.spill_dir}" if left else "everything was delivered")
+        return 1 if left else 0
     if args.command == "graph":
         from sonde.graph.cli import run as run_graph
 

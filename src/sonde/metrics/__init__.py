@@ -52,6 +52,7 @@ __all__ = [
     "Norm",
     "ProbeF1",
     "Saturation",
+    "ServerMetric",
     "SpectralNorm",
     "Std",
     "TensorStats",
@@ -63,3 +64,13 @@ __all__ = [
     "registry",
     "resolve_metrics",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ServerMetric lives with the tensor payload it ships (sonde.server.api.tensors); importing it
+    # lazily keeps the server's dependencies out of `import sonde`.
+    if name == "ServerMetric":
+        from sonde.server.api.tensors import ServerMetric
+
+        return ServerMetric
+    raise AttributeError(f"module 'sonde.metrics' has no attribute {name!r}")

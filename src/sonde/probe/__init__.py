@@ -17,7 +17,8 @@ def probe(model: Any, **kwargs: Any) -> Probe:
         model: a ``torch.nn.Module`` (other frameworks have their own adapters).
         run: run name; default: the model class name made unique in the store.
         store: path of the SQLite store (default ``sonde.db``), a SQLAlchemy URL, or None.
-        server: URL of a running ``sonde serve`` (not available in this version).
+        server: URL of a running ``sonde serve`` (or a ``sonde.sinks.RemoteSink``): Records go there
+            instead of the local store, spilling to disk while the server is unreachable.
         optimizer: the optimizer; its steps are sonde's steps and give ``*_updates``.
         layers: a callable ``(name, module) -> bool`` or a list of names/globs.
         topics: topics to capture (default: all); see ``sonde.topics.TOPICS``.

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from sonde.errors import ConfigError
 from sonde.sinks.base import LayerInfo, RunInfo, Sink, SinkRunner
 
-__all__ = ["LayerInfo", "RunInfo", "Sink", "SinkRunner", "registry", "resolve_sinks"]
+__all__ = ["LayerInfo", "RemoteSink", "RunInfo", "Sink", "SinkRunner", "registry", "resolve_sinks"]
 
 
 @functools.cache
@@ -38,3 +38,12 @@ def resolve_sinks(sinks: Sequence[str | Sink] | None) -> list[Sink]:
         else:
             raise ConfigError(f"sinks= expects sink names or sonde.sinks.Sink instances, got {item!r}")
     return resolved
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use: the remote sink pulls in httpx and msgpack.
+    if name == "RemoteSink":
+        from sonde.sinks.remote import RemoteSink
+
+        return RemoteSink
+    raise AttributeError(f"module 'sonde.sinks' has no attribute {name!r}")

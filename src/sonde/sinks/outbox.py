@@ -11,7 +11,7 @@ Spill layout: ``<spill_dir>/<session>/`` per sink, holding a ``lock`` (flock'ed 
 process lives), ``meta.msgpack`` (server URL), ``runs.msgpack`` (what the server said about
 the runs: their names and first steps) and ``<seq>-<kind>.msgpack`` requests. A later Outbox
 with the same ``spill_dir`` and server adopts the sessions whose process is gone and sends
-them first; :func:`replay` does it without a probe (``python -m sonde.sinks.remote``).
+them first; :func:`replay` does it without a probe (``sonde replay``).
 
 Example:
     >>> replay("sonde-spill", "http://127.0.0.1:8080")   # doctest: +SKIP

@@ -225,7 +225,7 @@ class RemoteSink(Sink):
             log.error(
                 "sonde: server %s did not take everything of run %r: %d request(s) are safe on disk in %s. "
                 "They are sent by the next sonde.probe(..., server=%r) started in this directory (same spill_dir), "
-                "or now with: python -m sonde.sinks.remote %s",
+                "or now with: sonde replay %s",
                 self.server, self.run, left, outbox.dir, self.server, outbox.root,
             )
 
@@ -236,11 +236,3 @@ def _error_text(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         return response.text[:300]
 
-
-if __name__ == "__main__":  # pragma: no cover - `python -m sonde.sinks.remote [SPILL_DIR] [SERVER]`
-    import sys
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    remaining = replay(*(sys.argv[1:3] or [DEFAULT_SPILL_DIR]))
-    print(f"{remaining} request(s) still waiting" if remaining else "everything was delivered")
-    raise SystemExit(1 if remaining else 0)
