@@ -19,9 +19,12 @@ from nicegui import run
 from sonde.server.ui.data import splice
 from sonde.store import Store
 
-__all__ = ["Source", "off_loop"]
+__all__ = ["LINE_POINTS", "Source", "off_loop"]
 
 _T = TypeVar("_T")
+
+#: Points per line: a chart is ~1,300 px wide, so more points than this draw nothing more, only slower.
+LINE_POINTS = 1200
 
 
 async def off_loop(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -85,7 +88,8 @@ class Source:
         return await off_loop(lambda: [(str(p), str(t), str(m)) for p, t, m in self.store.available(run_name)])
 
     async def series(self, run_name: str, layer: str, topic: str, metric: str, *, phase: str = "train",
-                     max_points: int = 2000, window: tuple[int, int | None] | None = None) -> dict[str, Any]:
+                     max_points: int = LINE_POINTS, window: tuple[int, int | None] | None = None
+                     ) -> dict[str, Any]:
         """One downsampled series: ``step``, ``value``, ``min``, ``max``.
 
         With a ``window`` (first, last step; last None for "to the newest"), the steps inside it
