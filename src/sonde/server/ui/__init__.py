@@ -5,6 +5,7 @@ Pages:
 * ``/`` — every run (name, model, framework, status, steps, start, last update), live.
 * ``/run/{name}`` — network overview heatmap (layers × steps), training curves, per-layer
   lines, histograms over time, alerts; live while the run trains.
+* ``/run/{name}/graph`` — the network's graph coloured by a metric, played through training.
 * ``/compare?runs=a,b`` — one metric, several runs overlaid.
 
 The pages read the store in-process (never through HTTP) and only through downsampled
@@ -70,6 +71,10 @@ def _register_pages() -> None:
         state = _state(request)
         if gate(state, request):
             await build_runs_page(state)
+
+    from sonde.server.ui.graph_page import register_graph_page
+
+    register_graph_page(_state, gate)  # before the run page: its {name:path} would take ".../graph"
 
     @ui.page("/run/{name:path}", title="Run · sonde")
     async def run_page(request: Request, name: str) -> None:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from nicegui import ui
 
@@ -104,6 +105,8 @@ async def build_run_page(state: UIState, name: str) -> None:
                 ui.label(f"{run['model'] or 'model'} · {run['framework'] or 'framework'} · {len(layers)} layers"
                          ).classes("sonde-muted")
             ui.space()
+            ui.button("Graph", icon="account_tree").props(
+                f"outline no-caps data-link=graph href=/run/{quote(name)}/graph")
             steps_label = stat("steps", run["steps"]).props("data-stat=steps")
             stat("started (UTC)", stamp(run["started_at"]))
             updated_label = stat("last update", ago(run["updated_at"]))
