@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -45,6 +46,21 @@ from sonde.records import Record
 __all__ = ["ComputeTask", "MetricTask", "Worker"]
 
 log = logging.getLogger("sonde")
+
+try:
+    from threadpoolctl import threadpool_limits as _threadpool_limits
+except ImportError:  # pragma: no cover - optional
+    _threadpool_limits = None
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """numpy's BLAS/LAPACK (OpenBLAS) limited to one thread while the worker computes, so that an
+    eigendecomposition takes one core instead of spinning a second thread pool beside torch's.
+    Uses threadpoolctl when installed (it comes with scikit-learn); the limit is process-wide for
+    OpenBLAS while it lasts, and does not touch torch's own threads."""
+    if _threadpool_limits is None:
+        return contextlib.nullcontext()
+    return _threadpool_limits(limits=1, user_api="blas")
 
 
 class ComputeTask:
@@ -220,7 +236,8 @@ class Worker:
 
     def _run(self, task: ComputeTask) -> None:
         try:
-            records: Sequence[Any] = task.run()
+            with _one_blas_thread():
+                records: Sequence[Any] = task.run()
         except Exception as exc:  # noqa: BLE001 - a worker error must never reach training
             if task.name not in self.failed:
                 self.failed.add(task.name)

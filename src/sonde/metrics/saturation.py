@@ -26,8 +26,8 @@ import torch
 
 from sonde.errors import ConfigError
 from sonde.functional.saturation import (
+    augmented_gram,
     covariance_from_sums,
-    covariance_sums,
     eigenvalues,
     feature_rows,
     intrinsic_dimension,
@@ -35,6 +35,7 @@ from sonde.functional.saturation import (
     nystrom_eigenvalues,
     orthonormal_test_matrix,
     sketch_sums,
+    symmetric,
 )
 from sonde.metrics.base import Capture, Metric
 from sonde.schedules import Schedule
@@ -120,8 +121,10 @@ class Saturation(Metric):
         self.features = features
         self.dims: int | None = None
         self.omega: torch.Tensor | None = None  # the sketch's test matrix (configuration, not state)
-        self._gram: torch.Tensor | None = None  # reused device buffer for XᵀX
-        self.add_state("gram", default=0.0, reduce="sum")  # XᵀX, or XᵀXΩ when sketching
+        self._gram: torch.Tensor | None = None  # reused device buffer for the augmented XᵀX
+        self._scratch: torch.Tensor | None = None  # reused rows buffer, last column ones
+        # [[XᵀX, ΣX], [ΣXᵀ, n]] exactly, or XᵀXΩ when sketching (then with "sum" and "squares").
+        self.add_state("gram", default=0.0, reduce="sum")
         self.add_state("sum", default=0.0, reduce="sum")
         self.add_state("squares", default=0.0, reduce="sum")  # Σ‖x‖², for the sketch's exact trace
         self.add_state("rows", default=0.0, reduce="sum")
@@ -149,27 +152,40 @@ class Saturation(Metric):
             y, total, squares, n = sketch_sums(rows, self.omega)
             self.stage("gram", y)
             self.stage("squares", squares)
+            self.stage("sum", total)
         else:
+            # One product gives XᵀX, ΣX and n (see augmented_gram), into buffers kept across steps:
+            # fresh multi-megabyte allocations page-fault and cost more than the arithmetic on a CPU.
+            n = int(rows.shape[0])
+            scratch = self._scratch
+            if scratch is None or scratch.device != rows.device or scratch.shape[0] < n:
+                scratch = self._scratch = torch.ones(n, dims + 1, dtype=torch.float64, device=rows.device)
+            if self._gram is None or self._gram.device != rows.device:
+                self._gram = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
+            # The first batch of a step writes the buffer and stages it; later micro-batches add in.
+            # torch's product, not SciPy's dsyrk (half the work): a second BLAS thread pool spinning
+            # beside torch's slowed training down more than it saved on a 2-core machine.
             first = not any(name == "gram" for name, _ in self.staged)
-            if first:  # reuse one buffer per step; later micro-batches of the step add into it
-                if self._gram is None or self._gram.device != rows.device:
-                    self._gram = torch.empty(dims, dims, dtype=torch.float64, device=rows.device)
-                gram, total, n = covariance_sums(rows, out=self._gram)
-                self.stage("gram", gram)
-            else:
-                x = rows.to(torch.float64)
-                self._gram.addmm_(x.T, x)  # type: ignore[union-attr]
-                total, n = x.sum(dim=0), int(x.shape[0])
-        self.stage("sum", total)
+            augmented_gram(rows, out=self._gram, scratch=scratch, accumulate=not first)
+            if first:
+                self.stage("gram", self._gram)
         self.state["rows"] += float(n)  # known on the host already: nothing to transfer
+
+    def absorb(self, name: str, value: Any) -> None:
+        current = self.state.get(name)
+        if name == "gram" and isinstance(current, np.ndarray) and isinstance(value, np.ndarray) \
+                and current.shape == value.shape:
+            np.add(current, value, out=current)  # in place: this instance owns its state arrays
+            return
+        super().absorb(name, value)
 
     def compute(self) -> dict[str, Any]:
         n = float(self.state["rows"])
         if n <= 0 or self.dims is None:
             return {}
         dims = self.dims
-        mean = np.asarray(self.state["sum"], dtype=np.float64) / n
         if self.sketching:
+            mean = np.asarray(self.state["sum"], dtype=np.float64) / n
             omega = self.omega.cpu().numpy() if self.omega is not None else None
             if omega is None:
                 return {}
@@ -179,7 +195,8 @@ class Saturation(Metric):
             dim = intrinsic_dimension(values, self.threshold, total=trace)
             logdet = log_det(values, self.eps, dims, rest=trace - float(values.sum()))
         else:
-            cov = covariance_from_sums(self.state["gram"], self.state["sum"], n)
+            gram = symmetric(self.state["gram"])
+            cov = covariance_from_sums(gram[:dims, :dims], gram[:dims, dims], n)
             values = eigenvalues(cov)
             trace = float(np.trace(cov))
             dim = intrinsic_dimension(values, self.threshold)
