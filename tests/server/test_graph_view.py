@@ -132,8 +132,15 @@ def test_drawing_is_layered_left_to_right_without_overlaps(graph: Graph) -> None
     view = GraphView(graph)
     visible = view.visible()
     drawing = draw(visible, {"stem.0": "#440154"}, frames=view.frames())
+    assert max(drawing.bands.values()) >= 1  # 20 columns wrap into bands (a wide canvas: about 2.2 : 1)
+    assert 1.2 < drawing.width / drawing.height < 4.0
+    for src, dst in visible.edges:  # edges run forward in reading order: right, or on to a later band
+        a, b = drawing.bands[src], drawing.bands[dst]
+        assert b > a or (b == a and drawing.boxes[dst][0] > drawing.boxes[src][0]), (src, dst)
+    one_row = draw(visible, aspect=100.0)
+    assert set(one_row.bands.values()) == {0}
     for src, dst in visible.edges:
-        assert drawing.boxes[dst][0] > drawing.boxes[src][0], (src, dst)
+        assert one_row.boxes[dst][0] > one_row.boxes[src][0], (src, dst)
     corners = list(drawing.boxes.values())
     for i, (x1, y1) in enumerate(corners):
         for x2, y2 in corners[i + 1:]:
@@ -141,6 +148,7 @@ def test_drawing_is_layered_left_to_right_without_overlaps(graph: Graph) -> None
     drawn = set(re.findall(r'data-node="([^"]+)"', drawing.svg))
     assert drawn == {n.name for n in visible.leaves()}
     assert set(re.findall(r'data-frame="([^"]+)"', drawing.svg)) == {"stem", "blocks", "blocks.0", "blocks.1", "head"}
+    assert "(cont.)" in drawing.svg  # a module split over two bands is framed in both
     assert 'fill="#440154"' in drawing.svg
 
 

@@ -167,7 +167,7 @@ async def build_graph_page(state: UIState, name: str) -> None:
                             f"scale over all steps" if colour.metric else "no per-layer metric recorded yet")
         return {"fills": fills, "tips": tips, "alerts": {k: len(v) for k, v in alerts.items()}}
 
-    def send(*, layout: bool, keep: bool = True) -> None:
+    def send(*, layout: bool) -> None:
         view = holder["view"]
         if view is None:
             return
@@ -182,8 +182,7 @@ async def build_graph_page(state: UIState, name: str) -> None:
         model = view.graph.model or run["model"] or "model"
         summary.text = (f"{model} · {len(visible.leaves())} of {total} nodes shown"
                         f" · {len(view.collapsed)} modules collapsed")
-        ui.run_javascript(f"sondeGraph.show('{canvas_id}', {json.dumps(drawing.svg)}, {payload}, "
-                          f"{'true' if keep else 'false'})")
+        ui.run_javascript(f"sondeGraph.show('{canvas_id}', {json.dumps(drawing.svg)}, {payload}, false)")
 
     # -- data --------------------------------------------------------------------------------------
     async def load(*, follow: bool) -> None:
@@ -206,7 +205,7 @@ async def build_graph_page(state: UIState, name: str) -> None:
             return
         holder["view"] = await off_loop(GraphView, stored)
         await load(follow=True)
-        send(layout=True, keep=False)
+        send(layout=True)
 
     # -- handlers ------------------------------------------------------------------------------------
     def clicked(e: Any) -> None:
@@ -226,12 +225,12 @@ async def build_graph_page(state: UIState, name: str) -> None:
     def reset() -> None:
         if holder["view"] is not None:
             holder["view"].reset()
-            send(layout=True, keep=False)
+            send(layout=True)
 
     def collapse_all() -> None:
         if holder["view"] is not None:
             holder["view"].collapse_all()
-            send(layout=True, keep=False)
+            send(layout=True)
 
     def moved(e: Any) -> None:
         if e.value is None or int(e.value) == colour.column:

@@ -17,6 +17,8 @@ _CSS = """
 .sg-canvas, .sg-canvas svg { width: 100%; height: 100%; display: block; user-select: none; }
 .sg-svg { font-family: Inter, Roboto, sans-serif; }
 .sg-edges path { fill: none; stroke: #98a2b3; stroke-width: 1.3; }
+.sg-edges path.sg-skip { stroke: #b3b8db; stroke-dasharray: 5 3; }
+.sg-edges path.sg-wrap { stroke: #b3b8db; }
 .sg-frame rect { fill: rgba(57, 73, 171, 0.035); stroke: #c5cae9; stroke-dasharray: 4 3; }
 .sg-frame text { font-size: 11px; fill: #5c6bc0; cursor: pointer; font-weight: 600; }
 .sg-node { cursor: pointer; }
@@ -47,8 +49,9 @@ window.sondeGraph = window.sondeGraph || (() => {
     const st = S[id]; if (!st || !st.svg) return;
     const box = st.root.getBoundingClientRect();
     const w = +st.svg.dataset.width, h = +st.svg.dataset.height;
-    st.k = Math.max(0.08, Math.min(box.width / w, box.height / h, 1.1));
-    st.x = (box.width - w * st.k) / 2; st.y = Math.max(8, (box.height - h * st.k) / 2);
+    // Never smaller than readable: a long network starts at its input, the rest a drag away.
+    st.k = Math.max(0.45, Math.min(box.width / w, box.height / h, 1.1));
+    st.x = Math.max(10, (box.width - w * st.k) / 2); st.y = Math.max(10, (box.height - h * st.k) / 2);
     apply(st);
   }
   function bind(st, id) {

@@ -29,6 +29,7 @@ from sonde.graph.render import _colour, _count, _is_dark, _layers, _shapes
 __all__ = ["Drawing", "GraphView", "base_name", "draw", "ramp"]
 
 BOX_W, BOX_H, GAP_X, GAP_Y, PAD = 150, 40, 48, 16, 10
+BAND_TOP = PAD + 24  # room above the first band for the outermost frames' labels
 _PLAIN = {"input": "#e3ecfb", "output": "#e3ecfb", "function": "#f2f4f7", "module": "#ffffff"}
 
 
@@ -278,10 +279,19 @@ class Drawing:
     width: float
     height: float
     boxes: dict[str, tuple[float, float]] = field(default_factory=dict)  # node -> top-left corner
+    bands: dict[str, int] = field(default_factory=dict)  # node -> row of the wrapped layout (0 first)
 
 
-def _place(graph: Graph) -> dict[str, tuple[float, float]]:
-    """Columns by longest path; in a column, each box goes next to its inputs (chains stay straight)."""
+BAND_GAP = 84  # between the rows of a wrapped layout (room for frames and the edges that turn back)
+
+
+def _place(graph: Graph, aspect: float) -> tuple[dict[str, tuple[float, float]], dict[str, int], float]:
+    """Top-left corner and band of every leaf, and the distance from one band's top to the next's.
+
+    Columns by longest path; in a column each box goes next to its inputs (chains stay straight).
+    A long network is wrapped like lines of text into bands of columns, as many as bring the
+    picture closest to ``aspect`` (width / height), so a deep model reads on one screen.
+    """
     layer = _layers(graph)
     preds: dict[str, list[str]] = {}
     for src, dst in graph.edges:
@@ -295,50 +305,69 @@ def _place(graph: Graph) -> dict[str, tuple[float, float]]:
     for col in sorted(columns):
         wanted = []
         for name in columns[col]:
-            inputs = [ys[p] for p in preds.get(name, []) if p in ys]
-            wanted.append((sum(inputs) / len(inputs) if inputs else 0.0, order[name], name))
+            # Next to the nearest inputs (the previous column's, usually): a block fed by the block before it
+            # and by a mask computed far upstream stays in line with the block.
+            inputs = [p for p in preds.get(name, []) if p in ys]
+            nearest = max((layer[p] for p in inputs), default=0)
+            near = [ys[p] for p in inputs if layer[p] == nearest]
+            wanted.append((sum(near) / len(near) if near else 0.0, order[name], name))
         wanted.sort()
         floor = -math.inf
         for y, _, name in wanted:
             ys[name] = max(y, floor)
             floor = ys[name] + step
     top = min(ys.values(), default=0.0)
-    return {name: (PAD + layer[name] * (BOX_W + GAP_X), PAD + 18 + y - top) for name, y in ys.items()}
+    tall = max(ys.values(), default=0.0) - top + BOX_H
+    count = max(columns, default=0) + 1
+    best = (math.inf, 1)
+    for bands in range(1, count + 1):
+        per = math.ceil(count / bands)
+        shape = per * (BOX_W + GAP_X) / (bands * (tall + BAND_GAP))
+        best = min(best, (abs(math.log(shape / aspect)), per))
+    per, pitch = best[1], tall + BAND_GAP
+    pos = {name: (float(PAD + (layer[name] % per) * (BOX_W + GAP_X)), BAND_TOP + (layer[name] // per) * pitch + y - top)
+           for name, y in ys.items()}
+    return pos, {name: layer[name] // per for name in ys}, pitch
 
 
 def draw(graph: Graph, fills: Mapping[str, str] | None = None, *, containers: Sequence[str] = (),
-         frames: Mapping[str, list[str]] | None = None) -> Drawing:
+         frames: Mapping[str, list[str]] | None = None, aspect: float = 2.2) -> Drawing:
     """Lay out ``graph``'s leaves left to right and draw them as SVG with ``data-node`` hooks for the page.
 
     Args:
         graph: :meth:`GraphView.visible`.
         fills: colour per node (others get their kind's plain fill).
-        containers: boxes that stand for a collapsed module (drawn with a ``+`` and a double border).
-        frames: expanded module -> the visible boxes inside it; a labelled frame is drawn around them.
+        containers: boxes that stand for a collapsed module (drawn with a ``+`` and a bold border).
+        frames: expanded module -> the visible boxes inside it; a labelled frame is drawn around them
+            (one per band when the layout wraps).
+        aspect: the width / height the picture should come close to (the page's canvas).
     """
-    pos = _place(graph)
+    pos, band, pitch = _place(graph, aspect)
     fills = fills or {}
     width = max((x for x, _ in pos.values()), default=0.0) + BOX_W + PAD
     height = max((y for _, y in pos.values()), default=0.0) + BOX_H + PAD
     parts = ['<g class="sg-frames">']
     depth = {m: m.count(".") for m in (frames or {})}
+    # A frame grows past the frames nested in it by one label's height each, so no two labels overlap.
+    levels = {m: max((depth[o] - depth[m] for o in depth if o.startswith(m + ".")), default=0) for m in depth}
     for module, inside in sorted((frames or {}).items(), key=lambda kv: depth[kv[0]]):
-        corners = [pos[n] for n in inside if n in pos]
-        if not corners:
-            continue
-        grow = 8 + 4 * max(0, 3 - depth[module])
-        x0, y0 = min(x for x, _ in corners) - grow, min(y for _, y in corners) - grow - 12
-        x1, y1 = max(x for x, _ in corners) + BOX_W + grow, max(y for _, y in corners) + BOX_H + grow
-        parts.append(f'<g class="sg-frame" data-frame="{html.escape(module)}"><rect x="{x0:.0f}" y="{y0:.0f}" '
-                     f'width="{x1 - x0:.0f}" height="{y1 - y0:.0f}" rx="8"/>'
-                     f'<text x="{x0 + 6:.0f}" y="{y0 + 12:.0f}">{html.escape(module)} ▾</text></g>')
+        pieces: dict[int, list[tuple[float, float]]] = {}
+        for n in inside:
+            if n in pos:
+                pieces.setdefault(band[n], []).append(pos[n])
+        grow = 8 + 15 * levels[module]
+        for i, corners in enumerate(pieces[b] for b in sorted(pieces)):
+            x0, y0 = min(x for x, _ in corners) - grow, min(y for _, y in corners) - grow - 12
+            x1, y1 = max(x for x, _ in corners) + BOX_W + grow, max(y for _, y in corners) + BOX_H + grow
+            title = html.escape(module) + (" ▾" if i == 0 else " (cont.)")
+            parts.append(f'<g class="sg-frame" data-frame="{html.escape(module)}"><rect x="{x0:.0f}" y="{y0:.0f}" '
+                         f'width="{x1 - x0:.0f}" height="{y1 - y0:.0f}" rx="8"/>'
+                         f'<text x="{x0 + 6:.0f}" y="{y0 + 12:.0f}">{title}</text></g>')
     parts.append('</g><g class="sg-edges">')
     for src, dst in graph.edges:
         if src in pos and dst in pos:
-            (x1, y1), (x2, y2) = pos[src], pos[dst]
-            sx, sy, ex, ey = x1 + BOX_W, y1 + BOX_H / 2, x2, y2 + BOX_H / 2
-            mid = (sx + ex) / 2
-            parts.append(f'<path d="M{sx:.0f},{sy:.0f} C{mid:.0f},{sy:.0f} {mid:.0f},{ey:.0f} {ex:.0f},{ey:.0f}"/>')
+            wrap = BAND_TOP + band[dst] * pitch - BAND_GAP * 0.57 if band[src] != band[dst] else None
+            parts.append(_edge(pos[src], pos[dst], wrap))
     parts.append('</g><g class="sg-nodes">')
     boxed = set(containers)
     for name, (x, y) in pos.items():
@@ -353,7 +382,7 @@ def draw(graph: Graph, fills: Mapping[str, str] | None = None, *, containers: Se
             f'transform="translate({x:.0f},{y:.0f})">'
             f'<rect class="sg-rect" width="{BOX_W}" height="{BOX_H}" rx="6" fill="{fill}"/>'
             f'<text class="sg-name" x="8" y="16" fill="{ink}">{html.escape(label)}</text>'
-            f'<text class="sg-sub" x="8" y="31" fill="{ink}">{html.escape(_short(_subtitle(node), 26))}</text>'
+            f'<text class="sg-sub" x="8" y="31" fill="{ink}">{html.escape(_subtitle(node))}</text>'
             + (f'<text class="sg-plus" x="{BOX_W - 14}" y="16" fill="{ink}">+</text>' if name in boxed else "")
             + f'<g class="sg-alert" visibility="hidden"><circle cx="{BOX_W}" cy="0" r="9"/>'
             f'<text x="{BOX_W}" y="4">!</text></g></g>')
@@ -361,13 +390,36 @@ def draw(graph: Graph, fills: Mapping[str, str] | None = None, *, containers: Se
     body = "".join(parts)
     svg = (f'<svg class="sg-svg" width="100%" height="100%" data-width="{width:.0f}" data-height="{height:.0f}">'
            f'<g class="sg-viewport">{body}</g></svg>')
-    return Drawing(svg, width, height, pos)
+    return Drawing(svg, width, height, pos, band)
+
+
+def _edge(a: tuple[float, float], b: tuple[float, float], gy: float | None) -> str:
+    """An edge from box corner ``a``'s right side to ``b``'s left side (through the gap at ``gy`` to a later band)."""
+    sx, sy, ex, ey = a[0] + BOX_W, a[1] + BOX_H / 2, b[0], b[1] + BOX_H / 2
+    if gy is not None:  # to a later band: down into the gap above the target's band, back left, down into it
+        return (f'<path class="sg-wrap" d="M{sx:.0f},{sy:.0f} C{sx + 30:.0f},{sy:.0f} {sx + 30:.0f},{gy:.0f} '
+                f'{sx:.0f},{gy:.0f} L{ex:.0f},{gy:.0f} C{ex - 30:.0f},{gy:.0f} {ex - 30:.0f},{ey:.0f} '
+                f'{ex:.0f},{ey:.0f}"/>')
+    if ex - sx > BOX_W + GAP_X and abs(ey - sy) < BOX_H:
+        # A skip connection along a row would hide behind the boxes it skips: arc over them.
+        lift = min(sy, ey) - BOX_H * 1.1
+        return (f'<path class="sg-skip" d="M{sx:.0f},{sy:.0f} C{sx + 40:.0f},{lift:.0f} {ex - 40:.0f},{lift:.0f} '
+                f'{ex:.0f},{ey:.0f}"/>')
+    mid = (sx + ex) / 2
+    return f'<path d="M{sx:.0f},{sy:.0f} C{mid:.0f},{sy:.0f} {mid:.0f},{ey:.0f} {ex:.0f},{ey:.0f}"/>'
 
 
 def _subtitle(node: Node) -> str:
+    """Class, parameter count, then the output's feature shape when it fits the box."""
     shape = node.output_shapes[0][1:] if node.output_shapes and node.output_shapes[0] else []
-    text = node.op + (f" · {_count(node.num_params)}p" if node.num_params else "")
-    return text + (f" · {'×'.join(map(str, shape))}" if shape else "")
+    text = _short_end(node.op, 18) + (f" · {_count(node.num_params)}p" if node.num_params else "")
+    more = f" · {'×'.join(map(str, shape))}" if shape else ""
+    return text + more if len(text + more) <= 27 else text
+
+
+def _short_end(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
 
 
 def _short(text: str, limit: int) -> str:

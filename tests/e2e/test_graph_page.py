@@ -1,0 +1,200 @@
+"""The graph view in a real browser: ``sonde serve`` on a store holding a run's graph and metrics,
+Debian's Chromium (Playwright) on ``/run/{name}/graph``.
+
+The graph is extracted by ``sonde.graph`` from a small residual CNN; the Records are written so that
+every layer's ``zero_frac`` grows over training (later layers faster), and one alert fires on
+``blocks.2.act`` at step 20. The boxes must draw coloured, a click must expand a module into its
+children, moving the slider must change the colours, and the alert must ring its box only from
+step 20 on. A screenshot is kept in ``test-artifacts/graph.png`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from torch import nn
+
+import sonde
+from sonde.records import Record
+from sonde.sinks.base import LayerInfo, RunInfo
+from sonde.store import open_store
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+RUN = "resnet-mini"
+STEPS = 40
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian's Chromium is not installed at {CHROMIUM}")
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+
+
+def _seed(path: Path) -> None:
+    model = nn.Sequential()
+    model.add_module("stem", nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()))
+    model.add_module("blocks", nn.Sequential(Block(16), Block(16), Block(16)))
+    model.add_module("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)))
+    graph = sonde.graph(model.eval(), torch.zeros(1, 3, 32, 32))
+    layers = [n for n in graph.leaves() if n.kind == "module"]
+    with open_store(path) as store:
+        store.start_run(RunInfo(RUN, model="Sequential", framework="torch",
+                                layers=[LayerInfo(n.name, n.op, n.params) for n in layers]))
+        store.put_graph(RUN, graph.to_dict())
+        records = []
+        for step in range(STEPS):
+            for i, node in enumerate(layers):
+                growth = (i + 1) / len(layers)
+                records.append(Record(RUN, step, "train", node.name, "activations", "zero_frac",
+                                      0.05 + 0.9 * growth * step / (STEPS - 1)))
+                records.append(Record(RUN, step, "train", node.name, "weights", "norm", 1.0 + 0.1 * i + 0.01 * step))
+            records.append(Record(RUN, step, "train", "", "loss", "loss", 2.0 / (1 + step)))
+        records.append(Record(RUN, 20, "train", "blocks.2.act", "activations", "alert", 1.0,
+                              "layer 'blocks.2.act': 91% of its activations are exactly zero at step 20 (dead units)"))
+        store.write(RUN, records)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    store = tmp_path / "sonde.db"
+    _seed(store)
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "sonde.cli", "serve", "--port", str(port), "--store", str(store)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/api/v1/runs", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"sonde serve did not come up: {(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _nodes(page: Any) -> dict[str, dict[str, Any]]:
+    """Every drawn box: its fill, whether it is coloured by the metric, whether an alert rings it."""
+    return page.evaluate(  # type: ignore[no-any-return]
+        """() => Object.fromEntries([...document.querySelectorAll('#sonde-graph .sg-node')].map(g => {
+            const fill = g.querySelector('.sg-rect').getAttribute('fill');
+            return [g.dataset.node, {fill, coloured: fill !== g.dataset.plain,
+                                     alert: g.classList.contains('sg-alerted')}];
+        }))"""
+    )
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last seen: {str(last)[:400]})")
+
+
+def test_graph_view_expands_modules_and_plays_through_training(server: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+        # The run page links to the graph view.
+        page.goto(f"{server}/run/{RUN}")
+        page.locator("[data-link=graph]").click()
+        page.wait_for_url(f"**/run/{RUN}/graph")
+
+        # A small model opens fully expanded, every layer coloured by activations · zero_frac at the last step.
+        nodes = _wait(lambda: (n := _nodes(page)) and "blocks.0.conv1" in n and n, 30, "the graph to draw")
+        assert sum(v["coloured"] for v in nodes.values()) >= 15
+        assert not nodes["input"]["coloured"]
+        assert page.locator("[data-sg=step]").inner_text() == f"step {STEPS - 1}"
+        assert nodes["blocks.2.act"]["alert"] and not nodes["blocks.0.act"]["alert"]
+
+        # Collapse everything, then click a module: its children appear (and it stops being one box).
+        page.get_by_role("button", name="Collapse all").click()
+        top = _wait(lambda: (n := _nodes(page)) and "blocks" in n and n, 10, "the collapsed view")
+        assert set(top) == {"input", "stem", "blocks", "head", "output"}
+        assert top["blocks"]["coloured"] and top["blocks"]["alert"]  # the alert shows on the enclosing box
+        page.locator('#sonde-graph [data-node="blocks"]').click()
+        expanded = _wait(lambda: (n := _nodes(page)) and "blocks.1" in n and n, 10, "blocks' children")
+        assert {"blocks.0", "blocks.1", "blocks.2"} <= set(expanded) and "blocks" not in expanded
+        assert expanded["blocks.2"]["alert"] and not expanded["blocks.0"]["alert"]
+
+        # Hovering a box shows its shapes, parameters and metrics.
+        page.locator('#sonde-graph [data-node="blocks.1"]').hover()
+        tip = page.locator("#sonde-graph .sg-tip")
+        _wait(lambda: tip.is_visible(), 5, "the hover card")
+        text = tip.inner_text()
+        assert "output [1, 16, 32, 32]" in text and "parameters" in text and "zero_frac at step 39" in text
+
+        # The slider goes back to the first step: colours change, the alert (step 20) is not there yet.
+        slider = page.locator("[data-sg=slider]")
+        box = slider.bounding_box()
+        assert box is not None
+        page.mouse.click(box["x"] + 1, box["y"] + box["height"] / 2)
+        _wait(lambda: page.locator("[data-sg=step]").inner_text() == "step 0", 10, "the slider at step 0")
+        early = _wait(lambda: (n := _nodes(page)) and n["blocks.2"]["fill"] != expanded["blocks.2"]["fill"] and n,
+                      10, "colours of step 0")
+        assert not early["blocks.2"]["alert"]
+        assert len({v["fill"] for v in early.values() if v["coloured"]}) <= 2  # everything starts alike
+
+        # Play runs through training by itself.
+        page.locator("[data-sg=play]").click()
+        _wait(lambda: page.locator("[data-sg=step]").inner_text() not in ("step 0", "step 1"), 10, "playback")
+        page.locator("[data-sg=play]").click()
+
+        page.mouse.click(box["x"] + box["width"] - 1, box["y"] + box["height"] / 2)
+        _wait(lambda: page.locator("[data-sg=step]").inner_text() == f"step {STEPS - 1}", 10, "the last step")
+        page.mouse.move(5, 5)
+        page.locator('#sonde-graph [data-node="blocks.2"]').click()  # open the alerted block for the picture
+        _wait(lambda: "blocks.2.conv1" in _nodes(page), 10, "blocks.2's children")
+        page.mouse.move(5, 5)  # no hover card in the picture
+        time.sleep(0.5)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "graph.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"\nscreenshot: {shot}")
+        assert not errors, errors
+        browser.close()
