@@ -53,6 +53,9 @@ def test_small_model_starts_fully_expanded_and_collapses_to_top_level(graph: Gra
     assert view.collapsed == set()
     view.collapse_all()
     assert boxes(view) == {"input", "stem", "blocks", "head", "output"}
+    view.expand_all()
+    assert boxes(view) == {n.name for n in graph.prune().leaves()}
+    view.collapse_all()
     # Boxes are joined in tensor order: input -> stem -> blocks -> head -> output.
     assert set(view.visible().edges) == {("input", "stem"), ("stem", "blocks"), ("blocks", "head"), ("head", "output")}
 

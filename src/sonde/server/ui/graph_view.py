@@ -111,6 +111,10 @@ class GraphView:
             if len(self.visible().leaves()) <= self.max_nodes:
                 return
 
+    def expand_all(self) -> None:
+        """Every module expanded: one box per leaf node (for a big model, hundreds of boxes)."""
+        self._set(set())
+
     def collapse_all(self) -> None:
         """Every top-level module as one box."""
         self._set({n for n in self._kids.get(None, []) if self.is_container(n)})
