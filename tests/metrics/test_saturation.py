@@ -218,3 +218,14 @@ def test_sketch_error_on_a_known_spectrum_is_bounded() -> None:
     assert got["intrinsic_dim"] == pytest.approx(exact_dim, rel=0.10)
     assert got["intrinsic_dim"] >= exact_dim  # sketch eigenvalues never over-estimate
     assert got["saturation"] == got["intrinsic_dim"] / d
+
+
+def test_sketch_that_cannot_reach_the_threshold_says_nan_not_a_guess() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 64))  # isotropic: 0.99 of the variance needs ~63 directions
+    metric = Saturation(approximate="sketch", sketch_size=16)
+    metric.update(sonde.metrics.Capture(torch.from_numpy(x), layer_type="Linear"))
+    metric.absorb_staged({id(t): t.numpy() for _, t in metric.staged})
+    got = metric.compute()
+    assert np.isnan(got["intrinsic_dim"]) and np.isnan(got["saturation"])
+    assert got["cov_trace"] == pytest.approx(np.trace(np.cov(x, rowvar=False, bias=True)), rel=1e-9)
