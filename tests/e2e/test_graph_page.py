@@ -4,8 +4,9 @@ Debian's Chromium (Playwright) on ``/run/{name}/graph``.
 The graph is extracted by ``sonde.graph`` from a small residual CNN; the Records are written so that
 every layer's ``zero_frac`` grows over training (later layers faster), and one alert fires on
 ``blocks.2.act`` at step 20. The boxes must draw coloured, a click must expand a module into its
-children, moving the slider must change the colours, and the alert must ring its box only from
-step 20 on. A screenshot is kept in ``test-artifacts/graph.png`` (git-ignored).
+children, moving the slider must change the colours, the alert must ring its box only from
+step 20 on, and a step written while the page is open must reach the slider. A screenshot is
+kept in ``test-artifacts/graph.png`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -77,8 +78,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[str]:
-    store = tmp_path / "sonde.db"
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "sonde.db"
+
+
+@pytest.fixture
+def server(tmp_path: Path, store_path: Path) -> Iterator[str]:
+    store = store_path
     _seed(store)
     port = _free_port()
     log = (tmp_path / "server.log").open("w")
@@ -128,7 +134,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last seen: {str(last)[:400]})")
 
 
-def test_graph_view_expands_modules_and_plays_through_training(server: str) -> None:
+def test_graph_view_expands_modules_and_plays_through_training(server: str, store_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -195,6 +201,11 @@ def test_graph_view_expands_modules_and_plays_through_training(server: str) -> N
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "graph.png"
         page.screenshot(path=str(shot), full_page=True)
+        # Live: the run goes on; with the slider at the newest step, the view follows without a reload.
+        with open_store(store_path) as store:
+            store.write(RUN, [Record(RUN, STEPS + 5, "train", str(name), "activations", "zero_frac", 0.5)
+                              for name in store.layers(RUN)["name"]])
+        _wait(lambda: page.locator("[data-sg=step]").inner_text() == f"step {STEPS + 5}", 15, "the new step")
         print(f"\nscreenshot: {shot}")
         assert not errors, errors
         browser.close()
