@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import math
@@ -190,7 +191,8 @@ async def build_graph_page(state: UIState, name: str) -> None:
         colour.heatmap = (await source.heatmap(name, colour.topic, colour.metric, phase=colour.phase)
                           if colour.topic and colour.metric else {})
         pairs = [(t, m) for t, ms in choices.layer_metrics.items() for m in ms][:_LATEST_LIMIT]
-        colour.latest = {(t, m): await source.heatmap(name, t, m, phase=colour.phase, max_steps=1) for t, m in pairs}
+        latest = await asyncio.gather(*(source.heatmap(name, t, m, phase=colour.phase, max_steps=1) for t, m in pairs))
+        colour.latest = dict(zip(pairs, latest, strict=True))
         colour.alerts = await source.alerts(name) if choices.has_alerts else []
         count = len(steps())
         slider.props["max"] = max(count - 1, 1)

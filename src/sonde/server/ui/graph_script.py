@@ -49,8 +49,8 @@ window.sondeGraph = window.sondeGraph || (() => {
     const st = S[id]; if (!st || !st.svg) return;
     const box = st.root.getBoundingClientRect();
     const w = +st.svg.dataset.width, h = +st.svg.dataset.height;
-    // Never smaller than readable: a long network starts at its input, the rest a drag away.
-    st.k = Math.max(0.45, Math.min(box.width / w, box.height / h, 1.1));
+    // The whole picture (the wheel zooms in); only a huge expanded model starts at its input instead.
+    st.k = Math.max(0.2, Math.min(box.width / w, box.height / h, 1.1));
     st.x = Math.max(10, (box.width - w * st.k) / 2); st.y = Math.max(10, (box.height - h * st.k) / 2);
     apply(st);
   }

@@ -28,8 +28,9 @@ from sonde.graph.render import _colour, _count, _is_dark, _layers, _shapes
 
 __all__ = ["Drawing", "GraphView", "base_name", "draw", "ramp"]
 
-BOX_W, BOX_H, GAP_X, GAP_Y, PAD = 150, 40, 48, 16, 10
-BAND_TOP = PAD + 24  # room above the first band for the outermost frames' labels
+BOX_W, BOX_H, GAP_X, GAP_Y = 150, 40, 48, 16
+PAD = 36  # margin: frames grow past their boxes, wrapped edges turn outside them
+BAND_TOP = PAD + 30  # room above the first band for the outermost frames' labels
 _PLAIN = {"input": "#e3ecfb", "output": "#e3ecfb", "function": "#f2f4f7", "module": "#ffffff"}
 
 
@@ -68,7 +69,8 @@ class GraphView:
 
     Args:
         graph: a :class:`Graph` or its JSON dict (what ``Store.get_graph`` returns).
-        max_nodes: the first view collapses to the deepest level showing at most this many boxes.
+        max_nodes: the first view collapses to the deepest level showing at most this many boxes (60 read
+            well on a laptop screen once wrapped: ResNet-152 opens with one box per bottleneck block).
 
     Example:
         >>> g = {"nodes": [{"name": "input", "kind": "input", "op": "Tensor", "parent": None, "output_shapes": []},
@@ -80,7 +82,7 @@ class GraphView:
         (['input', 'body'], 'expanded', ['input', 'body.0'])
     """
 
-    def __init__(self, graph: Graph | Mapping[str, Any], *, max_nodes: int = 80) -> None:
+    def __init__(self, graph: Graph | Mapping[str, Any], *, max_nodes: int = 60) -> None:
         full = graph if isinstance(graph, Graph) else Graph.from_dict(dict(graph))
         self.graph = full.prune()
         # Trivial layers pruned from the picture (flatten, dropout) still count in their box's colour.
