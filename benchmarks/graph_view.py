@@ -9,8 +9,10 @@ weights), built with ``sonde.graph``, it times in one process:
   would have to lay out and ship);
 * **per step**: the colours and hover cards of one slider step (``values`` + ``alerts`` + ``tooltip``),
   what the page computes at every frame of *play*;
+* **browser**: when Debian's Chromium is installed, the page script's ``sondeGraph.show`` (insert the
+  SVG, fit, colour) plus the browser's layout of it, for the first view and for every node;
 
-and prints the ratio first view / all nodes. Run: ``python benchmarks/graph_view.py``.
+and prints the ratios first view / all nodes. Run: ``python benchmarks/graph_view.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,31 @@ def _best(fn: Callable[[], Any], rounds: int = 5) -> tuple[float, Any]:
         result = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+CHROMIUM = "/usr/bin/chromium"
+_SHOW = """(svg) => { const t = performance.now(); sondeGraph.show('g', svg, {fills: {}, tips: {}}, false);
+    document.querySelector('#g svg').getBBox(); document.body.offsetHeight; return performance.now() - t; }"""
+
+
+def browser_times(svgs: list[str]) -> list[float] | None:
+    """Median milliseconds of showing each SVG in Chromium (None without Chromium)."""
+    if not Path(CHROMIUM).exists():
+        return None
+    from playwright.sync_api import sync_playwright
+
+    from sonde.server.ui.graph_script import GRAPH_HEAD
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.set_content(f"<html><head>{GRAPH_HEAD}<script>function emitEvent() {{}}</script></head><body>"
+                         "<div id='g' class='sg-root'><div class='sg-canvas'></div><div class='sg-tip'></div></div>"
+                         "</body></html>")
+        out = [statistics.median(page.evaluate(_SHOW, svg) for _ in range(5)) for svg in svgs]
+        browser.close()
+    return out
 
 
 def measure(name: str) -> str:
@@ -69,14 +96,17 @@ def measure(name: str) -> str:
         return len(tips)
 
     t_step, _ = _best(one_step)
+    shown = browser_times([drawing.svg, full.svg])
+    browser = (f"{shown[0]:>13.1f}ms {shown[1]:>8.1f}ms {shown[0] / shown[1]:>6.2f}" if shown
+               else f"  (no Chromium at {CHROMIUM})")
     return (f"{name:<10} {len(view.graph.nodes):>6} {len(view.visible().leaves()):>6} {t_first * 1e3:>9.1f}ms "
             f"{len(drawing.svg) / 1024:>5.0f}kB {t_all * 1e3:>8.1f}ms {len(full.svg) / 1024:>5.0f}kB "
-            f"{t_first / t_all:>6.2f} {t_step * 1e3:>7.1f}ms")
+            f"{t_first / t_all:>6.2f} {t_step * 1e3:>7.1f}ms {browser}")
 
 
 def main() -> None:
     print(f"{'model':<10} {'nodes':>6} {'shown':>6} {'first view':>11} {'svg':>7} {'all nodes':>10} {'svg':>7} "
-          f"{'ratio':>6} {'per step':>9}")
+          f"{'ratio':>6} {'per step':>9} {'browser first':>15} {'all':>10} {'ratio':>6}")
     for name in ("resnet152", "gpt2"):
         print(measure(name), flush=True)
 
