@@ -168,6 +168,27 @@ def test_graph_view_expands_modules_and_plays_through_training(server: str, stor
         assert {"blocks.0", "blocks.1", "blocks.2"} <= set(expanded) and "blocks" not in expanded
         assert expanded["blocks.2"]["alert"] and not expanded["blocks.0"]["alert"]
 
+        # The wheel zooms around the pointer and a drag pans (the viewport's transform changes).
+        def transform() -> str:
+            return str(page.locator("#sonde-graph .sg-viewport").get_attribute("transform"))
+
+        def scale(t: str) -> float:
+            return float(t.split("scale(")[1].rstrip(")"))
+
+        canvas = page.locator("#sonde-graph").bounding_box()
+        assert canvas is not None
+        fitted = transform()
+        page.mouse.move(canvas["x"] + 200, canvas["y"] + 200)
+        page.mouse.wheel(0, -300)
+        zoomed = _wait(lambda: (t := transform()) != fitted and t, 5, "the wheel to zoom")
+        assert scale(zoomed) > scale(fitted)
+        page.mouse.down()
+        page.mouse.move(canvas["x"] + 320, canvas["y"] + 260, steps=4)
+        page.mouse.up()
+        assert transform() != zoomed and scale(transform()) == scale(zoomed)
+        page.get_by_role("button", name="Fit").click()
+        _wait(lambda: transform() == fitted, 5, "Fit to restore the whole picture")
+
         # Hovering a box shows its shapes, parameters and metrics.
         page.locator('#sonde-graph [data-node="blocks.1"]').hover()
         tip = page.locator("#sonde-graph .sg-tip")
