@@ -198,6 +198,9 @@ class _Shipper:
         self.max_bytes = max_bytes
         self.dropped = 0
         self.lock = threading.Lock()
+        # One pump at a time: the sender thread and the sink's close() both pump, and a batch popped
+        # by one must reach the sink before the other can queue the run's end and close the outbox.
+        self.pumping = threading.Lock()
         self.sink: Any = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Shipper:
@@ -217,6 +220,10 @@ class _Shipper:
 
     def pump(self, most_bytes: int = 16 << 20) -> None:
         """Hand waiting items to the remote sink as payloads of at most ``most_bytes`` (sender thread)."""
+        with self.pumping:
+            self._pump(most_bytes)
+
+    def _pump(self, most_bytes: int) -> None:
         while True:
             with self.lock:
                 batch: list[TensorItem] = []
