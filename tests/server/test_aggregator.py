@@ -212,3 +212,19 @@ def test_tensors_and_run_calls_pass_through_to_the_right_role(aggregator: Runnin
     bad = httpx.post(f"{aggregator.url}/api/v1/runs/r/records", content=b"\x01\x02",
                      headers={"content-type": "application/msgpack"})
     assert 400 <= bad.status_code < 500 and "error" in bad.json()
+
+
+def test_messages_pass_through_the_aggregator_beside_six_element_rows(aggregator: Running, store: Store) -> None:
+    assert httpx.post(f"{aggregator.url}/api/v1/runs", json={"name": "r"}).status_code == 201
+    dead = "layer '1': 100% of its activations are exactly zero at step 1 (dead units; threshold 90%)"
+    assert post(aggregator.url, "r", "old", rows_for(0, ["0", "1"])).status_code == 200  # 6-element rows
+    alert = [1, "train", "1", "activations", "alert", 1.0, dead]
+    assert post(aggregator.url, "r", "new", [*rows_for(1, ["0", "1"]), alert]).json() == {
+        "accepted": 5, "duplicate": False}
+    frame = store.load("r", messages=True)
+    assert len(frame) == 9
+    assert frame.loc[frame["metric"] == "alert", ["step", "layer", "value", "message"]].values.tolist() == [
+        [1, "1", 1.0, dead]]
+    assert (frame.loc[frame["metric"] != "alert", "message"] == "").all()
+    bad = post(aggregator.url, "r", "bad", [[2, "train", "1", "activations", "alert", 1.0, 5]])
+    assert bad.status_code == 422 and "message" in bad.json()["error"]

@@ -18,7 +18,9 @@ import pytest
 from fastapi import FastAPI
 
 from sonde.errors import ConfigError
+from sonde.records import Record
 from sonde.server.app import create_app, serve
+from sonde.sinks.base import LayerInfo, RunInfo
 from sonde.store import Store, open_store
 
 MSGPACK = {"content-type": "application/msgpack"}
@@ -173,6 +175,14 @@ def test_graph_put_get_and_delete_run(api: Api, store: Store) -> None:
     (msgpack.packb({"batch_id": "b", "records": [[0, "train", "fc1", "weights", "norm", "x"]]}), 422, "value"),
     (msgpack.packb({"batch_id": "b", "records": [[0, "", "fc1", "weights", "norm", 1.0]]}), 422, "phase"),
     (msgpack.packb({"batch_id": "b", "records": [[0, "train", "f\x00", "weights", "norm", 1.0]]}), 422, "NUL"),
+    (msgpack.packb({"batch_id": "b", "records": [[0, "train", "fc1", "a", "alert", 1.0, 7]]}), 422, "message"),
+    (msgpack.packb({"batch_id": "b", "records": [[0, "train", "fc1", "a", "alert", 1.0, "x" * 10_001]]}), 422,
+     "message"),
+    (msgpack.packb({"batch_id": "b", "records": [[0, "train", "fc1", "a", "alert", 1.0, "dead\x00"]]}), 422, "NUL"),
+    (msgpack.packb({"batch_id": "b", "records": [[0, "train", "fc1", "a", "alert", 1.0, "m", "extra"]]}), 422,
+     "record 0"),
+    (msgpack.packb({"batch_id": "b", "records": [[0, "train", "fc1", "w", "norm", 1.0],
+                                                 [1, "train", "fc1", "a", "alert", 1.0, None]]}), 422, "record 1"),
 ])
 def test_malformed_batches_are_4xx_json_and_store_nothing(api: Api, store: Store, body: bytes, status: int,
                                                           words: str) -> None:
@@ -293,3 +303,25 @@ def test_with_the_dashboard_mounted_api_errors_stay_json(store: Store) -> None:
         assert r.status_code == status and r.headers["content-type"] == "application/json", (method, url)
         assert r.json()["error"]
     assert api("GET", "/api/v1/runs").json() == []
+
+
+def test_a_seventh_element_is_the_message_stored_as_the_local_store_keeps_it(api: Api, store: Store) -> None:
+    _create(api, "wire", ["fc1", "fc2"])
+    dead = "layer 'fc2': 100% of its activations are exactly zero at step 3 (dead units; threshold 90%)"
+    plain = [[s, "train", layer, "activations", "zero_frac", 0.25 * s] for s in range(5) for layer in ("fc1", "fc2")]
+    assert api.records("wire", plain[:4]).json() == {"accepted": 4, "duplicate": False}  # 6 elements: as before
+    mixed = [*plain[4:], [3, "train", "fc2", "activations", "alert", 1.0, dead],
+             [4, "eval", "", "loss", "alert", 1.0, "NaN/Inf — première"],
+             [4, "train", "fc1", "weights", "norm", 2.0, ""]]
+    assert api.records("wire", mixed).json() == {"accepted": 9, "duplicate": False}
+    got = store.load("wire", messages=True)
+    alerts = got[got["metric"] == "alert"]
+    assert alerts[["step", "phase", "layer", "message"]].values.tolist() == [
+        [3, "train", "fc2", dead], [4, "eval", "", "NaN/Inf — première"]]
+    assert alerts["value"].tolist() == [1.0, 1.0]
+    assert (got.loc[got["metric"] != "alert", "message"] == "").all() and len(got) == 13
+    # The same Records written by a local StoreSink's path (Store.write) read back identically.
+    store.start_run(RunInfo("local", layers=[LayerInfo("fc1", "Linear"), LayerInfo("fc2", "Linear")]))
+    store.write("local", [Record("local", *row) for row in plain + mixed[6:]])
+    local = store.load("local", messages=True)
+    assert local.drop(columns="run").equals(got.drop(columns="run"))

@@ -19,6 +19,7 @@ from torch import nn
 
 import sonde
 from sonde.errors import ConfigError, RunExistsError
+from sonde.metrics import DEFAULT_METRICS, Alerts
 from sonde.records import Record
 from sonde.server.api.tensors import ServerMetric
 from sonde.server.app import create_app
@@ -302,3 +303,32 @@ def test_encoded_records_are_the_contract_body() -> None:
                                 Record("r", 3, "eval", "", "loss", "loss", 0.5)])
     assert msgpack.unpackb(body) == {"batch_id": "b", "records": [
         [3, "train", "fc", "weights", "histogram", [1.0, 2.0]], [3, "eval", "", "loss", "loss", 0.5]]}
+
+
+def test_alert_messages_reach_the_server_store_as_a_local_store_keeps_them(app: FastAPI, switch: Switch,
+                                                                        tmp_path: Path, collect: Collect) -> None:
+    def dead_run(**where: Any) -> None:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        with torch.no_grad():
+            model[0].bias.fill_(-100.0)  # the ReLU is dead from the start
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with sonde.probe(model, run="dead", optimizer=opt, metrics=[*DEFAULT_METRICS, Alerts(warmup=1)], **where):
+            for _ in range(4):
+                model(torch.randn(16, 8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+
+    dead_run(server=sink_for(switch, tmp_path), sinks=[collect])
+    dead_run(store=tmp_path / "local.db")
+    sent = [r for r in collect.records if r.metric == "alert"]
+    assert [(r.step, r.layer) for r in sent if r.topic == "activations"] == [(1, "1")]
+    assert all(r.message for r in sent)
+    remote = app.state.store.load("dead", metrics="alert", messages=True)
+    assert sorted(zip(remote["step"], remote["layer"], remote["topic"], remote["message"])) == sorted(
+        (r.step, r.layer, r.topic, r.message) for r in sent)
+    assert remote["message"].str.startswith("layer '").all()
+    local = sonde.load(tmp_path / "local.db", run="dead", metrics="alert", messages=True)
+    assert local.equals(remote)  # the very frame a local StoreSink leaves
+    others = app.state.store.load("dead", metrics="zero_frac", messages=True)
+    assert len(others) > 0 and (others["message"] == "").all()

@@ -11,7 +11,8 @@ stored, and a probe that gets no answer replays its batch.
 Idempotent end to end: the group's batch id is derived from its pieces' batch ids and steps
 (uuid5), so the frontend stores a re-sent group once; a piece of a group that failed is
 re-sent with that same group, and a batch id already forwarded answers ``duplicate``.
-Run creation, finish, graphs and reads are passed through to the frontend; tensors to the
+Records keep their ``message`` (the optional 7th element of a row, an alert's text) on the way
+through. Run creation, finish, graphs and reads are passed through to the frontend; tensors to the
 evaluator (``evaluator_url``) or, without one, to the frontend.
 
 Example:
@@ -234,7 +235,7 @@ def create_aggregator_app(frontend_url: str, *, token: str | None = None, evalua
     @app.post("/api/v1/runs/{run}/records", openapi_extra={"requestBody": {"required": True, "content": {
         "application/msgpack": {"schema": {"type": "string", "format": "binary"}}}}})
     async def records(run: str, request: Request) -> Response:
-        """Take a batch of Records (the frontend's format); answered once the frontend stored it."""
+        """Take a batch of Records (the frontend's format, 6- or 7-element rows); answered once stored."""
         try:
             check_text(run, "run name")
         except ValueError as exc:

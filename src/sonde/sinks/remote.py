@@ -50,10 +50,14 @@ log = logging.getLogger("sonde")
 def encode_records(batch_id: str, records: Sequence[Record], step_offset: int = 0) -> bytes:
     """The msgpack body of ``POST /api/v1/runs/{run}/records``.
 
+    A Record with a ``message`` (an alert's text) is sent as a 7-element row, the message last;
+    every other Record as the 6-element row ``[step, phase, layer, topic, metric, value]``.
+
     Example:
-        >>> body = encode_records("b1", [Record("r", 0, "train", "fc", "weights", "norm", 1.5)])
+        >>> body = encode_records("b1", [Record("r", 0, "train", "fc", "weights", "norm", 1.5),
+        ...                              Record("r", 0, "train", "fc", "activations", "alert", 1.0, "dead")])
         >>> msgpack.unpackb(body)["records"]
-        [[0, 'train', 'fc', 'weights', 'norm', 1.5]]
+        [[0, 'train', 'fc', 'weights', 'norm', 1.5], [0, 'train', 'fc', 'activations', 'alert', 1.0, 'dead']]
     """
     rows = []
     for r in records:
@@ -61,7 +65,10 @@ def encode_records(batch_id: str, records: Sequence[Record], step_offset: int = 
         plain: float | list[float] = (
             np.asarray(value, dtype=np.float64).ravel().tolist() if isinstance(value, np.ndarray) else float(value)
         )
-        rows.append([int(r.step) + step_offset, r.phase, r.layer, r.topic, r.metric, plain])
+        row = [int(r.step) + step_offset, r.phase, r.layer, r.topic, r.metric, plain]
+        if r.message:
+            row.append(str(r.message))
+        rows.append(row)
     return msgpack.packb({"batch_id": batch_id, "records": rows}, use_bin_type=True)
 
 

@@ -4,15 +4,19 @@ Body (``Content-Type: application/msgpack``)::
 
     {"batch_id": "<uuid>", "records": [[step, phase, layer, topic, metric, value], ...]}
 
-``value`` is a number or a list of numbers (a histogram, a spectrum). A batch is stored whole or
-not at all; replaying a stored batch id answers 200 with ``"duplicate": true`` and stores nothing.
+``value`` is a number or a list of numbers (a histogram, a spectrum). A row may carry a 7th
+element, the Record's ``message`` (a string: what an ``alert`` says is wrong); it is stored
+beside the Record exactly as a local store keeps it (``Store.load(..., messages=True)``), and a
+6-element row has none. A batch is stored whole or not at all; replaying a stored batch id
+answers 200 with ``"duplicate": true`` and stores nothing.
 
 Example:
-    >>> rows = [[0, "train", "fc1", "weights", "norm", 1.5]]
+    >>> rows = [[0, "train", "fc1", "weights", "norm", 1.5],
+    ...         [0, "train", "fc1", "activations", "alert", 1.0, "layer 'fc1': 97% dead"]]
     >>> body = msgpack.packb({"batch_id": "b1", "records": rows})                    # doctest: +SKIP
     >>> client.post("/api/v1/runs/mlp/records", content=body,
     ...             headers={"content-type": "application/msgpack"}).json()           # doctest: +SKIP
-    {'accepted': 1, 'duplicate': False}
+    {'accepted': 2, 'duplicate': False}
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from sonde.records import Record
 from sonde.server.api.common import MAX_NAME, RunName, check_text, fail, need_run, store_of
 from sonde.store.engine import paused_gc
 
-__all__ = ["decode_batch", "router"]
+__all__ = ["MAX_MESSAGE", "decode_batch", "router"]
 
 router = APIRouter(tags=["records"])
 
@@ -37,6 +41,8 @@ router = APIRouter(tags=["records"])
 MAX_STEP = 2**31 - 1
 #: Longest array value in one Record.
 MAX_ARRAY = 1_000_000
+#: Longest message (the optional 7th element of a row) in characters.
+MAX_MESSAGE = 10_000
 
 _SCHEMA = {
     "type": "object",
@@ -46,11 +52,14 @@ _SCHEMA = {
         "records": {
             "type": "array",
             "items": {
-                "type": "array", "minItems": 6, "maxItems": 6,
+                "type": "array", "minItems": 6, "maxItems": 7,
+                "description": "[step, phase, layer, topic, metric, value] or, for a Record that carries a "
+                               "message (an alert's text), [step, phase, layer, topic, metric, value, message]",
                 "prefixItems": [
                     {"type": "integer", "minimum": 0, "maximum": MAX_STEP},
                     {"type": "string"}, {"type": "string"}, {"type": "string"}, {"type": "string"},
                     {"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]},
+                    {"type": "string", "maxLength": MAX_MESSAGE},
                 ],
             },
         },
@@ -94,6 +103,16 @@ def _value(value: Any, index: int) -> float | np.ndarray:
     fail(422, f"record {index}: value must be a number or a list of at most {MAX_ARRAY} numbers; got {value!r:.80}")
 
 
+def _message(value: Any, index: int) -> str:
+    if not isinstance(value, str) or len(value) > MAX_MESSAGE:
+        fail(422, f"record {index}: message (the 7th element) must be a string of at most {MAX_MESSAGE} "
+                  f"characters; got {value!r:.80}")
+    try:
+        return check_text(value, f"record {index}: message")
+    except ValueError as exc:
+        fail(422, str(exc))
+
+
 def decode_batch(body: bytes, run: str) -> tuple[str, list[Record]]:
     """Check and decode one msgpack batch into its id and Records; a 4xx ``HTTPException`` when malformed."""
     with paused_gc():
@@ -119,11 +138,17 @@ def _decode(body: bytes, run: str) -> tuple[str, list[Record]]:
         fail(422, f"records must be a list of [step, phase, layer, topic, metric, value]; got {type(items).__name__}")
     # Checked column by column with C-level maps (and names once per distinct name): a
     # 50,000-Record batch decodes in tens of milliseconds instead of being walked field by field.
-    if not (set(map(type, items)) <= {list} and set(map(len, items)) <= {6}):
-        i, item = next((i, it) for i, it in enumerate(items) if not (isinstance(it, list) and len(it) == 6))
-        fail(422, f"record {i} must be [step, phase, layer, topic, metric, value]; got {item!r:.80}")
+    lengths = set(map(len, items)) if set(map(type, items)) <= {list} else {0}
+    if not lengths <= {6, 7}:
+        i, item = next((i, it) for i, it in enumerate(items) if not (isinstance(it, list) and len(it) in (6, 7)))
+        fail(422, f"record {i} must be [step, phase, layer, topic, metric, value] or [..., value, message]; "
+                  f"got {item!r:.80}")
     if not items:
         return batch_id, []
+    notes: tuple[str, ...] | None = None
+    if 7 in lengths:  # some Records carry a message (alerts): checked, and split off the six columns
+        notes = tuple(_message(it[6], i) if len(it) == 7 else "" for i, it in enumerate(items))
+        items = [it[:6] for it in items]
     steps, phases, layer_names, topics, metrics, values = zip(*items)
     if not (set(map(type, steps)) <= {int} and 0 <= min(steps) and max(steps) <= MAX_STEP):
         i, step = next((i, s) for i, s in enumerate(steps) if not (type(s) is int and 0 <= s <= MAX_STEP))
@@ -137,7 +162,9 @@ def _decode(body: bytes, run: str) -> tuple[str, list[Record]]:
                 _name(name, what, column.index(name))  # fails, naming the first record that has it
     if not set(map(type, values)) <= {float}:
         values = tuple(_value(v, i) for i, v in enumerate(values))
-    return batch_id, list(map(Record, repeat(run), steps, phases, layer_names, topics, metrics, values))
+    if notes is None:
+        return batch_id, list(map(Record, repeat(run), steps, phases, layer_names, topics, metrics, values))
+    return batch_id, list(map(Record, repeat(run), steps, phases, layer_names, topics, metrics, values, notes))
 
 
 @router.post(
@@ -145,7 +172,11 @@ def _decode(body: bytes, run: str) -> tuple[str, list[Record]]:
     openapi_extra={"requestBody": {"required": True, "content": {"application/msgpack": {"schema": _SCHEMA}}}},
 )
 async def ingest_records(run: RunName, request: Request) -> dict[str, Any]:
-    """Store one batch of Records (msgpack); a replayed ``batch_id`` stores nothing and says ``duplicate``."""
+    """Store one batch of Records (msgpack); a replayed ``batch_id`` stores nothing and says ``duplicate``.
+
+    Each row is ``[step, phase, layer, topic, metric, value]``, or ``[..., value, message]`` for a
+    Record with a readable text (an ``alert``); the message is stored beside the Record.
+    """
     store = store_of(request)
     await run_in_threadpool(need_run, store, run)
     batch_id, batch = await run_in_threadpool(decode_batch, await request.body(), run)
