@@ -36,10 +36,15 @@ def reference(rows: np.ndarray, threshold: float = 0.99, eps: float = 1e-6, top_
     }
 
 
-def assert_matches(collect: Collect, step: int, layer: str, expected: dict[str, Any], phase: str = "train") -> None:
+#: The float64 product: every output within 1e-6 of numpy's, rank-deficient layers included.
+EXACT: dict[str, Any] = {"precision": "float64"}
+
+
+def assert_matches(collect: Collect, step: int, layer: str, expected: dict[str, Any], phase: str = "train",
+                   rtol: float = 1e-6) -> None:
     for name, value in expected.items():
         got = collect.value(step=step, layer=layer, metric=name, phase=phase)
-        np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-9, err_msg=f"{name} at step {step}")
+        np.testing.assert_allclose(got, value, rtol=rtol, atol=1e-9, err_msg=f"{name} at step {step}")
 
 
 def rank_k(n: int, d: int, k: int, seed: int) -> np.ndarray:
@@ -70,6 +75,8 @@ def test_bad_inputs_say_what_was_expected() -> None:
         intrinsic_dimension(np.ones(3), 1.5)
     with pytest.raises(ConfigError, match=r"Saturation\(approximate=\) expects None, 'auto' or 'sketch', got 'fast'"):
         Saturation(approximate="fast")
+    with pytest.raises(ConfigError, match=r"Saturation\(precision=\) expects 'float32' or 'float64', got 'half'"):
+        Saturation(precision="half")
 
 
 def test_intrinsic_dim_is_delves_plus_one() -> None:
@@ -115,7 +122,7 @@ def test_linear_reset_compute_covers_exactly_the_batches_since_the_previous_valu
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(int(n), 6, generator=gen) for n in (20, 7, 33, 12, 25, 9, 30)]
-    outs = train_and_keep(model, model[0], batches, Saturation(compute_every=3, top_k=4), collect)
+    outs = train_and_keep(model, model[0], batches, Saturation(compute_every=3, top_k=4, **EXACT), collect)
     steps = sorted({r.step for r in collect.find(layer="0", metric="saturation")})
     assert steps == [0, 3, 6]
     for step, covered in ((0, [0]), (3, [1, 2, 3]), (6, [4, 5, 6])):
@@ -127,7 +134,7 @@ def test_linear_reset_compute_covers_exactly_the_batches_since_the_previous_valu
 def test_reset_never_accumulates_every_batch(collect: Collect) -> None:
     model = nn.Sequential(nn.Linear(5, 8))
     batches = [torch.randn(10, 5) for _ in range(5)]
-    outs = train_and_keep(model, model[0], batches, Saturation(compute_every=2, reset="never"), collect)
+    outs = train_and_keep(model, model[0], batches, Saturation(compute_every=2, reset="never", **EXACT), collect)
     for step in (0, 2, 4):
         assert_matches(collect, step, "0", reference(np.concatenate(outs[: step + 1])))
 
@@ -135,7 +142,7 @@ def test_reset_never_accumulates_every_batch(collect: Collect) -> None:
 def test_conv_features_are_channel_wise(collect: Collect) -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
     batches = [torch.randn(4, 3, 7, 6) for _ in range(2)]
-    outs = train_and_keep(model, model[0], batches, Saturation(compute_every=2), collect)
+    outs = train_and_keep(model, model[0], batches, Saturation(compute_every=2, **EXACT), collect)
     # Every (sample, row, column) is a sample of C features.
     rows = np.concatenate([o.transpose(0, 2, 3, 1).reshape(-1, 8) for o in outs[1:2]])
     assert_matches(collect, 1, "0", reference(rows))
@@ -154,7 +161,7 @@ def test_sequence_every_time_step_is_a_sample_for_both_batch_first(module: type[
         model = nn.Sequential(rnn)
         collect = Collect()
         batches = [x if batch_first else x.transpose(0, 1).contiguous() for x in data]
-        outs = train_and_keep(model, rnn, batches, Saturation(compute_every=2), collect)
+        outs = train_and_keep(model, rnn, batches, Saturation(compute_every=2, **EXACT), collect)
         for o in outs:
             assert o.shape == ((5, 9, 6) if batch_first else (9, 5, 6))
         rows = np.concatenate([o.reshape(-1, 6) for o in outs[1:3]])  # B·T samples of 6 features
@@ -169,7 +176,7 @@ def test_micro_batches_of_one_step_and_eval_kept_apart(collect: Collect) -> None
     model = nn.Sequential(nn.Linear(4, 6))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x1, x2, xe = torch.randn(8, 4), torch.randn(5, 4), torch.randn(11, 4)
-    with sonde.probe(model, store=None, optimizer=opt, metrics=[Saturation(compute_every=1)], sinks=[collect]):
+    with sonde.probe(model, store=None, optimizer=opt, metrics=[Saturation(compute_every=1, **EXACT)], sinks=[collect]):
         w = model[0].weight.detach().numpy().copy(), model[0].bias.detach().numpy().copy()
         (model(x1).sum() + model(x2).sum()).backward()  # two forwards, one step
         opt.step()
@@ -185,9 +192,67 @@ def test_micro_batches_of_one_step_and_eval_kept_apart(collect: Collect) -> None
 def test_input_topic_on_request(collect: Collect) -> None:
     model = nn.Sequential(nn.Linear(5, 3))
     batches = [torch.randn(16, 5) for _ in range(2)]
-    train_and_keep(model, model[0], batches, Saturation(compute_every=2, topics=("inputs",)), collect)
+    train_and_keep(model, model[0], batches, Saturation(compute_every=2, topics=("inputs",), **EXACT), collect)
     assert_matches(collect, 1, "0", reference(batches[1].numpy()))
     assert {r.topic for r in collect.records} == {"inputs"}
+
+
+# -- the float32 product (the default) and the shift -------------------------------------------
+
+
+def test_float32_products_match_numpy_within_the_documented_tolerance(collect: Collect) -> None:
+    """Default precision: each step's product in float32, accumulated in float64. On full-rank
+    features (more rows than features, no dead units) every output is within 1e-5 of numpy's
+    float64 reference (measured: ≤ 2e-7 relative), intrinsic_dim exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24), nn.Tanh(), nn.Linear(24, 3))
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(64, 40, generator=gen) * 2 + 1 for _ in range(6)]
+    outs = train_and_keep(model, model[0], batches, Saturation(compute_every=3, threshold=0.9), collect)
+    for step, covered in ((0, [0]), (3, [1, 2, 3])):
+        expected = reference(np.concatenate([outs[s] for s in covered]), threshold=0.9)
+        assert_matches(collect, step, "0", expected, rtol=1e-5)
+        assert collect.value(step=step, layer="0", metric="intrinsic_dim") == expected["intrinsic_dim"]
+
+
+@pytest.mark.parametrize(("precision", "rtol"), [("float64", 1e-9), ("float32", 1e-5)])
+def test_a_large_mean_costs_no_precision(precision: str, rtol: float) -> None:
+    """Features of mean 1e3 and standard deviation ~1: S/n − mean·meanᵀ would cancel 6 digits;
+    centred on the first batch's mean, float64 keeps ~1e-12 and float32 ~1e-6 (measured)."""
+    rng = np.random.default_rng(7)
+    d = 32
+    scale = np.linspace(0.2, 2.0, d)
+    chunks = [(rng.standard_normal((96, d)) * scale + 1e3 + 0.05 * i).astype(np.float32) for i in range(5)]
+    metric = Saturation(precision=precision, top_k=d)
+    for chunk in chunks:
+        metric.update(sonde.metrics.Capture(torch.from_numpy(chunk), layer_type="Linear"))
+        metric.absorb_staged({id(t): t.numpy() for _, t in metric.staged})
+    got = metric.compute()
+    expected = reference(np.concatenate(chunks).astype(np.float64), top_k=d)
+    for name in ("saturation", "intrinsic_dim", "cov_trace", "cov_logdet", "eigenvalues"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=rtol, err_msg=name)
+
+
+def test_merge_recentres_sums_taken_with_another_shift() -> None:
+    """Two instances (two ranks) see different first batches, so different shifts; merged, they
+    give numpy's covariance of all the rows."""
+    rng = np.random.default_rng(8)
+    parts = [rng.standard_normal((50, 6)) @ rng.standard_normal((6, 6)) + offset for offset in (0.0, 40.0)]
+    metrics = [Saturation(precision="float64", top_k=6) for _ in parts]
+    for metric, part in zip(metrics, parts, strict=True):
+        for chunk in np.array_split(part, 2):
+            metric.update(sonde.metrics.Capture(torch.from_numpy(chunk), layer_type="Linear"))
+            metric.absorb_staged({id(t): t.numpy() for _, t in metric.staged})
+    assert metrics[0].shift_host is not None and metrics[1].shift_host is not None
+    assert not np.allclose(metrics[0].shift_host, metrics[1].shift_host)
+    metrics[0].merge(metrics[1])
+    got = metrics[0].compute()
+    expected = reference(np.concatenate(parts), top_k=6)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-9, err_msg=name)
+    fresh = Saturation(precision="float64", top_k=6)  # a never-updated instance adopts the shift
+    fresh.merge(metrics[0])
+    np.testing.assert_allclose(fresh.compute()["eigenvalues"], expected["eigenvalues"], rtol=1e-9)
 
 
 # -- the approximate mode ----------------------------------------------------------------------

@@ -35,11 +35,6 @@ import torch
 
 from sonde.errors import ConfigError
 
-try:  # SciPy's BLAS gives dsyrk (half a Gram product); without it sonde uses torch's full product.
-    from scipy.linalg import blas as _blas
-except ImportError:  # pragma: no cover - scipy comes with scikit-learn in most environments
-    _blas = None
-
 __all__ = [
     "CONV_LAYERS",
     "SEQUENCE_LAYERS",
@@ -120,14 +115,16 @@ def feature_rows(x: torch.Tensor, layer_type: str = "", layout: str = "auto") ->
     return x.reshape(x.shape[0], -1)
 
 
-def covariance_sums(rows: torch.Tensor, out: torch.Tensor | None = None,
-                    scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(XᵀX, ΣX, n)`` of (n, d) rows in float64 on their device (no host synchronisation).
+def covariance_sums(rows: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
+                    shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(Σ(x−c)(x−c)ᵀ, Σ(x−c), n)`` of (n, d) rows on their device (no host synchronisation).
 
     One matrix product gives all three: the Gram matrix of the rows augmented with a column of
-    ones is ``[[XᵀX, ΣX], [ΣXᵀ, n]]`` (a column sum on its own costs as much as a third of the
-    product on a CPU). ``out`` ((d+1)², float64) receives that augmented Gram matrix and
-    ``scratch`` ((≥ n, d+1), float64, last column ones) the augmented rows, so that repeated
+    ones is ``[[XᵀX, ΣX], [ΣXᵀ, n]]``. ``shift`` (c, default 0) is subtracted from every row
+    first; the covariance does not depend on it (:func:`covariance_from_sums`), and a shift near
+    the mean avoids the cancellation of ``S/n − mean·meanᵀ`` for features with a large mean.
+    ``out`` ((d+1)²) receives the augmented Gram matrix and ``scratch`` ((≥ n, d+1), last column
+    ones; its dtype is the product's, float64 by default) the augmented rows, so that repeated
     calls allocate nothing; the returned tensors are views of ``out``.
 
     Example:
@@ -135,37 +132,43 @@ def covariance_sums(rows: torch.Tensor, out: torch.Tensor | None = None,
         >>> s.tolist(), total.tolist(), n
         ([[1.0, 0.0], [0.0, 4.0]], [1.0, 2.0], 2)
     """
-    gram = augmented_gram(rows, out=out, scratch=scratch)
+    gram = augmented_gram(rows, out=out, scratch=scratch, shift=shift)
     dims = gram.shape[0] - 1
     return gram[:dims, :dims], gram[:dims, dims], int(rows.shape[0])
 
 
-def augmented_gram(rows: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
-                   accumulate: bool = False, lower_only: bool = False) -> torch.Tensor:
-    """``[X 1]ᵀ[X 1]`` in float64: ``[[XᵀX, ΣX], [ΣXᵀ, n]]``; added into ``out`` when ``accumulate``.
+#: Block columns of the lower-triangle product: 10 of 16 blocks, ~20% faster than a full product.
+_BLOCKS = 4
 
-    With ``lower_only`` (and ``out``, a C-contiguous CPU tensor, and SciPy installed) only the
-    lower triangle of ``out`` is written, by BLAS ``dsyrk``: half the multiplications of a full
-    product, as fast in float64 as a float32 product. Read the result with :func:`symmetric`.
+
+def augmented_gram(rows: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
+                   accumulate: bool = False, lower_only: bool = False,
+                   shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``[X−c 1]ᵀ[X−c 1]``: ``[[Σ(x−c)(x−c)ᵀ, Σ(x−c)], [Σ(x−c)ᵀ, n]]``; added into ``out`` when ``accumulate``.
+
+    The product runs in ``scratch``'s dtype (float64 without one); ``shift`` (c) must have that
+    dtype. With ``lower_only`` (and ``out``) only the block lower triangle of ``out`` is written
+    (diagonal blocks in full), by torch products on block columns, in torch's own thread pool:
+    about 20% less time than the full product. Read the result with :func:`symmetric`.
     """
     n, dims = rows.shape
     if scratch is None or scratch.shape[0] < n or scratch.shape[1] != dims + 1:
-        scratch = torch.ones(n, dims + 1, dtype=torch.float64, device=rows.device)
+        scratch = torch.ones(n, dims + 1, dtype=torch.float64 if scratch is None else scratch.dtype,
+                             device=rows.device)
     aug = scratch[:n]
-    aug[:, :dims].copy_(rows.detach())
+    if shift is None:
+        aug[:, :dims].copy_(rows.detach())
+    else:
+        torch.sub(rows.detach(), shift, out=aug[:, :dims])
     if out is None:
         return aug.T @ aug
-    if lower_only and _blas is not None and out.device.type == "cpu" and out.is_contiguous():
-        # Fortran-ordered views of the same memory: Cᵀ's upper triangle is C's lower one.
-        target = out.numpy().T
-        result = _blas.dsyrk(1.0, aug.numpy().T, trans=0, beta=1.0 if accumulate else 0.0, c=target,
-                             overwrite_c=1)
-        if not np.shares_memory(result, target):
-            out.copy_(torch.from_numpy(np.ascontiguousarray(result.T)))
+    beta = 1.0 if accumulate else 0.0
+    if lower_only:
+        size = -(-(dims + 1) // _BLOCKS)
+        for start in range(0, dims + 1, size):
+            out[start:, start:start + size].addmm_(aug[:, start:].T, aug[:, start:start + size], beta=beta)
         return out
-    if accumulate:
-        return out.addmm_(aug.T, aug)
-    return torch.mm(aug.T, aug, out=out)
+    return out.addmm_(aug.T, aug, beta=beta)
 
 
 def symmetric(lower: Any) -> np.ndarray:

@@ -27,8 +27,6 @@ import torch
 from sonde.errors import ConfigError
 from sonde.functional.saturation import (
     augmented_gram,
-    covariance_from_sums,
-    eigenvalues,
     feature_rows,
     intrinsic_dimension,
     log_det,
@@ -44,6 +42,7 @@ from sonde.topics import TENSOR_TOPICS
 __all__ = ["Saturation"]
 
 _APPROXIMATE = (None, "auto", "sketch")
+_PRECISIONS = ("float32", "float64")
 
 
 class Saturation(Metric):
@@ -70,6 +69,14 @@ class Saturation(Metric):
             spreads the unseen variance evenly over the unseen directions.
         sketch_size: directions the sketch keeps.
         eps: the ε of ``cov_logdet = log det(C + εI)``.
+        precision: dtype of each step's product (the state always accumulates in float64):
+            ``"float32"`` (default; twice the throughput of float64 on a CPU) or ``"float64"``.
+            Rows are first centred on a fixed per-layer shift (the first batch's mean), so a
+            large mean costs no precision. In float32 the covariance's entries carry a relative
+            error of about 1e-7·√rows-per-batch of the largest variances: eigenvalues above ~1e-5
+            of the largest (what ``saturation``, ``intrinsic_dim``, ``cov_trace`` and
+            ``eigenvalues`` read) are unaffected; ``cov_logdet`` of a (nearly) rank-deficient
+            layer, where eigenvalues near ``eps`` count, needs ``"float64"``.
         features: ``"auto"``, ``"channels"``, ``"last"`` or ``"flatten"`` (see ``feature_rows``).
         topics: the topics it applies to (default ``("activations",)``).
         every: when ``update`` runs (default: the probe's ``every=``).
@@ -96,6 +103,7 @@ class Saturation(Metric):
         sketch_size: int = 512,
         eps: float = 1e-6,
         features: str = "auto",
+        precision: str = "float32",
         topics: Sequence[str] | None = None,
         every: int | Schedule | None = None,
     ) -> None:
@@ -104,6 +112,8 @@ class Saturation(Metric):
             raise ConfigError(f"Saturation(threshold=) expects a share in (0, 1], got {threshold!r}")
         if approximate not in _APPROXIMATE:
             raise ConfigError(f"Saturation(approximate=) expects None, 'auto' or 'sketch', got {approximate!r}")
+        if precision not in _PRECISIONS:
+            raise ConfigError(f"Saturation(precision=) expects 'float32' or 'float64', got {precision!r}")
         if not isinstance(top_k, int) or top_k < 1 or not isinstance(sketch_size, int) or sketch_size < 2:
             raise ConfigError(f"Saturation expects top_k >= 1 and sketch_size >= 2, got {top_k!r}, {sketch_size!r}")
         if topics is not None:
@@ -119,11 +129,17 @@ class Saturation(Metric):
         self.sketch_size = sketch_size
         self.eps = eps
         self.features = features
+        self.precision = precision
         self.dims: int | None = None
+        # Subtracted from every row before the product (the first batch's mean, for the instance's
+        # life); configuration like omega: sums with another shift are re-centred in merge.
+        self.shift: torch.Tensor | None = None
+        self.shift_host: np.ndarray | None = None
         self.omega: torch.Tensor | None = None  # the sketch's test matrix (configuration, not state)
         self._gram: torch.Tensor | None = None  # reused device buffer for the augmented XᵀX
         self._scratch: torch.Tensor | None = None  # reused rows buffer, last column ones
-        # [[XᵀX, ΣX], [ΣXᵀ, n]] exactly, or XᵀXΩ when sketching (then with "sum" and "squares").
+        # The lower triangle of [[XᵀX, ΣX], [ΣXᵀ, n]] of the shifted rows X, or XᵀXΩ when
+        # sketching (then with "sum" and "squares").
         self.add_state("gram", default=0.0, reduce="sum")
         self.add_state("sum", default=0.0, reduce="sum")
         self.add_state("squares", default=0.0, reduce="sum")  # Σ‖x‖², for the sketch's exact trace
@@ -154,30 +170,63 @@ class Saturation(Metric):
             self.stage("squares", squares)
             self.stage("sum", total)
         else:
-            # One product gives XᵀX, ΣX and n (see augmented_gram), into buffers kept across steps:
-            # fresh multi-megabyte allocations page-fault and cost more than the arithmetic on a CPU.
+            self._update_exact(rows)
             n = int(rows.shape[0])
-            scratch = self._scratch
-            if scratch is None or scratch.device != rows.device or scratch.shape[0] < n:
-                scratch = self._scratch = torch.ones(n, dims + 1, dtype=torch.float64, device=rows.device)
-            if self._gram is None or self._gram.device != rows.device:
-                self._gram = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
-            # The first batch of a step writes the buffer and stages it; later micro-batches add in.
-            # torch's product, not SciPy's dsyrk (half the work): a second BLAS thread pool spinning
-            # beside torch's slowed training down more than it saved on a 2-core machine.
-            first = not any(name == "gram" for name, _ in self.staged)
-            augmented_gram(rows, out=self._gram, scratch=scratch, accumulate=not first)
-            if first:
-                self.stage("gram", self._gram)
         self.state["rows"] += float(n)  # known on the host already: nothing to transfer
+
+    def _update_exact(self, rows: torch.Tensor) -> None:
+        # One product gives XᵀX, ΣX and n (see augmented_gram), into buffers kept across steps:
+        # fresh multi-megabyte allocations page-fault and cost more than the arithmetic on a CPU.
+        n, dims = rows.shape
+        dtype = torch.float64 if self.precision == "float64" or rows.dtype == torch.float64 else torch.float32
+        scratch = self._scratch
+        if scratch is None or scratch.device != rows.device or scratch.dtype != dtype or scratch.shape[0] < n:
+            scratch = self._scratch = torch.ones(n, dims + 1, dtype=dtype, device=rows.device)
+        gram = self._gram
+        if gram is None or gram.device != rows.device or gram.dtype != dtype:
+            gram = self._gram = torch.zeros(dims + 1, dims + 1, dtype=dtype, device=rows.device)
+        if self.shift_host is None:
+            # The first batch's mean, rounded to the product's dtype so that the host copy is exact.
+            first_mean = rows.detach().to(torch.float64).mean(dim=0).to(dtype)
+            self.shift_host = first_mean.cpu().numpy().astype(np.float64)
+        shift = self.shift
+        if shift is None or shift.device != rows.device or shift.dtype != dtype:
+            shift = self.shift = torch.from_numpy(self.shift_host).to(device=rows.device, dtype=dtype)
+        # The first batch of a step writes the buffer and stages it; later micro-batches add in.
+        first = not any(name == "gram" for name, _ in self.staged)
+        augmented_gram(rows, out=gram, scratch=scratch, accumulate=not first, lower_only=True, shift=shift)
+        if first:
+            self.stage("gram", gram)
 
     def absorb(self, name: str, value: Any) -> None:
         current = self.state.get(name)
-        if name == "gram" and isinstance(current, np.ndarray) and isinstance(value, np.ndarray) \
-                and current.shape == value.shape:
-            np.add(current, value, out=current)  # in place: this instance owns its state arrays
-            return
+        if name == "gram" and isinstance(value, np.ndarray):
+            if isinstance(current, np.ndarray) and current.shape == value.shape:
+                np.add(current, value, out=current)  # in place: this instance owns its state arrays
+                return
+            if current is None or (np.ndim(current) == 0 and current == 0):
+                # The first partial: a float64 copy (a float32 product is accumulated in float64).
+                self.state[name] = value.astype(np.float64)
+                return
         super().absorb(name, value)
+
+    def merge(self, other: Metric) -> None:
+        """Fold another instance's state in, re-centring its sums when its shift differs from ours."""
+        theirs = getattr(other, "shift_host", None)
+        gram = other.state.get("gram")
+        if self.sketching or theirs is None or not isinstance(gram, np.ndarray):
+            super().merge(other)
+            return
+        if self.shift_host is None:
+            self.shift_host, self.dims = theirs, getattr(other, "dims", self.dims)
+        elif not np.array_equal(theirs, self.shift_host):
+            state = dict(other.state)
+            state["gram"] = _recentre(gram, theirs - self.shift_host)
+            for name, value in state.items():
+                self.absorb(name, value)
+            self.updates += other.updates
+            return
+        super().merge(other)
 
     def compute(self) -> dict[str, Any]:
         n = float(self.state["rows"])
@@ -195,9 +244,12 @@ class Saturation(Metric):
             dim = intrinsic_dimension(values, self.threshold, total=trace)
             logdet = log_det(values, self.eps, dims, rest=trace - float(values.sum()))
         else:
-            gram = symmetric(self.state["gram"])
-            cov = covariance_from_sums(gram[:dims, :dims], gram[:dims, dims], n)
-            values = eigenvalues(cov)
+            # Only the lower triangle is read: the state holds it (see augmented_gram).
+            gram = np.asarray(self.state["gram"], dtype=np.float64)
+            mean = gram[dims, :dims] / n  # the row of sums (the column above is not written)
+            cov = gram[:dims, :dims] / n
+            cov -= np.multiply.outer(mean, mean)
+            values = np.clip(np.linalg.eigvalsh(cov, UPLO="L")[::-1], 0.0, None)
             trace = float(np.trace(cov))
             dim = intrinsic_dimension(values, self.threshold)
             logdet = log_det(values, self.eps)
@@ -211,4 +263,14 @@ class Saturation(Metric):
 
     def reset(self) -> None:
         super().reset()
-        # dims, omega and the buffer are configuration fixed at the first batch, not state.
+        # dims, omega, shift and the buffers are configuration fixed at the first batch, not state.
+
+
+def _recentre(gram: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Augmented sums of rows x − o re-expressed for rows x − c, given δ = o − c (a new array)."""
+    full = symmetric(gram)
+    dims = len(delta)
+    total, n = full[dims, :dims].copy(), full[dims, dims]
+    full[:dims, :dims] += np.multiply.outer(total, delta) + np.multiply.outer(delta, total + n * delta)
+    full[dims, :dims] = full[:dims, dims] = total + n * delta
+    return full
