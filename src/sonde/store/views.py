@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sonde.errors import ConfigError, StoreError
 from sonde.store import queries
+from sonde.store.matrix import matrix as matrix_query
 from sonde.store.schema import graphs, series
 
 __all__ = ["StoreViews"]
@@ -129,6 +130,28 @@ class StoreViews:
         """
         _check_limit("max_steps", max_steps, _MAX_COLUMNS)
         return self._read(lambda conn: queries.heatmap(conn, self._run_id(conn, run), topic, metric, phase, max_steps))
+
+    def matrix(self, run: str, topic: str, prefix: str, phase: str = "train",
+               step: int | None = None) -> dict[str, Any]:
+        """A metric recorded once per ordered layer pair (layer ``a``, metric ``prefix + b``) at one step.
+
+        Returns ``{"layers", "steps", "step", "values"}``: both axes in forward order, every step
+        the matrix was recorded at, the step shown (``step`` when recorded there, else the latest)
+        and ``values[i][j]`` (None where missing or NaN). See :mod:`sonde.store.matrix`.
+
+        Raises:
+            ConfigError: no run has that name, or ``prefix`` is empty.
+
+        Example:
+            >>> m = store.matrix("mlp", "activations", "cka_matrix:")   # doctest: +SKIP
+            >>> m["layers"], m["values"][0][0]                          # doctest: +SKIP
+            (['fc1', 'relu', 'fc2'], 1.0)
+        """
+        if not isinstance(prefix, str) or not prefix:
+            raise ConfigError(f"prefix must be a non-empty metric name prefix such as 'cka_matrix:'; got {prefix!r}")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise ConfigError(f"step must be an integer or None (the latest); got {step!r}")
+        return self._read(lambda conn: matrix_query(conn, self._run_id(conn, run), topic, prefix, phase, step))
 
     def histograms(self, run: str, layer: str, topic: str, phase: str = "train",
                    max_steps: int = 200) -> dict[str, list[Any]]:

@@ -22,6 +22,7 @@ from sonde.server.ui.charts import heatmap_options, histogram_options, lines_opt
 from sonde.server.ui.data import LOG_METRICS, Choices, heatmap_budget, pick_changing, pick_layers
 from sonde.server.ui.layout import UIState, ago, frame, stamp, stat, status_color
 from sonde.server.ui.panel import Panel
+from sonde.server.ui.similarity_panel import SimilarityPanel
 from sonde.server.ui.source import off_loop
 
 __all__ = ["build_run_page", "layer_label"]
@@ -379,6 +380,9 @@ async def build_run_page(state: UIState, name: str) -> None:
             layer_select.value = [*line.layers, layer]  # redraws through its handler
         if layer:
             hist_layer.value = layer
+
+    with page:  # the layer × layer CKA matrix, shown once the run records one
+        panels.append(SimilarityPanel(source, name, labels).panel)
 
     # -- first load, then live ---------------------------------------------------------------------
     async def first_load() -> None:
