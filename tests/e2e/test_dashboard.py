@@ -166,6 +166,19 @@ def test_dashboard_shows_a_training_run_live(server: tuple[str, Path], tmp_path:
                                    .dispatchAction({type: 'dataZoom', start: 50, end: 100})""")
             _wait(lambda: "in detail" in page.locator("[data-caption=lines]").inner_text(), 15,
                   "the zoomed line chart to load its window")
+            # The overview heatmap too: zoomed to its newer half, it re-queries that range, keeps the
+            # whole run's columns outside it, and the view stays on the zoomed steps.
+            page.evaluate("""() => getElement(document.querySelector('[data-chart="heatmap"]')).chart
+                                   .dispatchAction({type: 'dataZoom', start: 50, end: 100})""")
+            caption = _wait(lambda: (t := page.locator("[data-caption=heatmap]").inner_text()) and "in detail" in t
+                            and t, 15, "the zoomed heatmap to load its window")
+            first = int(caption.split("steps ")[1].split("–")[0].replace(",", ""))
+            pinned = """() => { const el = document.querySelector('[data-chart="heatmap"]');
+                                const o = getElement(el).chart.getOption();
+                                return {x: o.xAxis[0].data, at: o.dataZoom[0].startValue}; }"""
+            zoomed = _wait(lambda: (z := page.evaluate(pinned)) and isinstance(z["at"], int)
+                           and int(z["x"][z["at"]]) == first and z, 15, "the heatmap's zoom to stay on its window")
+            assert zoomed["x"][0] == "0"
 
             hist = _wait(lambda: (c := _chart(page, "histogram-left")) and c["series"][0]["n"] > 0 and c, 20,
                          "the weights histogram over time")

@@ -139,6 +139,18 @@ def test_heatmap_histograms_and_metrics(api: Api) -> None:
         assert heat["values"][i] == expected
     full = api("GET", "/api/v1/runs/h/heatmap", params={"topic": "activations", "metric": "mean"}).json()
     assert full["steps"] == list(range(60)) and full["values"][1][7] is None and full["values"][2][9] is None
+    zoom = api("GET", "/api/v1/runs/h/heatmap", params={"topic": "activations", "metric": "mean", "start": 5,
+                                                        "end": 45, "max_steps": 5}).json()
+    assert zoom["layers"] == layers and zoom["steps"] == [5, 15, 25, 35, 45]  # evenly inside the range
+    for i in range(3):
+        assert zoom["values"][i] == [None if not np.isfinite(table[i, s]) else pytest.approx(table[i, s])
+                                     for s in zoom["steps"]]
+    window = api("GET", "/api/v1/runs/h/heatmap", params={"topic": "activations", "metric": "mean", "start": 6,
+                                                          "end": 10}).json()
+    assert window["steps"] == [6, 7, 8, 9, 10] and window["values"][1][1] is None and window["values"][2][3] is None
+    for bad in ({"start": -1}, {"end": "x"}, {"start": 2**31}):
+        r = api("GET", "/api/v1/runs/h/heatmap", params={"topic": "activations", "metric": "mean", **bad})
+        assert r.status_code == 422 and next(iter(bad)) in r.json()["error"]
     hist = api("GET", "/api/v1/runs/h/histograms", params={"layer": "fc", "topic": "weights", "max_steps": 6}).json()
     assert hist["edges"] == edges.tolist() and len(hist["steps"]) == 6
     assert hist["counts"] == [counts[s].tolist() for s in hist["steps"]]

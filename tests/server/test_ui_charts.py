@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from sonde.server.ui.charts import heatmap_options, histogram_options, lines_options
-from sonde.server.ui.data import Choices, heatmap_budget, pick_changing, pick_layers, splice
-from sonde.server.ui.panel import step_extent, zoom_window
+from sonde.server.ui.data import Choices, heatmap_budget, pick_changing, pick_layers, splice, splice_heatmap
+from sonde.server.ui.panel import category_window, step_columns, step_extent, zoom_window
 from sonde.server.ui.run_page import layer_label
 
 TRIPLES = [
@@ -166,6 +166,58 @@ def test_splice_puts_the_detailed_window_into_the_whole_series() -> None:
     assert np.array(out["max"])[~inside].tolist() == (np.sin(expected_steps[~inside] / 1e4) + 1).tolist()
     tail = splice(coarse, fine, 40_000, None)  # open window: nothing of the coarse series after its start
     assert tail["step"] == np.concatenate([steps[steps < 40_000], window]).tolist()
+
+
+def test_splice_heatmap_puts_the_zoomed_columns_into_the_whole_run() -> None:
+    rng = np.random.default_rng(4)
+    steps = np.arange(0, 100_000, 500)  # the whole run, 200 coarse columns
+    window = np.arange(40_000, 40_400, 2)  # the zoomed range, every recorded step
+    coarse_grid, fine_grid = rng.random((3, len(steps))), rng.random((4, len(window)))
+    coarse = {"layers": ["a", "b", "c"], "steps": steps.tolist(), "values": coarse_grid.tolist()}
+    fine = {"layers": ["a", "b", "c", "late"], "steps": window.tolist(), "values": fine_grid.tolist()}
+    out = splice_heatmap(coarse, fine, 40_000, 40_400)
+    before, after = steps < 40_000, steps > 40_400
+    assert out["steps"] == np.concatenate([steps[before], window, steps[after]]).tolist()
+    assert out["layers"] == ["a", "b", "c", "late"]  # forward order kept; a layer only the window has comes last
+    for i in range(3):
+        assert out["values"][i] == np.concatenate([coarse_grid[i][before], fine_grid[i],
+                                                   coarse_grid[i][after]]).tolist()
+    n_before, n_after = int(before.sum()), int(after.sum())
+    assert out["values"][3] == [None] * n_before + fine_grid[3].tolist() + [None] * n_after
+    tail = splice_heatmap(coarse, fine, 40_000, None)  # open window: the fine columns reach the newest step
+    assert tail["steps"] == np.concatenate([steps[before], window]).tolist()
+    empty = splice_heatmap(coarse, {"layers": [], "steps": [], "values": []}, 40_000, 40_400)
+    assert empty["steps"] == np.concatenate([steps[before], steps[after]]).tolist()
+    assert empty["values"][0] == np.concatenate([coarse_grid[0][before], coarse_grid[0][after]]).tolist()
+
+
+def test_category_window_maps_zoom_percent_to_step_columns() -> None:
+    columns = list(range(0, 1010, 10))  # 101 columns: one percent is one column
+    assert category_window(columns, 25.0, 50.0) == (250, 500)
+    assert category_window(columns, 25.5, 49.5) == (250, 500)  # rounded outwards: nothing shown is left out
+    assert category_window(columns, 90.0, 100.0) == (900, None)  # to the right edge: open, follows a live run
+    assert category_window(columns, 0.0, 100.0) is None
+    assert category_window([], 10.0, 20.0) is None
+    spliced = [0, 500, 40_000, 40_002, 40_004, 40_006, 99_500]  # uneven columns after a splice
+    last = len(spliced) - 1
+    first, final = int(np.floor(last * 30 / 100)), int(np.ceil(last * 70 / 100))
+    assert category_window(spliced, 30.0, 70.0) == (spliced[first], spliced[final]) == (500, 40_006)
+    heat = heatmap_options({"layers": ["a"], "steps": spliced, "values": [[1.0] * 7]}, title="x")
+    assert step_columns(heat) == spliced
+    assert step_columns(lines_options([("a", {"step": [0, 1], "value": [1.0, 2.0]})], title="y")) is None
+
+
+def test_a_zoomed_heatmap_is_pinned_to_its_window_columns() -> None:
+    steps = [0, 500, 40_000, 40_002, 40_004, 99_500]
+    data = {"layers": ["a"], "steps": steps, "values": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]}
+    zoomed = heatmap_options(data, title="x", window=(40_000, 40_004))["dataZoom"]
+    assert [(z["startValue"], z["endValue"]) for z in zoomed] == [(2, 4), (2, 4)]  # column indices
+    assert all("start" not in z for z in zoomed)  # value mode: the extra columns do not move the view
+    newest = heatmap_options(data, title="x", window=(40_000, None))["dataZoom"]
+    assert [(z["startValue"], z["endValue"]) for z in newest] == [(2, 5), (2, 5)]
+    whole = heatmap_options(data, title="x")["dataZoom"]
+    assert [(z["start"], z["end"]) for z in whole] == [(0, 100), (0, 100)]  # "reset zoom" really resets
+    assert [z["type"] for z in whole] == ["inside", "slider"]
 
 
 def test_pick_changing_prefers_the_layers_that_moved() -> None:

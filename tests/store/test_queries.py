@@ -102,6 +102,46 @@ def test_heatmap_rows_in_forward_order_cells_at_evenly_picked_steps(any_store: S
     assert any_store.heatmap(run, "weights", "nope") == {"layers": [], "steps": [], "values": []}
 
 
+def test_heatmap_of_a_step_range_picks_evenly_inside_it(any_store: Store) -> None:
+    order = ["conv", "fc", "head"]
+    run = _run(any_store, "zoom", order)
+    rng = np.random.default_rng(7)
+    steps = np.arange(0, 10_000, 2)  # every=2
+    table = {name: rng.normal(size=len(steps)) for name in order}
+    table["fc"][2600] = np.nan  # step 5200, inside the range below
+    any_store.write(run, [r for name in order for r in _scalars(run, name, table[name], steps=steps)])
+    position = {int(s): i for i, s in enumerate(steps)}
+
+    def expected(name: str, picked: list[int]) -> list[object]:
+        return [None if np.isnan(v) else pytest.approx(v) for v in (table[name][position[s]] for s in picked)]
+
+    out = any_store.heatmap(run, "weights", "norm", max_steps=25, start=5001, end=5999)
+    inside = [int(s) for s in steps if 5001 <= s <= 5999]  # 5002 .. 5998, 499 recorded steps
+    assert out["layers"] == order
+    picked = out["steps"]
+    assert len(picked) == 25 and picked[0] == inside[0] and picked[-1] == inside[-1]
+    assert set(picked) <= set(inside)
+    gaps = np.diff(picked)
+    assert gaps.min() >= 2 and gaps.max() - gaps.min() <= 2  # evenly spread inside the range
+    for row, name in zip(out["values"], order):
+        assert row == expected(name, picked)
+    # A range that holds fewer steps than max_steps comes back whole: every step the test wrote there.
+    detail = any_store.heatmap(run, "weights", "norm", max_steps=400, start=5190, end=5210)
+    assert detail["steps"] == list(range(5190, 5211, 2))
+    assert detail["values"][1] == expected("fc", detail["steps"]) and detail["values"][1][5] is None
+    # Open on either side.
+    head = any_store.heatmap(run, "weights", "norm", max_steps=400, end=9)
+    assert head["steps"] == [0, 2, 4, 6, 8] and head["values"][2] == expected("head", [0, 2, 4, 6, 8])
+    tail = any_store.heatmap(run, "weights", "norm", max_steps=3, start=9000)
+    assert tail["steps"] == [9000, 9500, 9998]  # evenly: first, middle, last of the range
+    assert any_store.heatmap(run, "weights", "norm", start=20_000)["steps"] == []
+    assert any_store.heatmap(run, "weights", "norm", start=10, end=5)["steps"] == []
+    with pytest.raises(ConfigError, match="start"):
+        any_store.heatmap(run, "weights", "norm", start=-1)
+    with pytest.raises(ConfigError, match="end"):
+        any_store.heatmap(run, "weights", "norm", end=2.5)  # type: ignore[arg-type]
+
+
 def test_histograms_over_time(any_store: Store) -> None:
     run = _run(any_store, "hist", ["fc1"])
     rng = np.random.default_rng(3)

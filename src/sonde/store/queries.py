@@ -95,19 +95,26 @@ def series(
     return out
 
 
-def _steps(conn: Connection, sid: int) -> list[int]:
-    query = select(records.c.step).where(records.c.series_id == sid).distinct().order_by(records.c.step)
+def _steps(conn: Connection, sid: int, start: int | None = None, end: int | None = None) -> list[int]:
+    where = [records.c.series_id == sid]
+    if start is not None:
+        where.append(records.c.step >= start)
+    if end is not None:
+        where.append(records.c.step <= end)
+    query = select(records.c.step).where(*where).distinct().order_by(records.c.step)
     return [int(s) for s in conn.execute(query).scalars()]
 
 
 def heatmap(
     conn: Connection, run_id: int, topic: str, metric: str, phase: str, max_steps: int,
+    start: int | None = None, end: int | None = None,
 ) -> dict[str, list[Any]]:
     """One metric of one topic for every layer that has it: layers as rows, steps as columns.
 
-    The columns are at most ``max_steps`` recorded steps, picked evenly over the run (the steps of
-    the first layer in forward order); each cell is that layer's value at that step, None where the
-    layer has no value there or it is NaN.
+    The columns are at most ``max_steps`` recorded steps, picked evenly over the run or over the
+    steps ``start..end`` (inclusive; None is open) when given (the steps of the first layer in
+    forward order); each cell is that layer's value at that step, None where the layer has no
+    value there or it is NaN.
     """
     ids = {str(layer): int(i) for i, layer in conn.execute(
         select(series_table.c.id, series_table.c.layer).where(
@@ -116,7 +123,7 @@ def heatmap(
     order = _ordered_layers(conn, run_id, set(ids))
     if not order:
         return {"layers": [], "steps": [], "values": []}
-    steps = evenly(_steps(conn, ids[order[0]]), max_steps)
+    steps = evenly(_steps(conn, ids[order[0]], start, end), max_steps)
     column = {s: i for i, s in enumerate(steps)}
     row_of = {ids[name]: i for i, name in enumerate(order)}
     grid: list[list[float | None]] = [[None] * len(steps) for _ in order]

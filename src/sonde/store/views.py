@@ -37,6 +37,11 @@ def _check_limit(name: str, value: int, most: int) -> None:
         raise ConfigError(f"{name} must be an integer from 1 to {most}; got {value!r}")
 
 
+def _check_step(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"{name} must be None or a step (an integer from 0); got {value!r}")
+
+
 class StoreViews:
     """Graphs, the series catalog and the downsampled queries behind the REST API and the dashboard."""
 
@@ -114,22 +119,30 @@ class StoreViews:
         return self._read(lambda conn: queries.series(
             conn, self._run_id(conn, run), layer, topic, metric, phase, max_points, start, end))
 
-    def heatmap(self, run: str, topic: str, metric: str, phase: str = "train",
-                max_steps: int = 400) -> dict[str, list[Any]]:
+    def heatmap(self, run: str, topic: str, metric: str, phase: str = "train", max_steps: int = 400,
+                start: int | None = None, end: int | None = None) -> dict[str, list[Any]]:
         """Every layer's value of one topic's metric: ``{"layers", "steps", "values"}`` (rows in forward order).
 
-        At most ``max_steps`` recorded steps, picked evenly; a missing or NaN cell is None.
+        At most ``max_steps`` recorded steps, picked evenly over the run, or over the steps
+        ``start..end`` (inclusive; either may be None for open) when given, e.g. the range a
+        dashboard zoomed into; a missing or NaN cell is None.
 
         Raises:
-            ConfigError: no run has that name, or ``max_steps`` is not in 1..5000.
+            ConfigError: no run has that name, ``max_steps`` is not in 1..5000, or ``start``/``end``
+                is not a step (an integer from 0).
 
         Example:
             >>> h = store.heatmap("mlp", "weight_grads", "norm")   # doctest: +SKIP
             >>> h["layers"], len(h["values"][0]) == len(h["steps"])   # doctest: +SKIP
             (['fc1', 'fc2'], True)
+            >>> store.heatmap("mlp", "weight_grads", "norm", start=1000, end=1999)["steps"][:2]   # doctest: +SKIP
+            [1000, 1001]
         """
         _check_limit("max_steps", max_steps, _MAX_COLUMNS)
-        return self._read(lambda conn: queries.heatmap(conn, self._run_id(conn, run), topic, metric, phase, max_steps))
+        _check_step("start", start)
+        _check_step("end", end)
+        return self._read(lambda conn: queries.heatmap(conn, self._run_id(conn, run), topic, metric, phase, max_steps,
+                                                       start, end))
 
     def matrix(self, run: str, topic: str, prefix: str, phase: str = "train",
                step: int | None = None) -> dict[str, Any]:

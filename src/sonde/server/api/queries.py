@@ -65,12 +65,16 @@ def get_series(
 @router.get("/runs/{run}/heatmap")
 def get_heatmap(
     run: RunName, request: Request, topic: Name, metric: Name, phase: Phase = "train",
-    max_steps: Annotated[int, Query(ge=1, le=5000)] = 400,
+    max_steps: Annotated[int, Query(ge=1, le=5000)] = 400, start: Step = None, end: Step = None,
 ) -> dict[str, list[Any]]:
-    """Layers × steps of one topic's metric: ``{"layers", "steps", "values"}`` (rows in forward order)."""
+    """Layers × steps of one topic's metric: ``{"layers", "steps", "values"}`` (rows in forward order).
+
+    At most ``max_steps`` step columns, picked evenly over the run or over ``start..end``
+    (inclusive; a zoomed view asks for its range in detail).
+    """
     _texts(topic=topic, metric=metric, phase=phase)
     store = store_of(request)
-    out = store.heatmap(need_run(store, run), topic, metric, phase, max_steps)
+    out = store.heatmap(need_run(store, run), topic, metric, phase, max_steps, start, end)
     return {"layers": out["layers"], "steps": out["steps"], "values": [safe_floats(row) for row in out["values"]]}
 
 

@@ -66,8 +66,20 @@ def _base(title: str) -> dict[str, Any]:
     }
 
 
+def _zoom_to(steps: Sequence[Any], window: tuple[int, int | None] | None) -> dict[str, Any]:
+    """The dataZoom range that shows the columns of ``window`` (column indices), or all columns."""
+    if window is None:
+        return {"start": 0, "end": 100}
+    first, last = window
+    inside = [i for i, s in enumerate(steps) if int(s) >= first and (last is None or int(s) <= last)]
+    if not inside:
+        return {"start": 0, "end": 100}
+    return {"startValue": inside[0], "endValue": inside[-1]}
+
+
 def heatmap_options(
-    data: Mapping[str, Any], *, title: str, log: bool = False, labels: Mapping[str, str] | None = None
+    data: Mapping[str, Any], *, title: str, log: bool = False, labels: Mapping[str, str] | None = None,
+    window: tuple[int, int | None] | None = None,
 ) -> dict[str, Any]:
     """The network overview: one row per layer (forward order, top to bottom), one column per step.
 
@@ -80,6 +92,14 @@ def heatmap_options(
         title: chart title.
         log: colour by log10 of the value (non-positive values count as missing).
         labels: row label per layer name (e.g. ``"3 · ReLU"``); the name itself otherwise.
+        window: the steps (first, last; last None for the newest) the user zoomed into: the zoom
+            is set to exactly those columns. A zoomed heatmap is re-queried with more columns in
+            its range (see ``Source.heatmap``), so the zoom is pinned to steps, not percentages.
+
+    Example:
+        >>> data = {"layers": ["fc1"], "steps": [0, 40, 41, 100], "values": [[0.5, 0.25, 0.3, 0.1]]}
+        >>> heatmap_options(data, title="zero_frac", window=(40, 60))["dataZoom"][0]["startValue"]
+        1
     """
     labels = labels or {}
     steps = list(data.get("steps", []))
@@ -120,7 +140,7 @@ def heatmap_options(
         "yAxis": {"type": "category", "data": names, "inverse": True,
                   "axisLabel": {"fontSize": 11}},
         "visualMap": visual,
-        "dataZoom": copy.deepcopy(_ZOOM),
+        "dataZoom": [{**zoom, **_zoom_to(steps, window)} for zoom in copy.deepcopy(_ZOOM)],
         "series": [
             {"name": title, "type": "heatmap", "data": cells, "progressive": 0, "emphasis": {"disabled": True}},
             {"name": "NaN / Inf", "type": "heatmap", "data": missing, "itemStyle": {"color": _MISSING},

@@ -29,6 +29,7 @@ __all__ = [
     "pick_changing",
     "pick_layers",
     "splice",
+    "splice_heatmap",
 ]
 
 #: Topics recorded once per step for the whole network (layer ``""``), not per layer.
@@ -185,6 +186,37 @@ def splice(coarse: Mapping[str, Sequence[Any]], fine: Mapping[str, Sequence[Any]
         column = list(coarse[k])
         out[k] = [column[i] for i in before] + list(fine[k]) + [column[i] for i in after]
     return out
+
+
+def splice_heatmap(coarse: Mapping[str, Sequence[Any]], fine: Mapping[str, Sequence[Any]], start: int,
+                   end: int | None) -> dict[str, list[Any]]:
+    """A whole-run heatmap with the step columns ``start..end`` replaced by a finer query of just that range.
+
+    ``end=None`` is open: every column from ``start`` on comes from ``fine``. Rows follow the
+    coarse heatmap's layer order (a layer only one of the two has is added after, its other
+    cells None), so the overview keeps every step of the run while the zoomed range is dense.
+
+    Example:
+        >>> coarse = {"layers": ["a"], "steps": [0, 50, 100], "values": [[1.0, 2.0, 3.0]]}
+        >>> out = splice_heatmap(coarse, {"layers": ["a"], "steps": [40, 41], "values": [[5.0, 6.0]]}, 40, 60)
+        >>> out["steps"], out["values"]
+        ([0, 40, 41, 100], [[1.0, 5.0, 6.0, 3.0]])
+    """
+    steps = list(coarse.get("steps", []))
+    before = [i for i, s in enumerate(steps) if s < start]
+    after = [] if end is None else [i for i, s in enumerate(steps) if s > end]
+    fine_steps = list(fine.get("steps", []))
+    layers = list(coarse.get("layers", []))
+    layers += [name for name in fine.get("layers", []) if name not in layers]
+    coarse_rows = dict(zip(coarse.get("layers", []), coarse.get("values", []), strict=False))
+    fine_rows = dict(zip(fine.get("layers", []), fine.get("values", []), strict=False))
+    values: list[list[Any]] = []
+    for name in layers:
+        outer = list(coarse_rows.get(name) or [None] * len(steps))
+        inner = list(fine_rows.get(name) or [None] * len(fine_steps))
+        values.append([outer[i] for i in before] + inner + [outer[i] for i in after])
+    return {"layers": layers, "steps": [steps[i] for i in before] + fine_steps + [steps[i] for i in after],
+            "values": values}
 
 
 def finite(values: Iterable[Any]) -> list[float | None]:

@@ -173,18 +173,22 @@ async def build_run_page(state: UIState, name: str) -> None:
             try:
                 if not heat.topic or not heat.metric:
                     return None
+                window = heat_panel.window
                 data = await source.heatmap(name, heat.topic, heat.metric, phase=heat.phase,
-                                            max_steps=heatmap_budget(len(layers)))
+                                            max_steps=heatmap_budget(len(layers)), window=window)
                 first_heatmap.setdefault("data", data)
             finally:
                 heat_ready.set()
             if not data.get("steps"):
                 return None
-            heat_panel.caption.text = f"{len(data['layers'])} layers × {len(data['steps'])} step columns"
+            zoom = ""
+            if window:
+                zoom = f" · steps {window[0]:,}–{'newest' if window[1] is None else f'{window[1]:,}'} in detail"
+            heat_panel.caption.text = f"{len(data['layers'])} layers × {len(data['steps'])} step columns{zoom}"
             return await off_loop(heatmap_options, data, title=f"{heat.topic} · {heat.metric}", log=heat.log,
-                                  labels=labels)
+                                  labels=labels, window=window)
 
-        heat_panel = Panel("heatmap", heat_height, load_heatmap, on_click=lambda e: heat_clicked(e))
+        heat_panel = Panel("heatmap", heat_height, load_heatmap, on_click=lambda e: heat_clicked(e), zoomable=True)
         panels.append(heat_panel)
 
     # -- per-layer lines ----------------------------------------------------------------------

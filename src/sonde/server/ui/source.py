@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from nicegui import run
 
-from sonde.server.ui.data import splice
+from sonde.server.ui.data import splice, splice_heatmap
 from sonde.store import Store
 
 __all__ = ["LINE_POINTS", "Source", "off_loop"]
@@ -105,9 +105,19 @@ class Source:
         return splice(coarse, fine, *window)
 
     async def heatmap(self, run_name: str, topic: str, metric: str, *, phase: str = "train",
-                      max_steps: int = 400) -> dict[str, Any]:
-        """Layers × steps of one metric: ``layers`` (forward order), ``steps``, ``values``."""
-        return await off_loop(self.store.heatmap, run_name, topic, metric, phase=phase, max_steps=max_steps)
+                      max_steps: int = 400, window: tuple[int, int | None] | None = None) -> dict[str, Any]:
+        """Layers × steps of one metric: ``layers`` (forward order), ``steps``, ``values``.
+
+        With a ``window`` (first, last step; last None for "to the newest"), the columns inside it
+        come from a second query of just that range (every step when it holds ``max_steps`` or
+        fewer), spliced into the whole-run heatmap, as :meth:`series` does for lines.
+        """
+        coarse = await off_loop(self.store.heatmap, run_name, topic, metric, phase=phase, max_steps=max_steps)
+        if window is None:
+            return coarse
+        fine = await off_loop(self.store.heatmap, run_name, topic, metric, phase=phase, max_steps=max_steps,
+                              start=window[0], end=window[1])
+        return splice_heatmap(coarse, fine, *window)
 
     async def histograms(self, run_name: str, layer: str, topic: str, *, phase: str = "train",
                          max_steps: int = 200) -> dict[str, Any]:
