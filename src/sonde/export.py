@@ -4,8 +4,9 @@ The report is a single file with no external reference (charts are inline PNG da
 graph an inline SVG, the style inline), so it opens offline and can be mailed or attached to an
 issue. It holds the run's overview heatmap (layers × steps of one metric), the key charts
 (loss and accuracy; dead units, update ratios and gradient norms per layer, where recorded),
-the model's graph coloured by the heatmap's metric at the last step, and the numbers behind
-the heatmap and charts as JSON (``<script type="application/json" id="sonde-data">``).
+the model's graph coloured by the heatmap's metric at the last step, the layer × layer CKA
+matrix at its last step (when ``cka_matrix`` was recorded), and the numbers behind
+the heatmap, charts and matrix as JSON (``<script type="application/json" id="sonde-data">``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sonde.errors import ConfigError
 from sonde.load import load
 from sonde.store import Store, open_store
 
-__all__ = ["add_parser", "export_html", "export_table", "heatmap_matrix", "run"]
+__all__ = ["add_parser", "cka_matrix_at_last_step", "export_html", "export_table", "heatmap_matrix", "run"]
 
 #: (topic, metric) tried in order for the heatmap when none is asked for.
 HEATMAP_DEFAULTS = (("activations", "std"), ("activations", "mean"), ("weights", "norm"), ("output_grads", "norm"))
@@ -71,6 +72,58 @@ def heatmap_matrix(df: pd.DataFrame, topic: str, metric: str, layers: list[str],
         keep = np.unique(np.linspace(0, len(steps) - 1, max_steps).round().astype(int))
         table = table.iloc[:, keep]
     return list(table.index), [int(s) for s in table.columns], table.to_numpy(dtype=float)
+
+
+def cka_matrix_at_last_step(df: pd.DataFrame, layers: list[str], phase: str = "train"
+                            ) -> tuple[int, list[str], np.ndarray] | None:
+    """The layer × layer ``cka_matrix`` at the last step it was recorded, from a tidy DataFrame.
+
+    Returns ``(step, layers, values)``: both axes in the order given (probe order; layers not
+    given come last, sorted), ``values[i, j]`` the CKA of ``layers[i]`` against ``layers[j]``,
+    NaN where a pair is missing. None when the run has no ``cka_matrix:*`` records.
+
+    Example:
+        >>> df = pd.DataFrame({"step": [4, 4], "phase": "train", "layer": ["a", "a"], "topic": "activations",
+        ...                    "metric": ["cka_matrix:a", "cka_matrix:b"], "value": [1.0, 0.5]})
+        >>> cka_matrix_at_last_step(df, ["a", "b"])[2].tolist()
+        [[1.0, 0.5], [nan, nan]]
+    """
+    prefix = "cka_matrix:"
+    sel = df[(df.topic == "activations") & (df.phase == phase) & df.metric.str.startswith(prefix)]
+    if sel.empty:
+        return None
+    step = int(sel.step.max())
+    sel = sel[sel.step == step]
+    others = [str(m)[len(prefix):] for m in sel.metric]
+    names = set(map(str, sel.layer)) | set(others)
+    order = [n for n in layers if n in names] + sorted(names - set(layers))
+    index = {n: i for i, n in enumerate(order)}
+    values = np.full((len(order), len(order)), np.nan)
+    for a, b, v in zip(sel.layer, others, sel.value, strict=True):
+        values[index[str(a)], index[b]] = float(v)
+    return step, order, values
+
+
+def _matrix_png(names: list[str], values: np.ndarray, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    side = min(2.0 + 0.32 * len(names), 14.0)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    every = max(1, math.ceil(len(names) / 60))
+    ticks = range(0, len(names), every)
+    ax.set_xticks(ticks, names[::every], rotation=90, fontsize=7 if every == 1 else 5)
+    ax.set_yticks(ticks, names[::every], fontsize=7 if every == 1 else 5)
+    if len(names) <= 12:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _png(fig)
 
 
 def _png(fig: Any) -> str:
@@ -195,6 +248,13 @@ def export_html(store: str | Path | Store, run: str, path: str | Path, *, topic:
             data["charts"][title] = series
             sections.append(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" '
                             f'src="{_lines_png(series, title, log)}">')
+    matrix = cka_matrix_at_last_step(df, layer_order)
+    if matrix is not None:
+        step, order, grid = matrix
+        data["cka_matrix"] = {"step": step, "layers": order, "values": grid.tolist()}
+        title = f"Layer similarity (linear CKA on the probe set) at step {step}"
+        sections.append(f"<h2>{html.escape(title)}</h2><img alt='CKA matrix' "
+                        f"src='{_matrix_png(order, grid, title)}'>")
     if graph is not None:
         from sonde.graph import Graph
         from sonde.graph.render import readable_view, to_svg
