@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from sonde.errors import ConfigError
@@ -138,6 +139,7 @@ class Saturation(Metric):
         self.omega: torch.Tensor | None = None  # the sketch's test matrix (configuration, not state)
         self._gram: torch.Tensor | None = None  # reused device buffer for the augmented XᵀX
         self._scratch: torch.Tensor | None = None  # reused rows buffer, last column ones
+        self._gram64: torch.Tensor | None = None  # reused float64 copy of a float32 product, staged
         # The lower triangle of [[XᵀX, ΣX], [ΣXᵀ, n]] of the shifted rows X, or XᵀXΩ when
         # sketching (then with "sum" and "squares").
         self.add_state("gram", default=0.0, reduce="sum")
@@ -194,9 +196,19 @@ class Saturation(Metric):
             shift = self.shift = torch.from_numpy(self.shift_host).to(device=rows.device, dtype=dtype)
         # The first batch of a step writes the buffer and stages it; later micro-batches add in.
         first = not any(name == "gram" for name, _ in self.staged)
-        augmented_gram(rows, out=gram, scratch=scratch, accumulate=not first, lower_only=True, shift=shift)
+        if dtype == torch.float64:
+            augmented_gram(rows, out=gram, scratch=scratch, accumulate=not first, lower_only=True, shift=shift)
+            staged = gram
+        else:
+            # The float32 product goes into a float64 buffer kept across steps (the sum of a step's
+            # micro-batches too): host code would otherwise convert it into a fresh array per step.
+            augmented_gram(rows, out=gram, scratch=scratch, lower_only=True, shift=shift)
+            staged = self._gram64
+            if staged is None or staged.device != rows.device:
+                staged = self._gram64 = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
+            staged.copy_(gram) if first else staged.add_(gram)
         if first:
-            self.stage("gram", gram)
+            self.stage("gram", staged)
 
     def absorb(self, name: str, value: Any) -> None:
         current = self.state.get(name)
@@ -249,7 +261,12 @@ class Saturation(Metric):
             mean = gram[dims, :dims] / n  # the row of sums (the column above is not written)
             cov = gram[:dims, :dims] / n
             cov -= np.multiply.outer(mean, mean)
-            values = np.clip(np.linalg.eigvalsh(cov, UPLO="L")[::-1], 0.0, None)
+            if self.precision == "float32":  # LAPACK ssyevd: ~25% less time than dsyevd at d = 1024
+                lam = scipy.linalg.eigvalsh(cov.astype(np.float32), lower=True, driver="evd", overwrite_a=True,
+                                            check_finite=False).astype(np.float64)
+            else:
+                lam = np.linalg.eigvalsh(cov, UPLO="L")
+            values = np.clip(lam[::-1], 0.0, None)
             trace = float(np.trace(cov))
             dim = intrinsic_dimension(values, self.threshold)
             logdet = log_det(values, self.eps)
