@@ -203,10 +203,13 @@ class Saturation(Metric):
             # The float32 product goes into a float64 buffer kept across steps (the sum of a step's
             # micro-batches too): host code would otherwise convert it into a fresh array per step.
             augmented_gram(rows, out=gram, scratch=scratch, lower_only=True, shift=shift)
+            if self._gram64 is None or self._gram64.device != rows.device:
+                self._gram64 = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
             staged = self._gram64
-            if staged is None or staged.device != rows.device:
-                staged = self._gram64 = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
-            staged.copy_(gram) if first else staged.add_(gram)
+            if first:
+                staged.copy_(gram)
+            else:
+                staged.add_(gram)
         if first:
             self.stage("gram", staged)
 
