@@ -1,12 +1,19 @@
 """Cost of saturation monitoring against an unmonitored loop and against Delve, side by side.
 
 Part 1: the 4×1024 MLP of ``overhead.py`` (batch 256, SGD with momentum), saturation on every
-Linear layer (the layers Delve tracks), its covariance updated every step and the value
-computed every 10th step; the covariance updates alone (the training thread's share, timed
-without the final values computed at close); Delve 0.1.50's ``SaturationTracker`` on the same model with
-``add_saturations()`` every 10th step. Time per step is the wall time of the whole loop,
-*including* closing the monitor (sonde waits for its background worker there), divided by the
-number of steps, so work moved off the training thread is still paid for.
+Linear layer (the layers Delve tracks), its covariance updated every step and the value computed
+every 10th step (default ``precision="float32"``: float32 products accumulated in float64,
+float32 eigenvalues; and ``precision="float64"``); the covariance updates alone (the training
+thread's share, timed without the final values computed at close); Delve 0.1.50's
+``SaturationTracker`` on the same model with ``add_saturations()`` every 10th step. Time per
+step is the wall time of the whole loop, *including* closing the monitor (sonde waits for its
+background worker there), divided by the number of steps, so work moved off the training thread
+is still paid for. Over 20 steps that is values at steps 0 and 10 and one at close: 3
+eigendecompositions per layer where a long run pays 2 per 20 steps.
+
+On a 2-core CPU the worker's eigendecomposition (~46 ms per 1024-wide layer in float32, ~63 ms
+in float64, one core) does not run beside training for free: torch's two threads then share the
+cores with it, and a training step slows by more than the worker's own CPU time.
 
 Part 2: how the cost grows with layer width, for exact and approximate (Nyström sketch of 512
 directions) saturation: a Linear(w, w) → ReLU → Linear(w, w) network, batch 256.
@@ -56,10 +63,12 @@ def never(step: int) -> bool:
     return False
 
 
-def with_sonde(approximate: str | None = None, compute_every: int | Callable[[int], bool] = 10) -> Monitor:
+def with_sonde(approximate: str | None = None, compute_every: int | Callable[[int], bool] = 10,
+               precision: str = "float32") -> Monitor:
     @contextlib.contextmanager
     def monitor(model: nn.Module, tmp: str) -> Iterator[None]:
-        metric = Saturation(compute_every=compute_every, approximate=approximate, sketch_size=512)
+        metric = Saturation(compute_every=compute_every, approximate=approximate, sketch_size=512,
+                            precision=precision)
         with sonde.probe(model, store=None, sinks=[], layers=linear_layers, topics=["activations"], metrics=[metric]):
             yield
 
@@ -132,6 +141,7 @@ def main() -> None:
         "sonde saturation": with_sonde(),
         # The training thread's share: the covariance updates alone (timed without the close).
         "sonde, updates only": with_sonde(compute_every=never),
+        "sonde, precision=float64": with_sonde(precision="float64"),
     }
     if not args.no_delve:
         try:

@@ -7,11 +7,12 @@ of rows, so the covariance is the same (Delve took ``x[:, -1]``, wrong for ``bat
 
 The covariance is accumulated over every recorded batch since the last reset from float64 sums
 ``S = Σxxᵀ``, ``s = Σx``, ``n`` (:func:`covariance_sums`), ``C = S/n − (s/n)(s/n)ᵀ``
-(population). Eigenvalues are sorted descending with negatives clamped to 0; ``intrinsic_dim``
-is the smallest k whose leading eigenvalues hold ``threshold`` of the variance, and
-``saturation = intrinsic_dim / d``. Delve 0.1.50's intrinsic dimension is one less than this
-(it counts the k with a cumulative share *below* the threshold): ``ours = delve + 1`` whenever
-Delve's is > 0.
+(population); rows may be centred on any fixed shift c first (the sums of ``x − c`` give the
+same C, without the cancellation of a large mean). Eigenvalues are sorted descending with
+negatives clamped to 0; ``intrinsic_dim`` is the smallest k whose leading eigenvalues hold
+``threshold`` of the variance, and ``saturation = intrinsic_dim / d``. Delve 0.1.50's
+intrinsic dimension is one less than this (it counts the k with a cumulative share *below* the
+threshold): ``ours = delve + 1`` whenever Delve's is > 0.
 
 For wide layers a Nyström sketch (:func:`sketch_sums`, :func:`nystrom_eigenvalues`) keeps
 ``S·Ω`` for a fixed orthonormal d×ℓ test matrix Ω instead of S: O(rows·d·ℓ) per batch instead
