@@ -83,7 +83,8 @@ class Saturation(Metric):
         precision: dtype of each step's product (the state always accumulates in float64):
             ``"float32"`` (default; twice the throughput of float64 on a CPU) or ``"float64"``.
             Rows are first centred on a fixed per-layer shift (the first batch's mean), so a
-            large mean costs no precision. In float32 the covariance's entries carry a relative
+            large mean costs no precision (unless it drifts far from that shift, relative to
+            the features' spread, over the instance's life). In float32 the covariance's entries carry a relative
             error of about 1e-7·√rows-per-batch of the largest variances: eigenvalues above ~1e-5
             of the largest (what ``saturation``, ``intrinsic_dim``, ``cov_trace`` and
             ``eigenvalues`` read) are unaffected; ``cov_logdet`` of a (nearly) rank-deficient
@@ -198,8 +199,8 @@ class Saturation(Metric):
         if gram is None or gram.device != rows.device or gram.dtype != dtype:
             gram = self._gram = torch.zeros(dims + 1, dims + 1, dtype=dtype, device=rows.device)
         if self.shift_host is None:
-            # The first batch's mean, rounded to the product's dtype so that the host copy is exact.
-            first_mean = rows.detach().to(torch.float64).mean(dim=0).to(dtype)
+            # The first batch's mean in the product's dtype (any shift is exact; the host copy equals it).
+            first_mean = rows.detach().to(dtype).mean(dim=0)
             self.shift_host = first_mean.cpu().numpy().astype(np.float64)
         shift = self.shift
         if shift is None or shift.device != rows.device or shift.dtype != dtype:
