@@ -86,7 +86,7 @@ class Saturation(Metric):
             (the first batch's mean), so a large mean costs no precision (unless it drifts far
             from that shift, relative to the features' spread). float32 is about twice as fast
             on a CPU; eigenvalues then carry an absolute error of ~1e-6 of the largest one
-            (measured at d = 1024: top-5 eigenvalues within 3e-6 relative, ``cov_trace`` 5e-9,
+            (measured at d = 1024: top-5 eigenvalues within 3e-6 relative, ``cov_trace`` ≤ 3e-8,
             full-rank ``cov_logdet`` 3e-6, ``intrinsic_dim`` equal), which only matters for
             ``cov_logdet`` of a (nearly) rank-deficient layer, where eigenvalues near ``eps``
             count: use ``"float64"`` there (every output then within 1e-6 of numpy's).
