@@ -60,8 +60,8 @@ class Saturation(Metric):
     Cost: per recorded batch and layer, one float32 product of the rows (10/16 of a d×d matmul);
     per computed value, one d×d eigenvalue decomposition on the worker (~46 ms on one core at
     d = 1024 in float32, ~63 ms in float64). ``benchmarks/saturation.py`` on a 2-core CPU (every
-    Linear layer of a 4×1024 MLP, batch 256, computed every 10th step): 2.2–2.4× the unmonitored
-    step (the updates alone 1.3–1.4×; ``precision="float64"`` 2.6–2.8×; Delve's
+    Linear layer of a 4×1024 MLP, batch 256, computed every 10th step): 2.2–2.6× the unmonitored
+    step (the updates alone 1.3–1.4×; ``precision="float64"`` 2.6–3.0×; Delve's
     ``SaturationTracker`` 4.2–4.5×). The worker's eigendecompositions compete with torch's threads
     for the two cores, so on a small CPU compute less often (``compute_every=``) to pay less.
 
