@@ -8,24 +8,22 @@ data, and both must grow while training goes on, without a reload. A screenshot 
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+from browser import ARTIFACTS, chromium, needs_chromium
+from browser import wait as _wait
+from servers import SondeServe
+
 RUN = "e2e-mlp"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian's Chromium is not installed at {CHROMIUM}")
+pytestmark = needs_chromium
 
 # Trains a small MLP with every probe on, reporting to the server (server=, as a remote training
 # job would), a little slowly so that the browser sees it grow, until the stop file appears.
@@ -51,39 +49,11 @@ with sonde.probe(model, run=sys.argv[3], server=server, optimizer=opt) as p:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     store = tmp_path / "sonde.db"
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "sonde.cli", "serve", "--port", str(port), "--store", str(store)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v1/runs", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"sonde serve did not come up: {(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url, store
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with SondeServe.running(store, tmp_path / "server.log") as served:
+        yield served.url, store
 
 
 def _chart(page: Any, name: str) -> dict[str, Any]:
@@ -102,17 +72,6 @@ def _chart(page: Any, name: str) -> dict[str, Any]:
     )
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last seen: {json.dumps(last)[:300]})")
-
-
 def test_dashboard_shows_a_training_run_live(server: tuple[str, Path], tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -122,11 +81,7 @@ def test_dashboard_shows_a_training_run_live(server: tuple[str, Path], tmp_path:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=CHROMIUM,
-                args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                      "--disable-background-networking"],
-            )
+            browser = chromium(pw)
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -11,30 +11,27 @@ kept in ``test-artifacts/graph.png`` (git-ignored).
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 from torch import nn
 
 import sonde
+from browser import ARTIFACTS, chromium, needs_chromium
+from browser import wait as _wait
+from servers import SondeServe
 from sonde.records import Record
 from sonde.sinks.base import LayerInfo, RunInfo
 from sonde.store import open_store
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 RUN = "resnet-mini"
 STEPS = 40
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian's Chromium is not installed at {CHROMIUM}")
+pytestmark = needs_chromium
 
 
 class Block(nn.Module):
@@ -71,12 +68,6 @@ def _seed(path: Path) -> None:
         store.write(RUN, records)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     return tmp_path / "sonde.db"
@@ -84,32 +75,9 @@ def store_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server(tmp_path: Path, store_path: Path) -> Iterator[str]:
-    store = store_path
-    _seed(store)
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "sonde.cli", "serve", "--port", str(port), "--store", str(store)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v1/runs", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"sonde serve did not come up: {(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    _seed(store_path)
+    with SondeServe.running(store_path, tmp_path / "server.log") as served:
+        yield served.url
 
 
 def _nodes(page: Any) -> dict[str, dict[str, Any]]:
@@ -123,25 +91,11 @@ def _nodes(page: Any) -> dict[str, dict[str, Any]]:
     )
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last seen: {str(last)[:400]})")
-
-
 def test_graph_view_expands_modules_and_plays_through_training(server: str, store_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
-        )
+        browser = chromium(pw)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))

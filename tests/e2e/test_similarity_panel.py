@@ -10,33 +10,29 @@ show the panel. A screenshot is kept in ``test-artifacts/similarity.png`` (git-i
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import sonde
+from browser import ARTIFACTS, chromium, needs_chromium
+from browser import wait as _wait
+from servers import SondeServe
 from sonde.metrics import CKAMatrix
 from sonde.records import Record
 from sonde.store import open_store
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 RUN = "mlp-cka"
 PLAIN = "mlp-plain"
 STEPS = 9  # the matrix at steps 0, 4 and 8
 LAYERS = ["0", "1", "2", "3", "4", "5", "6"]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian's Chromium is not installed at {CHROMIUM}")
+pytestmark = needs_chromium
 
 
 def _train(path: Path) -> None:
@@ -74,12 +70,6 @@ def _matrix(path: Path, step: int) -> np.ndarray:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     path = tmp_path / "sonde.db"
@@ -89,30 +79,8 @@ def store_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server(tmp_path: Path, store_path: Path) -> Iterator[str]:
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "sonde.cli", "serve", "--port", str(port), "--store",
-                             str(store_path)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v1/runs", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"sonde serve did not come up: {(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with SondeServe.running(store_path, tmp_path / "server.log") as served:
+        yield served.url
 
 
 def _shown(page: Any) -> dict[str, Any] | None:
@@ -133,17 +101,6 @@ def _shown(page: Any) -> dict[str, Any] | None:
     )
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last seen: {str(last)[:400]})")
-
-
 def _as_array(m: list[list[float | None]]) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)
 
@@ -152,10 +109,7 @@ def test_similarity_panel_draws_the_cka_matrix_live(server: str, store_path: Pat
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
-        )
+        browser = chromium(pw)
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,56 +12,17 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-import uvicorn
-from fastapi import FastAPI
 from sqlalchemy import text
 from torch import nn
 
 import sonde
-from sonde.records import Record
+from collect import Collect
+from servers import Running
 from sonde.server.aggregator import create_aggregator_app, group_id
 from sonde.server.api.tensors import ServerMetric
 from sonde.server.app import create_app
-from sonde.sinks import Sink
 from sonde.sinks.remote import RemoteSink
 from sonde.store import Store, open_store
-
-
-class Collect(Sink):
-    """Keeps every Record the probe produced (what the server must end up with)."""
-
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def write(self, records: Sequence[Record]) -> None:
-        self.records.extend(records)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Running:
-    """An app served by uvicorn in a thread, on a given port (so that it can be stopped and started again)."""
-
-    def __init__(self, app: FastAPI, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,12 +12,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 from torch import nn
 
 import sonde
+from servers import Running
 from sonde.errors import ConfigError
 from sonde.records import Record
 from sonde.server.api.tensors import ServerMetric, TensorItem, decode_payload, encode_payload, shift_steps
@@ -30,27 +29,6 @@ from sonde.store import Store, open_store
 
 URL = "http://testserver"
 SPEC = [{"name": "stats", "kwargs": {}}]
-
-
-class Running:
-    """An app served by uvicorn on a free port in a thread (for roles that call each other over HTTP)."""
-
-    def __init__(self, app: FastAPI) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture

@@ -5,19 +5,15 @@ What the pages draw in a browser, and how they update live, is tested in tests/e
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
+from servers import serving
 from sonde.records import Record
 from sonde.server.app import create_app
 from sonde.server.ui import attach
@@ -25,25 +21,6 @@ from sonde.sinks.base import LayerInfo, RunInfo
 from sonde.store import Store, open_store
 
 HTML = {"accept": "text/html"}
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

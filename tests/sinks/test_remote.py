@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +18,16 @@ from starlette.testclient import TestClient
 from torch import nn
 
 import sonde
+from collect import Collect
 from sonde.errors import ConfigError, RunExistsError
 from sonde.metrics import DEFAULT_METRICS, Alerts
 from sonde.records import Record
 from sonde.server.api.tensors import ServerMetric
 from sonde.server.app import create_app
 from sonde.server.evaluator import evaluator_of
-from sonde.sinks import Sink
 from sonde.sinks.remote import RemoteSink, encode_records, replay
 
 URL = "http://testserver"
-
-
-class Collect(Sink):
-    """Keeps every Record the probe produced (what the server must end up with)."""
-
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def write(self, records: Sequence[Record]) -> None:
-        self.records.extend(records)
 
 
 class Switch(httpx.BaseTransport):
