@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,7 +25,7 @@ __all__ = ["POSTGRES_ENV", "any_store", "pg_url", "postgres_schema_url"]
 POSTGRES_ENV = "SONDE_TEST_POSTGRES_URL"
 
 
-def postgres_schema_url() -> Iterator[str]:
+def postgres_schema_url() -> Generator[str, None, None]:
     """A URL whose connections use a fresh schema; the schema is dropped when the generator closes."""
     base = os.environ.get(POSTGRES_ENV)
     if not base:
