@@ -23,6 +23,7 @@ from torch import nn
 import sonde
 from browser import ARTIFACTS, chromium, needs_chromium
 from browser import wait as _wait
+from nets import Block
 from servers import SondeServe
 from sonde.records import Record
 from sonde.sinks.base import LayerInfo, RunInfo
@@ -32,16 +33,6 @@ RUN = "resnet-mini"
 STEPS = 40
 
 pytestmark = needs_chromium
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1, self.bn1, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x + self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
 
 
 def _seed(path: Path) -> None:

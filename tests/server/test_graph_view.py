@@ -16,18 +16,9 @@ import torch
 from torch import nn
 
 import sonde
+from nets import Block
 from sonde.graph.model import Graph
 from sonde.server.ui.graph_view import BOX_H, BOX_W, GraphView, base_name, draw, ramp
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1, self.bn1, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x + self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
 
 
 def cnn() -> nn.Module:
