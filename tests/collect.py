@@ -7,11 +7,15 @@ It lives outside ``conftest.py`` because several test folders have a conftest of
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from sonde.records import Record
 from sonde.sinks import Sink
+from sonde.store import Store
 
-__all__ = ["Collect"]
+__all__ = ["Collect", "key", "stored"]
 
 
 class Collect(Sink):
@@ -32,3 +36,16 @@ class Collect(Sink):
         found = self.find(**where)
         assert len(found) == 1, f"expected one record for {where}, got {len(found)}"
         return found[0].value  # type: ignore[return-value]
+
+
+def key(record: Record) -> tuple[Any, ...]:
+    """A Record as a comparable tuple: step, phase, layer, topic, metric, value (rounded to 9 digits)."""
+    value = record.value
+    rounded = tuple(np.round(value, 9)) if isinstance(value, np.ndarray) else round(float(value), 9)
+    return (int(record.step), record.phase, record.layer, record.topic, record.metric, rounded)
+
+
+def stored(store: Store, run: str) -> list[tuple[Any, ...]]:
+    """``key`` of every row ``store`` holds for ``run``, scalar rows and array rows alike."""
+    return [key(Record(run, *row[1:])) for arrays in (False, True)
+            for row in store.load(run, arrays=arrays).itertuples(index=False, name=None)]

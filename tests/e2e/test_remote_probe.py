@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import sonde
-from collect import Collect
+from collect import Collect, key, stored
 from servers import SondeServe
 from sonde.sinks.remote import RemoteSink
 from sonde.store import open_store
@@ -26,12 +24,6 @@ from sonde.store import open_store
 def server(tmp_path: Path) -> Iterator[SondeServe]:
     with SondeServe.running(tmp_path / "server.db", tmp_path / "serve.log") as srv:
         yield srv
-
-
-def key(run: str, row: Any) -> tuple[Any, ...]:
-    step, phase, layer, topic, metric, value = row
-    value = tuple(np.round(value, 9)) if isinstance(value, np.ndarray) else round(float(value), 9)
-    return (int(step), phase, layer, topic, metric, value)
 
 
 def test_records_survive_a_server_killed_and_restarted_mid_training(server: SondeServe, tmp_path: Path) -> None:
@@ -66,12 +58,10 @@ def test_records_survive_a_server_killed_and_restarted_mid_training(server: Sond
     assert spilled[1] > spilled[0], "the spill grows while training goes on without a server"
     assert spill_files() == 0, "everything was delivered after the restart"
 
-    expected = sorted(key("killed", (r.step, r.phase, r.layer, r.topic, r.metric, r.value))
-                      for r in collect.records)
+    expected = sorted(key(r) for r in collect.records)
     assert {r.step for r in collect.records} == set(range(steps))
     with open_store(server.store, create=False) as store:
-        rows = [key("killed", row[1:]) for arrays in (False, True)
-                for row in store.load("killed", arrays=arrays).itertuples(index=False, name=None)]
+        rows = stored(store, "killed")
         status = store.run_info("killed")["status"]
     assert len(rows) == len(expected), f"{len(rows)} stored for {len(expected)} produced"
     assert sorted(rows) == expected

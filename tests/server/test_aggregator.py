@@ -9,14 +9,13 @@ from typing import Any
 
 import httpx
 import msgpack
-import numpy as np
 import pytest
 import torch
 from sqlalchemy import text
 from torch import nn
 
 import sonde
-from collect import Collect
+from collect import Collect, key, stored
 from servers import Running
 from sonde.server.aggregator import create_aggregator_app, group_id
 from sonde.server.api.tensors import ServerMetric
@@ -124,12 +123,6 @@ def train(url: str, tmp_path: Path, collect: Collect, steps: int, during: Any = 
                 during(step, p)
 
 
-def key(row: Any) -> tuple[Any, ...]:
-    step, phase, layer, topic, metric, value = row
-    value = tuple(np.round(value, 9)) if isinstance(value, np.ndarray) else round(float(value), 9)
-    return (int(step), phase, layer, topic, metric, value)
-
-
 def test_a_probe_through_the_aggregator_survives_a_frontend_restart(tmp_path: Path, store: Store) -> None:
     front = Running(create_app(store, ui=False))
     port = front.port
@@ -149,9 +142,8 @@ def test_a_probe_through_the_aggregator_survives_a_frontend_restart(tmp_path: Pa
     finally:
         agg.stop()
         holder["front"].stop()
-    expected = sorted(key((r.step, r.phase, r.layer, r.topic, r.metric, r.value)) for r in collect.records)
-    got = sorted(key(row[1:]) for arrays in (False, True)
-                 for row in store.load("r", arrays=arrays).itertuples(index=False, name=None))
+    expected = sorted(key(r) for r in collect.records)
+    got = sorted(stored(store, "r"))
     assert got == expected
     assert store.run_info("r")["status"] == "finished"
 

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from torch import nn
 
 import sonde
-from collect import Collect
+from collect import Collect, key, stored
 from sonde.errors import ConfigError, RunExistsError
 from sonde.metrics import DEFAULT_METRICS, Alerts
 from sonde.records import Record
@@ -92,23 +92,9 @@ def train(sink: RemoteSink, collect: Collect, steps: int, *, run: str = "r", res
                 during(step, p)
 
 
-def key(r: Record) -> tuple[Any, ...]:
-    value = tuple(np.round(r.value, 9)) if isinstance(r.value, np.ndarray) else round(float(r.value), 9)
-    return (r.step, r.phase, r.layer, r.topic, r.metric, value)
-
-
-def stored(app: FastAPI, run: str) -> list[tuple[Any, ...]]:
-    store = app.state.store
-    rows = []
-    for arrays in (False, True):
-        frame = store.load(run, arrays=arrays)
-        rows += [key(Record(run, *row[1:])) for row in frame.itertuples(index=False, name=None)]
-    return rows
-
-
 def assert_exactly_once(app: FastAPI, run: str, collect: Collect) -> None:
     expected = sorted(key(r) for r in collect.records)
-    got = stored(app, run)
+    got = stored(app.state.store, run)
     assert len(got) == len(expected), f"{len(got)} stored for {len(expected)} produced"
     assert sorted(got) == expected
 
@@ -213,7 +199,7 @@ def test_a_resumed_run_started_offline_continues_after_its_last_step(app: FastAP
     steps = sorted(set(app.state.store.load("r").step))
     assert steps == [0, 1, 2, 3, 4, 5, 6]
     shifted = [r._replace(step=r.step + 4) for r in second.records]
-    assert sorted(stored(app, "r")) == sorted(key(r) for r in first.records + shifted)
+    assert sorted(stored(app.state.store, "r")) == sorted(key(r) for r in first.records + shifted)
 
 
 def test_memory_stays_bounded_while_the_server_hangs(app: FastAPI, switch: Switch, tmp_path: Path,
