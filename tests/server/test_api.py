@@ -307,7 +307,6 @@ def test_cli_serve_refuses_a_public_address_without_token(monkeypatch: pytest.Mo
 
 
 def test_with_the_dashboard_mounted_api_errors_stay_json(store: Store) -> None:
-    pytest.importorskip("nicegui", reason="the dashboard needs nicegui")
     api = Api(create_app(store))  # the dashboard mounts itself at "/" and catches every other path
     for method, url, status in (("GET", "/api/v1/nope", 404), ("DELETE", "/api/v1/runs", 405),
                                 ("GET", "/api/v1/runs/absent", 404)):
