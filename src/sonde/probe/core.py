@@ -8,6 +8,7 @@ is finished, and where the Records go.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
@@ -103,6 +104,9 @@ class Probe:
         self._step_started = False  # a train forward (or log) happened in the current step
         self._step_closed = False  # the optimizer stepped: the next train forward starts a new step
         self.closed = False
+        # The training thread and the worker both emit: alert watchers keep state, and each sink
+        # should see one thread's batch whole before the other's.
+        self._emit_lock = threading.Lock()
 
     # -- steps -------------------------------------------------------------------------------
     def wants(self, topic: str, phase: str = "train") -> bool:
@@ -147,10 +151,11 @@ class Probe:
     def _emit(self, records: list[Record]) -> None:
         """Send Records to every sink (from the training thread or the worker), alerts added."""
         if records:
-            if self.bus.watchers:
-                records = records + self.bus.watch(records)
-            for runner in self._runners:
-                runner.submit(records)
+            with self._emit_lock:
+                if self.bus.watchers:
+                    records = records + self.bus.watch(records)
+                for runner in self._runners:
+                    runner.submit(records)
 
     # -- user API ----------------------------------------------------------------------------
     def log(self, **values: Any) -> None:
