@@ -15,7 +15,8 @@ import sonde.sinks
 def test_top_level_exports() -> None:
     assert sorted(sonde.__all__) == sorted(
         [
-            "TOPICS", "ConfigError", "Graph", "LayerFilterError", "Probe", "ProbeError", "Record", "RunExistsError",
+            "TOPICS", "ConfigError", "Graph", "GraphError", "LayerFilterError", "Probe", "ProbeError", "Record",
+            "RunExistsError",
             "SondeError", "StoreError", "every", "graph", "load", "log_spaced", "probe",
         ]
     )
@@ -53,9 +54,11 @@ def test_builtin_metrics_and_sinks_register_through_entry_points() -> None:
 def test_lazily_imported_names_are_the_real_classes() -> None:
     from sonde.server.api.tensors import ServerMetric
     from sonde.sinks.remote import RemoteSink
+    from sonde.sinks.video import VideoSink
 
     assert sonde.metrics.ServerMetric is ServerMetric
     assert sonde.sinks.RemoteSink is RemoteSink
+    assert sonde.sinks.VideoSink is VideoSink
     with pytest.raises(AttributeError):
         _ = sonde.metrics.NoSuchMetric
 

@@ -3,12 +3,20 @@
 Example:
     >>> import sonde
     >>> sorted(sonde.__all__)[:3]
-    ['ConfigError', 'Graph', 'LayerFilterError']
+    ['ConfigError', 'Graph', 'GraphError']
 """
 
 from __future__ import annotations
 
-from sonde.errors import ConfigError, LayerFilterError, ProbeError, RunExistsError, SondeError, StoreError
+from sonde.errors import (
+    ConfigError,
+    GraphError,
+    LayerFilterError,
+    ProbeError,
+    RunExistsError,
+    SondeError,
+    StoreError,
+)
 from sonde.graph import Graph, graph  # the function shadows the subpackage name: sonde.graph(model, x)
 from sonde.load import load
 from sonde.probe import Probe, probe
@@ -20,6 +28,7 @@ __all__ = [
     "TOPICS",
     "ConfigError",
     "Graph",
+    "GraphError",
     "LayerFilterError",
     "Probe",
     "ProbeError",

@@ -139,7 +139,7 @@ def serve_dashboard(store: str, host: str = "127.0.0.1", port: int = 8080) -> Da
 
     Example:
         >>> dashboard = serve_dashboard("sonde.db", port=8080)   # doctest: +SKIP
-        >>> dashboard.url
+        >>> dashboard.url                                        # doctest: +SKIP
         'http://127.0.0.1:8080'
     """
     import uvicorn

@@ -6,6 +6,7 @@ Hierarchy::
     ├── ConfigError             misuse of the API: bad argument, unknown topic/metric/sink name
     │   └── LayerFilterError    a layer filter that matched no layer (lists real layer names)
     ├── ProbeError              the model cannot be probed as asked (already probed, wrong type)
+    ├── GraphError              the model's forward pass could not be traced into a graph
     └── StoreError              the store cannot be opened or written
         └── RunExistsError      a run name that is already in the store, without ``resume=True``
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "GraphError",
     "LayerFilterError",
     "ProbeError",
     "RunExistsError",
@@ -38,6 +40,10 @@ class LayerFilterError(ConfigError):
 
 class ProbeError(SondeError, RuntimeError):
     """The model cannot be probed as asked."""
+
+
+class GraphError(SondeError, RuntimeError):
+    """The model's forward pass could not be traced into a graph (the message names the operation)."""
 
 
 class StoreError(SondeError, OSError):

@@ -23,15 +23,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from sonde.errors import SondeError
+from sonde.errors import GraphError
 
 __all__ = ["Graph", "GraphError", "Node"]
 
 KINDS = ("module", "function", "input", "output")
-
-
-class GraphError(SondeError, RuntimeError):
-    """The model's forward pass could not be traced into a graph (the message names the operation)."""
 
 
 @dataclass

@@ -6,12 +6,11 @@ about one pass more than asking for one. Variance is the population variance (dd
 
 Example:
     >>> import torch
-    >>> from sonde.metrics.base import Capture
-    >>> m = Std()
-    >>> m.update(Capture(torch.tensor([1.0, 3.0])))
-    >>> m.absorb_staged({id(t): t.numpy() for _, t in m.staged})
-    >>> m.compute()
-    {'std': 1.0}
+    >>> from sonde.bus import Bus
+    >>> bus = Bus("run", [Std()], topics=["activations"], schedule=lambda step: True)
+    >>> bus.publish("fc", "activations", torch.tensor([1.0, 3.0]), phase="train", step=0)
+    >>> [(r.metric, r.value) for r in bus.flush("train", 0)]
+    [('std', 1.0)]
 """
 
 from __future__ import annotations

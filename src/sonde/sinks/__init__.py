@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from sonde.errors import ConfigError
 from sonde.sinks.base import LayerInfo, RunInfo, Sink, SinkRunner
 
-__all__ = ["LayerInfo", "RemoteSink", "RunInfo", "Sink", "SinkRunner", "registry", "resolve_sinks"]
+__all__ = ["LayerInfo", "RemoteSink", "RunInfo", "Sink", "SinkRunner", "VideoSink", "registry", "resolve_sinks"]
 
 
 @functools.cache
@@ -41,9 +41,13 @@ def resolve_sinks(sinks: Sequence[str | Sink] | None) -> list[Sink]:
 
 
 def __getattr__(name: str) -> object:
-    # Imported on first use: the remote sink pulls in httpx and msgpack.
+    # Imported on first use: the remote sink pulls in httpx and msgpack, the video sink matplotlib.
     if name == "RemoteSink":
         from sonde.sinks.remote import RemoteSink
 
         return RemoteSink
+    if name == "VideoSink":
+        from sonde.sinks.video import VideoSink
+
+        return VideoSink
     raise AttributeError(f"module 'sonde.sinks' has no attribute {name!r}")
