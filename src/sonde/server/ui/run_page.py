@@ -314,17 +314,24 @@ async def build_run_page(state: UIState, name: str) -> None:
     def redraw(panel: Panel) -> None:
         ui.timer(0, panel.redraw, once=True)
 
+    def follow_topic(view: Any, metric_choice: Any, topic: str) -> None:
+        """A new topic: offer its metrics, keeping the view's metric when the topic has it too."""
+        view.topic = topic
+        metrics = choices.layer_metrics.get(topic, [])
+        metric_choice.set_options(metrics, value=view.metric if view.metric in metrics else metrics[0])
+
+    def follow_metric(view: Any, log_choice: Any, panel: Panel, metric: str | None) -> None:
+        if metric is None:
+            return
+        view.metric = metric
+        log_choice.value = metric in LOG_METRICS  # triggers its own redraw when it changes
+        redraw(panel)
+
     def heat_topic(e: Any) -> None:
-        heat.topic = e.value
-        metrics = choices.layer_metrics.get(e.value, [])
-        metric_select.set_options(metrics, value=heat.metric if heat.metric in metrics else metrics[0])
+        follow_topic(heat, metric_select, e.value)
 
     def heat_metric(e: Any) -> None:
-        if e.value is None:
-            return
-        heat.metric = e.value
-        log_switch.value = e.value in LOG_METRICS  # triggers its own redraw when it changes
-        redraw(heat_panel)
+        follow_metric(heat, log_switch, heat_panel, e.value)
 
     def heat_log(e: Any) -> None:
         heat.log = bool(e.value)
@@ -341,16 +348,10 @@ async def build_run_page(state: UIState, name: str) -> None:
     phase_select.on_value_change(heat_phase)
 
     def line_topic_changed(e: Any) -> None:
-        line.topic = e.value
-        metrics = choices.layer_metrics.get(e.value, [])
-        line_metric.set_options(metrics, value=line.metric if line.metric in metrics else metrics[0])
+        follow_topic(line, line_metric, e.value)
 
     def line_metric_changed(e: Any) -> None:
-        if e.value is None:
-            return
-        line.metric = e.value
-        line_log.value = e.value in LOG_METRICS
-        redraw(lines_panel)
+        follow_metric(line, line_log, lines_panel, e.value)
 
     def line_layers_changed(e: Any) -> None:
         line.layers = list(e.value or [])
