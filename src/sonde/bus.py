@@ -130,6 +130,13 @@ class Bus:
     def pending(self, phase: str) -> bool:
         return bool(self._touched[phase])
 
+    def discard(self, phase: str) -> None:
+        """Forget what was published in ``phase`` since the last flush (a pass that broke off)."""
+        for instances in self._touched[phase].values():
+            for metric in instances:
+                metric.reset()
+        self._touched[phase] = {}
+
     def accumulating(self) -> bool:
         """Whether some metric holds recorded state that has not been computed yet."""
         return any(self._dirty.values())

@@ -397,11 +397,7 @@ class TorchProbe(Probe):
                     self._pass_labels = None if labels is None else labels[index]
                     self.model(inputs[index].to(device))
         except Exception:
-            # A pass that broke off leaves partial chunks: drop them, so the next pass starts clean.
-            for instances in self.probe_bus._touched["train"].values():
-                for metric in instances:
-                    metric.reset()
-            self.probe_bus._touched["train"] = {}
+            self.probe_bus.discard("train")  # partial chunks of a pass that broke off: the next starts clean
             raise
         self._emit(self.probe_bus.flush("train", step))
 
