@@ -33,7 +33,7 @@ from sonde.records import Record
 from sonde.schedules import Schedule
 from sonde.worker import MetricTask, Worker
 
-__all__ = ["Bus"]
+__all__ = ["Bus", "to_host"]
 
 log = logging.getLogger("sonde")
 
@@ -103,8 +103,14 @@ class Bus:
         phase: str,
         step: int,
         labels: torch.Tensor | None = None,
+        minus: torch.Tensor | None = None,
+        copy_to: torch.Tensor | None = None,
     ) -> None:
-        """Hand one captured tensor to every metric subscribed to it at this step."""
+        """Hand one captured tensor to every metric subscribed to it at this step.
+
+        ``minus``: the captured value is ``tensor - minus`` (see :class:`Capture`). ``copy_to``:
+        holds a copy of ``tensor`` when this returns, made during the metrics' pass if they read it.
+        """
         key = (phase, layer, topic)
         instances = self._instances.get(key)
         if instances is None:
@@ -112,11 +118,18 @@ class Bus:
             self._instances[key] = instances
         layer_type = self.layer_types.get(layer) or self.layer_types.get(layer.split(":")[0], "")
         capture = Capture(tensor, layer=layer, topic=topic, phase=phase, step=step, labels=labels, memo=self.memo,
-                          layer_type=layer_type)
+                          layer_type=layer_type, minus=minus, copy_to=copy_to)
+        due = [
+            instance for template, instance in zip(self.templates.get(topic, ()), instances, strict=True)
+            if phase != "train" or self.scheduled(template, step)
+        ]
+        for instance in due:
+            try:
+                instance.prepare(capture)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never break training
+                self._report(instance, exc)
         touched = self._touched[phase]
-        for template, instance in zip(self.templates.get(topic, ()), instances, strict=True):
-            if phase == "train" and not self.scheduled(template, step):
-                continue
+        for instance in due:
             try:
                 instance.update(capture)
             except Exception as exc:  # noqa: BLE001 - monitoring must never break training
@@ -126,6 +139,7 @@ class Bus:
             touched.setdefault((layer, topic), [])
             if instance not in touched[(layer, topic)]:
                 touched[(layer, topic)].append(instance)
+        capture.finish()
 
     def pending(self, phase: str) -> bool:
         return bool(self._touched[phase])
@@ -157,7 +171,7 @@ class Bus:
         epoch_end = self._epoch_end and phase == "train"
         if not touched and not dirty and not epoch_end:
             return []
-        host = _to_host(value for instances in touched.values() for m in instances for _, value in m.staged)
+        host = to_host(value for instances in touched.values() for m in instances for _, value in m.staged)
         derived: list[tuple[str, str, Metric]] = []
         for key, instances in touched.items():
             for metric in instances:
@@ -243,10 +257,11 @@ class Bus:
             )
 
 
-def _to_host(staged: Iterable[Any]) -> dict[int, np.ndarray]:
+def to_host(staged: Iterable[Any]) -> dict[int, np.ndarray]:
     """Host copies of staged partials: one transfer per accelerator, none for CPU tensors.
 
-    A staged partial is a tensor, or a tuple of 0-d tensors and floats read back as one vector.
+    A staged partial is a tensor, a numpy array (already on the host), or a tuple of 0-d
+    tensors and floats read back as one vector.
     """
     host: dict[int, np.ndarray] = {}
     device_parts: dict[torch.device, list[torch.Tensor]] = {}
@@ -256,6 +271,9 @@ def _to_host(staged: Iterable[Any]) -> dict[int, np.ndarray]:
         if id(value) in seen:
             continue
         seen.add(id(value))
+        if isinstance(value, np.ndarray):
+            host[id(value)] = value
+            continue
         parts = value if isinstance(value, tuple) else (value,)
         if all(not isinstance(p, torch.Tensor) or p.device.type == "cpu" for p in parts):
             host[id(value)] = _cpu_value(value)

@@ -37,7 +37,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from sonde import functional as F
 from sonde.errors import ConfigError
+from sonde.functional import native
 from sonde.schedules import Schedule, as_schedule
 
 __all__ = ["RESET_POLICIES", "Capture", "Metric", "Reduce"]
@@ -63,9 +65,20 @@ class Capture:
     reduction). The capture holds the tensor only while metrics update. ``layer_type`` is the
     layer's class name (``Linear``, ``Conv2d``, ``LSTM``), for metrics whose reading of a
     tensor's axes depends on it.
+
+    The tensor statistics share one fused pass: :meth:`summary` gives the raw partials of
+    :func:`sonde.functional.summarize_raw`, and :meth:`histogram` counts over fixed edges;
+    metrics announce the histograms they will ask for in :meth:`Metric.prepare` (through
+    :meth:`want_histogram`) so that the first of them computes everything in one read.
+    A capture may describe a difference ``tensor - minus`` (a parameter's update): the fused
+    pass reads both without materialising it, and :attr:`tensor` materialises it (into
+    ``minus``'s memory) only when a metric reads it. ``copy_to`` asks for a copy of the tensor
+    (a parameter's snapshot before the optimizer step), made during the fused pass or by
+    :meth:`finish`.
     """
 
-    __slots__ = ("_memo", "labels", "layer", "layer_type", "phase", "step", "tensor", "topic")
+    __slots__ = ("_local", "_memo", "_minus", "_tensor", "_wanted", "copied", "copy_to", "labels", "layer",
+                 "layer_type", "phase", "step", "topic")
 
     def __init__(
         self,
@@ -78,20 +91,112 @@ class Capture:
         labels: torch.Tensor | None = None,
         memo: TensorMemo | None = None,
         layer_type: str = "",
+        minus: torch.Tensor | None = None,
+        copy_to: torch.Tensor | None = None,
     ) -> None:
-        self.tensor = tensor
+        self._tensor = tensor
+        self._minus = minus
+        self.copy_to = copy_to
+        self.copied = False
         self.layer = layer
         self.layer_type = layer_type
         self.topic = topic
         self.phase = phase
         self.step = step
         self.labels = labels
-        self._memo = memo
+        # A difference is this capture's alone; a plain tensor's reductions are shared through the memo.
+        self._memo = memo if minus is None else None
+        self._local: dict[str, Any] = {}
+        self._wanted: list[tuple[float, float, int]] = []
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self._minus is not None:
+            with torch.no_grad():
+                self._tensor = torch.sub(self._tensor.detach(), self._minus, out=self._minus)
+            self._minus = None
+        return self._tensor
+
+    def numel(self) -> int:
+        """Number of elements, without materialising a difference."""
+        return self._tensor.numel()
 
     def cached(self, key: str, fn: Callable[[torch.Tensor], Any]) -> Any:
         if self._memo is None:
-            return fn(self.tensor)
+            if key not in self._local:
+                self._local[key] = fn(self.tensor)
+            return self._local[key]
         return self._memo.get(self.tensor, key, fn)
+
+    def want_histogram(self, lo: float, hi: float, bins: int) -> None:
+        """Announce (from :meth:`Metric.prepare`) that :meth:`histogram` will be asked for these edges."""
+        self._wanted.append((lo, hi, bins))
+
+    def summary(self) -> Any:
+        """Raw summary partials (:func:`sonde.functional.summarize_raw`), computed once."""
+        raw = self._lookup("summary")
+        if raw is None:
+            raw = self._compute(self._wanted[0] if self._wanted else None)[0]
+        return raw
+
+    def histogram(self, lo: Any, hi: Any, bins: int) -> Any:
+        """Counts of ``bins`` equal-width bins over ``[lo, hi]`` (see :func:`sonde.functional.histogram_counts`)."""
+        if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):  # device-side edges: no fusing
+            raw = self.summary()
+            nan_free = isinstance(raw[8], float) and raw[8] == 0
+            return F.histogram_counts(self.tensor, lo, hi, bins, nan_free=nan_free)
+        spec = (float(lo), float(hi), bins)
+        counts = self._lookup(_histogram_key(spec))
+        if counts is None:
+            counts = self._compute(spec)[1]
+        return counts
+
+    def _compute(self, spec: tuple[float, float, int] | None) -> tuple[Any, Any]:
+        """The summary and the counts of histogram ``spec``, in one pass where the kernel allows."""
+        copy_to = None if self.copied else self.copy_to
+        source = self._tensor if self._minus is not None else self.tensor
+        fast = native.summarize(source, minus=self._minus, copy_to=copy_to, histogram=spec)
+        raw: Any
+        counts: Any
+        if fast is not None:
+            raw, counts = fast
+            self.copied = self.copied or copy_to is not None
+        else:  # torch reductions: on accelerators, and on the CPU without the compiled kernel
+            self.finish()
+            raw = self._lookup("summary")
+            if raw is None:
+                raw = F.summarize_raw(self.tensor)
+            counts = None
+            if spec is not None:
+                nan_free = isinstance(raw[8], float) and raw[8] == 0
+                counts = F.histogram_counts(self.tensor, spec[0], spec[1], spec[2], nan_free=nan_free)
+        if self._lookup("summary") is None:
+            self._store("summary", raw)
+        if spec is not None:
+            self._store(_histogram_key(spec), counts)
+        return raw, counts
+
+    def _lookup(self, key: str) -> Any:
+        if self._memo is None:
+            return self._local.get(key)
+        return self._memo.peek(self.tensor, key)
+
+    def _store(self, key: str, value: Any) -> None:
+        if self._memo is None:
+            self._local[key] = value
+        else:
+            self._memo.put(self.tensor, key, value)
+
+    def finish(self) -> None:
+        """Make the copy ``copy_to`` asked for, if the fused pass did not."""
+        if self.copy_to is not None and not self.copied:
+            with torch.no_grad():
+                self.copy_to.copy_(self.tensor.detach())
+            self.copied = True
+
+
+def _histogram_key(spec: tuple[float, float, int]) -> str:
+    return f"histogram:{spec[0]!r}:{spec[1]!r}:{spec[2]}"
 
 
 class TensorMemo:
@@ -101,13 +206,19 @@ class TensorMemo:
         self._entries: dict[tuple[int, int, str], tuple[Any, Any]] = {}
 
     def get(self, tensor: torch.Tensor, key: str, fn: Callable[[torch.Tensor], Any]) -> Any:
-        entry_key = (id(tensor), tensor._version, key)
-        entry = self._entries.get(entry_key)
-        if entry is not None and entry[0]() is tensor:
-            return entry[1]
-        value = fn(tensor)
-        self._entries[entry_key] = (weakref.ref(tensor), value)
+        value = self.peek(tensor, key)
+        if value is None:
+            value = fn(tensor)
+            self.put(tensor, key, value)
         return value
+
+    def peek(self, tensor: torch.Tensor, key: str) -> Any:
+        """The value memoised for this tensor version, or None."""
+        entry = self._entries.get((id(tensor), tensor._version, key))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def put(self, tensor: torch.Tensor, key: str, value: Any) -> None:
+        self._entries[(id(tensor), tensor._version, key)] = (weakref.ref(tensor), value)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -178,9 +289,9 @@ class Metric:
         self._defaults[name] = (default, reduce)
         self.state[name] = copy.deepcopy(default)
 
-    def stage(self, name: str, value: torch.Tensor | tuple[torch.Tensor | float, ...]) -> None:
-        """Queue a device-side partial for state ``name`` (a tensor, or a tuple of 0-d tensors and
-        floats read back as one vector); it is folded in after the step's batched transfer."""
+    def stage(self, name: str, value: torch.Tensor | np.ndarray | tuple[torch.Tensor | float, ...]) -> None:
+        """Queue a partial for state ``name`` (a device tensor, a host numpy array, or a tuple of 0-d
+        tensors and floats read back as one vector); it is folded in after the step's batched transfer."""
         self.staged.append((name, value))
 
     def absorb(self, name: str, value: Any) -> None:
@@ -226,6 +337,9 @@ class Metric:
         return snap
 
     # -- to override --------------------------------------------------------------------------
+    def prepare(self, capture: Capture) -> None:
+        """Before any metric updates from ``capture``: announce shared work (a histogram's edges)."""
+
     def update(self, capture: Capture) -> None:
         raise NotImplementedError
 

@@ -80,7 +80,7 @@ class TensorStats(Metric):
         return None
 
     def update(self, capture: Capture) -> None:
-        self.stage("summary", capture.cached("summary", F.summarize_raw))
+        self.stage("summary", capture.summary())
 
     def absorb(self, name: str, value: Any) -> None:
         if name == "summary" and value is not None and len(value) != len(F.EMPTY_SUMMARY):
@@ -184,22 +184,28 @@ class Histogram(Metric):
         self.add_state("counts", default=None, reduce="sum")
         self.add_state("range", default=None, reduce=lambda first, _later: first)
 
-    def update(self, capture: Capture) -> None:
-        raw = capture.cached("summary", F.summarize_raw)
-        if len(raw) == 1:
-            return  # empty tensor
-        nan_free = isinstance(raw[8], float) and raw[8] == 0  # known on CPU without a sync
+    def prepare(self, capture: Capture) -> None:
         if self.edges is not None:
-            lo, hi = float(self.edges[0]), float(self.edges[-1])
-            self.stage("counts", F.histogram_counts(capture.tensor, lo, hi, self.bins, nan_free=nan_free))
+            capture.want_histogram(float(self.edges[0]), float(self.edges[-1]), self.bins)
+
+    def update(self, capture: Capture) -> None:
+        if capture.numel() == 0:
+            return  # empty tensor
+        if self.edges is not None:
+            self.stage("counts", capture.histogram(float(self.edges[0]), float(self.edges[-1]), self.bins))
             return
+        raw = capture.summary()
         if self._device_range is None:
             self._device_range = (torch.as_tensor(raw[4]), torch.as_tensor(raw[5]))
             self.stage("range", torch.stack(self._device_range))
         lo_t, hi_t = self._device_range
-        if capture.tensor.device.type == "cpu" and F.histogram_edges(float(lo_t), float(hi_t), self.bins) is None:
-            return  # a constant or non-finite first step: no counts until the edges can be fixed
-        self.stage("counts", F.histogram_counts(capture.tensor, lo_t, hi_t, self.bins, nan_free=nan_free))
+        if capture.tensor.device.type == "cpu":
+            lo, hi = float(lo_t), float(hi_t)
+            if F.histogram_edges(lo, hi, self.bins) is None:
+                return  # a constant or non-finite first step: no counts until the edges can be fixed
+            self.stage("counts", capture.histogram(lo, hi, self.bins))
+            return
+        self.stage("counts", capture.histogram(lo_t, hi_t, self.bins))
 
     def compute(self) -> dict[str, Any]:
         if self.edges is None:

@@ -329,12 +329,29 @@ class TorchProbe(Probe):
                 self._warned.add(where)
                 log.exception("sonde: %s failed; training goes on without it: %s", where, exc)
 
-    def _publish_params(self, grads: bool, phase: str = "train") -> None:
+    def _publish_params(self, grads: bool, phase: str = "train", snapshot: bool = False) -> None:
+        """Publish weights and biases (and their gradients); with ``snapshot``, also keep each
+        parameter's value before the optimizer step for its update, copied in the same pass."""
+        self._before.clear()
+        want_updates = {"weights": snapshot and self.wants("weight_updates"),
+                        "biases": snapshot and self.wants("bias_updates")}
+        in_optimizer = (
+            {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            if snapshot and self.optimizer is not None else set()
+        )
         for layer, params in self.params.items():
             for param_name, param in params:
                 topic = _param_topic(param_name)
+                value = param.detach()
+                before = None
+                if want_updates[topic] and id(param) in in_optimizer:
+                    before = self._buffer_for(param)
+                    update_topic = "bias_updates" if topic == "biases" else "weight_updates"
+                    self._before.append((layer, update_topic, param, before))
                 if self.wants(topic):
-                    self.publish(layer, topic, param.detach(), phase=phase)
+                    self.publish(layer, topic, value, phase=phase, copy_to=before)
+                elif before is not None:
+                    before.copy_(value)
                 grad_topic = "bias_grads" if topic == "biases" else "weight_grads"
                 if grads and param.grad is not None and self.wants(grad_topic):
                     self.publish(layer, grad_topic, param.grad, phase=phase)
@@ -477,36 +494,27 @@ class TorchProbe(Probe):
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         def run() -> None:
             self._step_started = True
-            self._publish_params(grads=True)
-            self._before.clear()
-            want_w, want_b = self.wants("weight_updates"), self.wants("bias_updates")
-            if not (want_w or want_b):
-                return
-            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             with torch.no_grad():
-                for layer, params in self.params.items():
-                    for param_name, param in params:
-                        is_bias = _param_topic(param_name) == "biases"
-                        if id(param) in in_optimizer and (want_b if is_bias else want_w):
-                            topic = "bias_updates" if is_bias else "weight_updates"
-                            self._before.append((layer, topic, param, self._copy_of(param)))
+                self._publish_params(grads=True, snapshot=True)
 
         self._guard("optimizer pre-step capture", run)
 
-    def _copy_of(self, param: torch.Tensor) -> torch.Tensor:
-        """The parameter's value now, in a buffer kept across steps (reallocating costs page faults)."""
+    def _buffer_for(self, param: torch.Tensor) -> torch.Tensor:
+        """A buffer for the parameter's value before the step, kept across steps (reallocating
+        costs page faults)."""
         buffer = self._buffers.get(id(param))
         if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
             buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
             self._buffers[id(param)] = buffer
-        return buffer.copy_(param.detach())
+        return buffer
 
     def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         def run() -> None:
             with torch.no_grad():
                 for layer, topic, param, before in self._before:
-                    # The copy becomes the update in place: no allocation on the hot path.
-                    self.publish(layer, topic, torch.sub(param.detach(), before, out=before), phase="train")
+                    # after − before, read by the fused pass without materialising it (a metric that
+                    # wants the tensor itself gets it computed into the buffer in place).
+                    self.publish(layer, topic, param.detach(), phase="train", minus=before)
             self._before.clear()
 
         self._guard("weight update capture", run)

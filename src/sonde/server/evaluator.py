@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sonde.bus import to_host
 from sonde.metrics.base import Capture, Metric
 from sonde.records import Record
 from sonde.server.api.tensors import TensorItem, metric_from_spec
@@ -89,17 +90,6 @@ def http_writer(frontend_url: str, *, token: str | None = None, patience: float 
             wait = min(wait * 2, 2.0)
 
     return write
-
-
-def _host(staged: list[tuple[str, Any]]) -> dict[int, np.ndarray]:
-    """Host copies of a metric's staged partials (CPU tensors here), keyed as ``absorb_staged`` expects."""
-    host: dict[int, np.ndarray] = {}
-    for _, value in staged:
-        if isinstance(value, tuple):
-            host[id(value)] = np.array([float(p) for p in value], dtype=np.float64)
-        else:
-            host[id(value)] = value.detach().cpu().numpy().astype(np.float64, copy=False)
-    return host
 
 
 class Evaluator:
@@ -194,9 +184,10 @@ class Evaluator:
             capture = Capture(tensor, layer=item.layer, topic=item.topic, phase=item.phase, step=item.step,
                               labels=labels, layer_type=item.layer_type)
             try:
+                metric.prepare(capture)
                 metric.update(capture)
                 metric.updates += 1
-                metric.absorb_staged(_host(metric.staged))
+                metric.absorb_staged(to_host(value for _, value in metric.staged))
                 due = getattr(metric, "due", None)
                 if due is not None and not due(item.step):
                     continue
