@@ -1,10 +1,11 @@
 """Per-step overhead of sonde's default probe against an unmonitored loop, and against peers.
 
 Everything is measured side by side in one process, interleaved in rounds so that machine
-noise hits all variants alike; the table prints the median per-step time of each variant
-divided by the unmonitored loop's.
+noise hits all variants alike: each round runs every variant once, and a variant's ratio in
+that round is its per-step time over the unmonitored loop's in the same round. The table
+prints the median per-step time and the median of those per-round ratios.
 
-    python benchmarks/overhead.py [--steps 30] [--rounds 5] [--no-peers]
+    python benchmarks/overhead.py [--steps 15] [--rounds 9] [--no-peers]
 
 Variants: ``sonde`` (the default probe: every topic of every layer, all default metrics,
 every step, recorded to a SQLite store), ``sonde every=10`` (the same, recording one step in
@@ -118,8 +119,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor: Monitor, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--no-peers", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -145,10 +146,9 @@ def main() -> None:
                 model, x, y = build()
                 with tempfile.TemporaryDirectory() as tmp:
                     times[name].append(train(model, x, y, monitor, args.steps, tmp))
-        base = statistics.median(times["unmonitored"])
         for name, values in times.items():
-            median = statistics.median(values)
-            print(f"{model_name:8s} {name:16s} {median * 1e3:9.2f} {median / base:6.2f}x")
+            ratio = statistics.median(v / u for v, u in zip(values, times["unmonitored"], strict=True))
+            print(f"{model_name:8s} {name:16s} {statistics.median(values) * 1e3:9.2f} {ratio:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -14,3 +16,22 @@ def collect() -> Collect:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module", params=["kernel", "torch"])
+def kernel_or_torch(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a module's tests twice: with sonde's compiled statistics kernel, and with the torch
+    reductions it falls back to (on accelerators, or where no C compiler exists)."""
+    from sonde.functional import native
+
+    if request.param == "kernel":
+        if not native.available():
+            pytest.skip("the compiled kernel is not available here (no C compiler, or SONDE_NATIVE=0)")
+        yield request.param
+        return
+    saved = native._tried, native._lib
+    native._tried, native._lib = True, None
+    try:
+        yield request.param
+    finally:
+        native._tried, native._lib = saved

@@ -18,6 +18,9 @@ from sonde.functional import histogram_counts, histogram_edges
 from sonde.metrics import Histogram
 from sonde.records import Record
 
+# Every test runs with the compiled kernel and with the torch reductions.
+pytestmark = pytest.mark.usefixtures("kernel_or_torch")
+
 
 def reference_edges(values: np.ndarray, bins: int) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64).reshape(-1)

@@ -22,6 +22,9 @@ from collect import Collect
 from sonde.functional import EMPTY_SUMMARY, merge_summaries, summarize, summary_stats
 from sonde.records import Record
 
+# Every test runs with the compiled kernel and with the torch reductions.
+pytestmark = pytest.mark.usefixtures("kernel_or_torch")
+
 STATS = ("mean", "std", "var", "min", "max", "abs_mean", "norm", "zero_frac", "nonfinite_frac")
 
 

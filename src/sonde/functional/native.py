@@ -135,7 +135,7 @@ def available() -> bool:
 
 
 def _eligible(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and not t.requires_grad
+    return t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()
 
 
 def summarize(
@@ -165,16 +165,16 @@ def summarize(
     lib = _load()
     if lib is None:
         return None
-    out = np.empty(10, dtype=np.float64)
-    counts = None
     bins, lo, scale = 0, 0.0, 0.0
     if histogram is not None:
         lo, hi, bins = histogram
         scale = bins / (hi - lo)
-        counts = np.empty(bins, dtype=np.int64)
+    buffer = np.empty(10 + bins, dtype=np.float64)  # the partials, then the counts (int64)
+    address = buffer.__array_interface__["data"][0]
     failed = lib.sonde_summarize(
         x.data_ptr(), None if minus is None else minus.data_ptr(), None if copy_to is None else copy_to.data_ptr(),
-        x.numel(), bins, lo, scale, torch.get_num_threads(), out.ctypes.data,
-        None if counts is None else counts.ctypes.data,
+        x.numel(), bins, lo, scale, torch.get_num_threads(), address, address + 80 if bins else None,
     )
-    return None if failed else (out, counts)
+    if failed:
+        return None
+    return buffer[:10], buffer[10:].view(np.int64) if bins else None

@@ -105,7 +105,7 @@ def finish_summary(raw: np.ndarray) -> np.ndarray:
     """Summary from the host copy of :func:`summarize_raw`'s partials (float64 arithmetic)."""
     if raw[0] == 0:
         return EMPTY_SUMMARY.copy()
-    n, shift, s1, s2, lo, hi, abs_sum, nonzeros, nans, infs = (float(v) for v in raw)
+    n, shift, s1, s2, lo, hi, abs_sum, nonzeros, nans, infs = raw.tolist()
     with np.errstate(invalid="ignore", over="ignore"):
         mean = shift + s1 / n
         m2 = s2 - s1 * s1 / n

@@ -57,6 +57,9 @@ _REDUCERS: dict[str, Reduce] = {
 }
 
 
+_IMMUTABLE = (type(None), int, float, str, tuple)
+
+
 class Capture:
     """A tensor seen by a probe, with what the metrics need to know about it.
 
@@ -176,12 +179,12 @@ class Capture:
             self._store(_histogram_key(spec), counts)
         return raw, counts
 
-    def _lookup(self, key: str) -> Any:
+    def _lookup(self, key: Any) -> Any:
         if self._memo is None:
             return self._local.get(key)
         return self._memo.peek(self.tensor, key)
 
-    def _store(self, key: str, value: Any) -> None:
+    def _store(self, key: Any, value: Any) -> None:
         if self._memo is None:
             self._local[key] = value
         else:
@@ -195,29 +198,29 @@ class Capture:
             self.copied = True
 
 
-def _histogram_key(spec: tuple[float, float, int]) -> str:
-    return f"histogram:{spec[0]!r}:{spec[1]!r}:{spec[2]}"
+def _histogram_key(spec: tuple[float, float, int]) -> tuple[str, float, float, int]:
+    return ("histogram", *spec)
 
 
 class TensorMemo:
     """Per-step memo of reductions keyed by tensor identity and version, holding no tensor alive."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, int, str], tuple[Any, Any]] = {}
+        self._entries: dict[tuple[int, int, Any], tuple[Any, Any]] = {}
 
-    def get(self, tensor: torch.Tensor, key: str, fn: Callable[[torch.Tensor], Any]) -> Any:
+    def get(self, tensor: torch.Tensor, key: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         value = self.peek(tensor, key)
         if value is None:
             value = fn(tensor)
             self.put(tensor, key, value)
         return value
 
-    def peek(self, tensor: torch.Tensor, key: str) -> Any:
+    def peek(self, tensor: torch.Tensor, key: Any) -> Any:
         """The value memoised for this tensor version, or None."""
         entry = self._entries.get((id(tensor), tensor._version, key))
         return entry[1] if entry is not None and entry[0]() is tensor else None
 
-    def put(self, tensor: torch.Tensor, key: str, value: Any) -> None:
+    def put(self, tensor: torch.Tensor, key: Any, value: Any) -> None:
         self._entries[(id(tensor), tensor._version, key)] = (weakref.ref(tensor), value)
 
     def clear(self) -> None:
@@ -317,7 +320,7 @@ class Metric:
 
     def reset(self) -> None:
         for name, (default, _) in self._defaults.items():
-            self.state[name] = copy.deepcopy(default)
+            self.state[name] = default if isinstance(default, _IMMUTABLE) else copy.deepcopy(default)
         self.staged.clear()
         self.updates = 0
 

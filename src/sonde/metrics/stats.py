@@ -179,20 +179,21 @@ class Histogram(Metric):
         super().__init__(**kwargs)
         self.bins = bins
         self.edges: np.ndarray | None = None
+        self._range: tuple[float, float] | None = None  # (edges[0], edges[-1]) as floats, once fixed
         self._device_range: tuple[torch.Tensor, torch.Tensor] | None = None
         self._announce = False
         self.add_state("counts", default=None, reduce="sum")
         self.add_state("range", default=None, reduce=lambda first, _later: first)
 
     def prepare(self, capture: Capture) -> None:
-        if self.edges is not None:
-            capture.want_histogram(float(self.edges[0]), float(self.edges[-1]), self.bins)
+        if self._range is not None:
+            capture.want_histogram(*self._range, self.bins)
 
     def update(self, capture: Capture) -> None:
         if capture.numel() == 0:
             return  # empty tensor
-        if self.edges is not None:
-            self.stage("counts", capture.histogram(float(self.edges[0]), float(self.edges[-1]), self.bins))
+        if self._range is not None:
+            self.stage("counts", capture.histogram(*self._range, self.bins))
             return
         raw = capture.summary()
         if self._device_range is None:
@@ -215,6 +216,7 @@ class Histogram(Metric):
                 self._device_range = None  # try again at the next recorded step
                 return {}
             self.edges = edges
+            self._range = (float(edges[0]), float(edges[-1]))
             self._announce = True
         counts = self.state["counts"]
         if counts is None:
