@@ -7,6 +7,7 @@ that sums the rows it saw and counts them, so which batches a value covers is vi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, ClassVar
 
@@ -252,3 +253,18 @@ def test_offloaded_failure_never_reaches_training(collect: Collect, caplog: pyte
         train(ExplodingOffload(), 4, collect=collect)
     assert [r for r in collect.records if isinstance(r, Record)] == []
     assert sum("eigh did not converge" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread priority is a Linux feature")
+def test_worker_runs_at_background_priority() -> None:
+    """Heavy computes yield the cores to training: the worker thread runs at nice 19."""
+    seen: list[int] = []
+    worker = Worker(lambda records: None)
+    def task() -> list[Any]:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return []
+
+    worker.submit(("k",), ComputeTask(task))
+    assert worker.close()
+    assert seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the training thread keeps its own

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -218,6 +219,7 @@ class Worker:
         return done
 
     def _loop(self) -> None:
+        _background_priority()
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
@@ -251,3 +253,17 @@ class Worker:
                 self.emit(list(records))
             except Exception as exc:  # noqa: BLE001
                 log.error("sonde: could not hand the worker's records on (%s: %s)", type(exc).__name__, exc)
+
+
+def _background_priority() -> None:
+    """Lower the calling thread's scheduling priority (Linux: per-thread nice 19).
+
+    On a machine whose cores training keeps busy, an eigendecomposition at normal priority
+    halves the speed of every torch operation it overlaps (each parallel region waits for its
+    slowest thread); at the lowest priority it runs in the gaps training leaves instead, and at
+    full speed once training waits. Elsewhere this does nothing.
+    """
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
