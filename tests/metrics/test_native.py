@@ -117,10 +117,25 @@ def test_end_bins_nan_and_inf(bins: int, n: int) -> None:
     assert counts.sum() == n - np.isnan(v).sum()
 
 
+def test_permuted_dense_layouts_are_read_in_place() -> None:
+    """A channels_last activation is one dense block: the kernel reads it without a copy."""
+    if not native.available():
+        pytest.skip("the kernel is not available here")
+    x = torch.randn(4, 8, 5, 6).to(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    raw, counts = native.summarize(x, histogram=(-2.0, 2.0, 16))
+    v = x.numpy().reshape(-1)  # numpy follows the logical order; a summary does not depend on it
+    want = reference_raw(v)
+    assert (raw[4], raw[5], raw[7]) == (want["min"], want["max"], want["nonzeros"])
+    assert raw[6] == pytest.approx(want["abs_sum"], rel=1e-6)
+    np.testing.assert_array_equal(counts, reference_counts(v, -2.0, 2.0, 16))
+
+
 def test_the_torch_path_is_used_where_the_kernel_does_not_apply() -> None:
     x = torch.randn(64, 32)
     assert native.summarize(x.double()) is None
-    assert native.summarize(x.t()) is None  # not contiguous
+    assert native.summarize(x[:, ::2]) is None  # not dense
+    assert native.summarize(x.t(), copy_to=torch.empty(64 * 32)) is None  # a copy needs the logical order
     assert native.summarize(torch.empty(0)) is None
     assert native.summarize(x, histogram=(0.0, 1.0, 65)) is None  # more bins than the kernel counts
     assert native.summarize(x, minus=torch.randn(32, 64)) is None  # shapes differ

@@ -138,6 +138,23 @@ def _eligible(t: torch.Tensor) -> bool:
     return t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory from ``data_ptr()`` (contiguous, or
+    permuted such as channels_last): order does not matter to a summary of all of them."""
+    if not (t.is_cpu and t.dtype == torch.float32):
+        return False
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted(zip(t.stride(), t.shape, strict=True)):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def summarize(
     x: torch.Tensor,
     *,
@@ -150,11 +167,14 @@ def summarize(
     Returns ``(raw, counts)`` with ``raw`` the ten partials of
     :func:`sonde.functional.summarize_raw` as a float64 vector and ``counts`` int64 (None
     without ``histogram=(lo, hi, bins)``), or None when the kernel is unavailable or the
-    tensors are not contiguous float32 on the CPU (the caller then uses torch). ``copy_to``
-    (not with ``minus``) receives a copy of ``x``.
+    tensors are not float32 on the CPU, laid out densely (contiguous, or any permutation of it
+    when ``x`` is read alone), in which case the caller uses torch. ``copy_to`` (not with
+    ``minus``) receives a copy of ``x``.
     """
     x = x.detach()
-    if not _eligible(x) or x.numel() == 0 or (minus is not None and copy_to is not None):
+    if x.numel() == 0 or (minus is not None and copy_to is not None):
+        return None
+    if not (_dense(x) if minus is None and copy_to is None else _eligible(x)):
         return None
     if minus is not None and not (_eligible(minus.detach()) and minus.shape == x.shape):
         return None
