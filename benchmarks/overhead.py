@@ -9,7 +9,8 @@ prints the median per-step time and the median of those per-round ratios.
 
 Variants: ``sonde`` (the default probe: every topic of every layer, all default metrics,
 every step, recorded to a SQLite store), ``sonde every=10`` (the same, recording one step in
-ten), ``wandb.watch(log="all", log_freq=1)`` in offline
+ten), ``sonde, torch only`` (the default probe without the compiled statistics kernel, as on a
+machine without a C compiler), ``wandb.watch(log="all", log_freq=1)`` in offline
 mode, and TensorBoard ``add_histogram`` of every parameter and gradient every step. The
 peers are skipped, with a note, when their packages are missing (``pip install -e .[benchmark]``).
 """
@@ -70,6 +71,22 @@ def with_sonde_every_10(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) 
 
 
 @contextlib.contextmanager
+def with_sonde_torch_reductions(
+    model: nn.Module, opt: torch.optim.Optimizer, tmp: str
+) -> Iterator[Callable[..., None]]:
+    """The default probe without the compiled kernel: what a machine without a C compiler pays."""
+    from sonde.functional import native
+
+    saved = native._tried, native._lib
+    native._tried, native._lib = True, None
+    try:
+        with with_sonde(model, opt, tmp) as log:
+            yield log
+    finally:
+        native._tried, native._lib = saved
+
+
+@contextlib.contextmanager
 def with_wandb(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Iterator[Callable[..., None]]:
     import wandb
 
@@ -126,6 +143,7 @@ def main() -> None:
     torch.manual_seed(0)
     variants: dict[str, Monitor] = {
         "unmonitored": unmonitored, "sonde": with_sonde, "sonde every=10": with_sonde_every_10,
+        "sonde, torch only": with_sonde_torch_reductions,
     }
     if not args.no_peers:
         peers = (("wandb.watch", "wandb", with_wandb), ("tensorboard", "tensorboard", with_tensorboard))
@@ -137,7 +155,7 @@ def main() -> None:
                 print(f"[skip] {name}: `{module}` not installed (pip install -e .[benchmark])", file=sys.stderr)
     os.environ.setdefault("WANDB_SILENT", "true")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
-    print(f"{'model':8s} {'variant':16s} {'ms/step':>9s} {'ratio':>7s}")
+    print(f"{'model':8s} {'variant':18s} {'ms/step':>9s} {'ratio':>7s}")
     for model_name, build in (("mlp", mlp), ("cnn", cnn)):
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
@@ -148,7 +166,7 @@ def main() -> None:
                     times[name].append(train(model, x, y, monitor, args.steps, tmp))
         for name, values in times.items():
             ratio = statistics.median(v / u for v, u in zip(values, times["unmonitored"], strict=True))
-            print(f"{model_name:8s} {name:16s} {statistics.median(values) * 1e3:9.2f} {ratio:6.2f}x")
+            print(f"{model_name:8s} {name:18s} {statistics.median(values) * 1e3:9.2f} {ratio:6.2f}x")
 
 
 if __name__ == "__main__":
