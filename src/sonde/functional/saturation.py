@@ -165,11 +165,29 @@ def augmented_gram(rows: torch.Tensor, out: torch.Tensor | None = None, scratch:
         return aug.T @ aug
     beta = 1.0 if accumulate else 0.0
     if lower_only:
-        size = -(-(dims + 1) // _BLOCKS)
-        for start in range(0, dims + 1, size):
-            out[start:, start:start + size].addmm_(aug[:, start:].T, aug[:, start:start + size], beta=beta)
+        for start, stop in lower_blocks(dims + 1):
+            out[start:, start:stop].addmm_(aug[:, start:].T, aug[:, start:stop], beta=beta)
         return out
     return out.addmm_(aug.T, aug, beta=beta)
+
+
+def lower_blocks(size: int) -> list[tuple[int, int]]:
+    """Column ranges ``(start, stop)`` of the block lower triangle :func:`augmented_gram` writes:
+    for each, rows ``start:`` of columns ``start:stop``."""
+    width = -(-size // _BLOCKS)
+    return [(start, min(start + width, size)) for start in range(0, size, width)]
+
+
+def add_lower(into: torch.Tensor, lower: torch.Tensor, *, first: bool) -> torch.Tensor:
+    """Copy (``first``) or add the block lower triangle of ``lower`` into ``into`` (any dtypes):
+    the blocks :func:`augmented_gram` wrote, and nothing of the unwritten upper triangle."""
+    for start, stop in lower_blocks(lower.shape[0]):
+        block = into[start:, start:stop]
+        if first:
+            block.copy_(lower[start:, start:stop])
+        else:
+            block.add_(lower[start:, start:stop])
+    return into
 
 
 def symmetric(lower: Any) -> np.ndarray:

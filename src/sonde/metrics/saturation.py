@@ -29,6 +29,7 @@ import torch
 
 from sonde.errors import ConfigError
 from sonde.functional.saturation import (
+    add_lower,
     augmented_gram,
     feature_rows,
     intrinsic_dimension,
@@ -149,9 +150,12 @@ class Saturation(Metric):
         self.shift: torch.Tensor | None = None
         self.shift_host: np.ndarray | None = None
         self.omega: torch.Tensor | None = None  # the sketch's test matrix (configuration, not state)
-        self._gram: torch.Tensor | None = None  # reused device buffer for the augmented XᵀX
+        self._gram: torch.Tensor | None = None  # reused float32 product of one batch
         self._scratch: torch.Tensor | None = None  # reused rows buffer, last column ones
-        self._gram64: torch.Tensor | None = None  # reused float64 copy of a float32 product, staged
+        # The exact mode's float64 sums since the last compute, on the device: folded into the
+        # host state only when a value is computed, merged or snapshot (see _fold), not every step.
+        self._acc: torch.Tensor | None = None
+        self._pending = False
         # The lower triangle of [[XᵀX, ΣX], [ΣXᵀ, n]] of the shifted rows X, or XᵀXΩ when
         # sketching (then with "sum" and "squares").
         self.add_state("gram", default=0.0, reduce="sum")
@@ -196,9 +200,6 @@ class Saturation(Metric):
         scratch = self._scratch
         if scratch is None or scratch.device != rows.device or scratch.dtype != dtype or scratch.shape[0] < n:
             scratch = self._scratch = torch.ones(n, dims + 1, dtype=dtype, device=rows.device)
-        gram = self._gram
-        if gram is None or gram.device != rows.device or gram.dtype != dtype:
-            gram = self._gram = torch.zeros(dims + 1, dims + 1, dtype=dtype, device=rows.device)
         if self.shift_host is None:
             # The first batch's mean in the product's dtype (any shift is exact; the host copy equals it).
             first_mean = rows.detach().to(dtype).mean(dim=0)
@@ -206,24 +207,25 @@ class Saturation(Metric):
         shift = self.shift
         if shift is None or shift.device != rows.device or shift.dtype != dtype:
             shift = self.shift = torch.from_numpy(self.shift_host).to(device=rows.device, dtype=dtype)
-        # The first batch of a step writes the buffer and stages it; later micro-batches add in.
-        first = not any(name == "gram" for name, _ in self.staged)
+        acc = self._acc
+        if acc is None or acc.device != rows.device:
+            acc = self._acc = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
         if dtype == torch.float64:
-            augmented_gram(rows, out=gram, scratch=scratch, accumulate=not first, lower_only=True, shift=shift)
-            staged = gram
+            augmented_gram(rows, out=acc, scratch=scratch, accumulate=self._pending, lower_only=True, shift=shift)
         else:
-            # The float32 product goes into a float64 buffer kept across steps (the sum of a step's
-            # micro-batches too): host code would otherwise convert it into a fresh array per step.
+            # A float32 product (the fast one), summed into the float64 accumulator block by block.
+            gram = self._gram
+            if gram is None or gram.device != rows.device:
+                gram = self._gram = torch.zeros(dims + 1, dims + 1, dtype=dtype, device=rows.device)
             augmented_gram(rows, out=gram, scratch=scratch, lower_only=True, shift=shift)
-            if self._gram64 is None or self._gram64.device != rows.device:
-                self._gram64 = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
-            staged = self._gram64
-            if first:
-                staged.copy_(gram)
-            else:
-                staged.add_(gram)
-        if first:
-            self.stage("gram", staged)
+            add_lower(acc, gram, first=not self._pending)
+        self._pending = True
+
+    def _fold(self) -> None:
+        """Fold the device accumulator into the host state: one transfer per computed value."""
+        if self._pending and self._acc is not None:
+            self._pending = False
+            self.absorb("gram", self._acc.detach().cpu().numpy())
 
     def absorb(self, name: str, value: Any) -> None:
         current = self.state.get(name)
@@ -239,6 +241,9 @@ class Saturation(Metric):
 
     def merge(self, other: Metric) -> None:
         """Fold another instance's state in, re-centring its sums when its shift differs from ours."""
+        self._fold()
+        if isinstance(other, Saturation):
+            other._fold()
         theirs = getattr(other, "shift_host", None)
         gram = other.state.get("gram")
         if self.sketching or theirs is None or not isinstance(gram, np.ndarray):
@@ -255,7 +260,12 @@ class Saturation(Metric):
             return
         super().merge(other)
 
+    def snapshot(self) -> Metric:
+        self._fold()
+        return super().snapshot()
+
     def compute(self) -> dict[str, Any]:
+        self._fold()
         n = float(self.state["rows"])
         if n <= 0 or self.dims is None:
             return {}
@@ -295,6 +305,7 @@ class Saturation(Metric):
 
     def reset(self) -> None:
         super().reset()
+        self._pending = False  # the accumulator's sums are dropped with the state
         # dims, omega, shift and the buffers are configuration fixed at the first batch, not state.
 
 
