@@ -113,14 +113,6 @@ INLINE v8i binf(const float *x, __m256 vlo, __m256 vsc, __m256 vtop) {
     p = _mm256_min_ps(vtop, p); /* top < p ? top : p  (NaN stays NaN) */
     return (v8i)_mm256_cvttps_epi32(p);
 }
-INLINE v8i bini(const int32_t *x, __m256i vtopi) {
-    return (v8i)_mm256_min_epi32(_mm256_loadu_si256((const __m256i *)x), vtopi);
-}
-INLINE v8i binu8(const uint8_t *x, __m256i vtopi) {
-    __m128i t;
-    memcpy(&t, x, 8); /* only low 8 bytes used */
-    return (v8i)_mm256_min_epi32(_mm256_cvtepu8_epi32(t), vtopi);
-}
 #else
 INLINE v8u onehot_lo(v8i b) {
     v8u one = {1, 1, 1, 1, 1, 1, 1, 1};
@@ -141,16 +133,6 @@ INLINE v8i binf_p(const float *x, v8f vlo, v8f vsc, v8f vtop) {
     m = p < vtop;
     p = (v8f)(((v8i)p & m) | ((v8i)vtop & ~m));
     return __builtin_convertvector(p, v8i);
-}
-INLINE v8i bini_p(const int32_t *x, v8i vtopi) {
-    v8i b = (v8i)(*(const v8u_un *)x);
-    v8i m = b < vtopi;
-    return (b & m) | (vtopi & ~m);
-}
-INLINE v8i binu8_p(const uint8_t *x, v8i vtopi) {
-    v8i b = {x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]};
-    v8i m = b < vtopi;
-    return (b & m) | (vtopi & ~m);
 }
 #endif
 
@@ -346,46 +328,6 @@ static void add_f32(hstate *st, const float *x, int64_t n, float lo, float scale
     scalar_f32(st->acc, x0 + done, n - done, lo, scale, top);
 }
 
-static void add_i32(hstate *st, const int32_t *x, int64_t n) {
-    int32_t topi = st->bins - 1;
-    int64_t done = 0;
-    const int32_t *x0 = x;
-#ifdef __AVX2__
-    __m256i vt = _mm256_set1_epi32(topi);
-#define BINI(i) bini(x + 8 * (i), vt)
-#else
-    v8i vt = {topi, topi, topi, topi, topi, topi, topi, topi};
-#define BINI(i) bini_p(x + 8 * (i), vt)
-#endif
-    if (st->two) RUN_GROUPS(1, NSC_TWO, BINI);
-    else RUN_GROUPS(0, NSC_ONE, BINI);
-#undef BINI
-    for (int64_t i = done; i < n; i++) {
-        int32_t b = x0[i];
-        st->acc[b < 0 ? 0 : (b > topi ? topi : b)]++;
-    }
-}
-
-static void add_u8(hstate *st, const uint8_t *x, int64_t n) {
-    int32_t topi = st->bins - 1;
-    int64_t done = 0;
-    const uint8_t *x0 = x;
-#ifdef __AVX2__
-    __m256i vt = _mm256_set1_epi32(topi);
-#define BINU(i) binu8(x + 8 * (i), vt)
-#else
-    v8i vt = {topi, topi, topi, topi, topi, topi, topi, topi};
-#define BINU(i) binu8_p(x + 8 * (i), vt)
-#endif
-    if (st->two) RUN_GROUPS(1, NSC_TWO, BINU);
-    else RUN_GROUPS(0, NSC_ONE, BINU);
-#undef BINU
-    for (int64_t i = done; i < n; i++) {
-        int32_t b = x0[i];
-        st->acc[b > topi ? topi : b]++;
-    }
-}
-
 /* Decode the bit-sliced state into acc (bin 0 derived), reset it. */
 static void finalize_into_acc(hstate *st) {
     int64_t before[64];
@@ -413,29 +355,11 @@ static void init_state(hstate *st, int32_t bins) {
 /* ================================================================== */
 /* public API                                                          */
 
-/* Adds the histogram of x[0..n) into counts[0..bins).  1 <= bins <= 64. */
-EXPORT void sonde_hist_f32(const float *x, int64_t n, float lo, float scale, int32_t bins,
-                           int64_t *counts) {
-    if (n <= 0 || bins < 1) return;
-    if (bins > 64) bins = 64; /* precondition violated; be safe */
-    if (n < 512) { /* flush overhead not worth it */
-        int64_t acc[64] = {0};
-        scalar_f32(acc, x, n, lo, scale, (float)(bins - 1));
-        for (int b = 0; b < bins; b++) counts[b] += acc[b];
-        return;
-    }
-    hstate st __attribute__((aligned(32)));
-    init_state(&st, bins);
-    add_f32(&st, x, n, lo, scale);
-    finalize_into_acc(&st);
-    for (int b = 0; b < bins; b++) counts[b] += st.acc[b];
-}
-
 /* ---- streaming (block) interface ----
  * The state lives in a caller-provided buffer of sonde_hist_state_size()
  * bytes (any alignment; it is aligned internally).  Usage:
  *     sonde_hist_state_init(buf, bins);
- *     sonde_hist_state_add_*(buf, ...);   // any number of times, any n >= 0
+ *     sonde_hist_state_add_f32(buf, ...); // any number of times, any n >= 0
  *     sonde_hist_state_finish(buf, counts); // ADDS into counts[0..bins), resets
  * Blocks of any size are fine (e.g. 4096 elements each).  Elements are
  * processed in groups of 128; the remainder of each call is counted exactly
@@ -449,18 +373,10 @@ EXPORT void sonde_hist_state_init(void *buf, int32_t bins) {
     if (bins > 64) bins = 64;
     init_state(aligned_state(buf), bins);
 }
-/* float32 data, same bin rule as sonde_hist_f32 */
+/* float32 data, the bin rule at the top of this file */
 EXPORT void sonde_hist_state_add_f32(void *buf, const float *x, int64_t n, float lo,
                                      float scale) {
     if (n > 0) add_f32(aligned_state(buf), x, n, lo, scale);
-}
-/* precomputed int32 bins; values < 0 count as bin 0, values >= bins as bins-1 */
-EXPORT void sonde_hist_state_add_i32(void *buf, const int32_t *b, int64_t n) {
-    if (n > 0) add_i32(aligned_state(buf), b, n);
-}
-/* precomputed uint8 bins; values >= bins count as bins-1 */
-EXPORT void sonde_hist_state_add_u8(void *buf, const uint8_t *b, int64_t n) {
-    if (n > 0) add_u8(aligned_state(buf), b, n);
 }
 EXPORT void sonde_hist_state_finish(void *buf, int64_t *counts) {
     hstate *st = aligned_state(buf);
