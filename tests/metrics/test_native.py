@@ -193,3 +193,37 @@ def test_probe_updates_weights_and_histograms_match_numpy(use_kernel: bool, monk
             assert got.sum() == v.size
             assert np.abs(got - want).sum() <= 2  # float32 bin arithmetic vs float64 edges at a boundary
         assert values[(step, "weight_updates", "materialise")] == pytest.approx(np.abs(update).sum(), rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["channels_last", "bfloat16"])
+def test_layouts_and_dtypes_the_kernel_does_not_take_fall_back_per_tensor(variant: str) -> None:
+    """A channels_last convolution (its weight is not contiguous: no fused copy or difference) and a
+    bfloat16 model (no kernel at all) still record weights and updates that match numpy."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x = torch.randn(16, 3, 8, 8)
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+        assert not model[0].weight.is_contiguous()
+    else:
+        model = model.to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    y = torch.randint(0, 4, (16,))
+    sink = Collect()
+    saved = []
+    with sonde.probe(model, optimizer=opt, store=None, sinks=[sink], metrics=["mean", "norm"], layers=["0"]):
+        for _ in range(2):
+            before = model[0].weight.detach().float().clone().numpy()
+            nn.functional.cross_entropy(model(x).float(), y).backward()
+            opt.step()
+            saved.append((before, model[0].weight.detach().float().clone().numpy()))
+            opt.zero_grad()
+    values = {(r.step, r.topic, r.metric): r.value for r in sink.records if r.layer == "0" and r.phase == "train"}
+    for step, (before, after) in enumerate(saved):
+        update = after.astype(np.float64) - before.astype(np.float64)
+        assert values[(step, "weights", "norm")] == pytest.approx(np.linalg.norm(before), rel=1e-5)
+        # exact: a bfloat16 update is taken in float32, where the difference of two bfloat16 values fits
+        assert values[(step, "weight_updates", "norm")] == pytest.approx(np.linalg.norm(update), rel=1e-5)
+        assert values[(step, "weight_updates", "mean")] == pytest.approx(update.mean(), rel=1e-5, abs=1e-9)

@@ -75,7 +75,8 @@ class Capture:
     :meth:`want_histogram`) so that the first of them computes everything in one read.
     A capture may describe a difference ``tensor - minus`` (a parameter's update): the fused
     pass reads both without materialising it, and :attr:`tensor` materialises it (into
-    ``minus``'s memory) only when a metric reads it. ``copy_to`` asks for a copy of the tensor
+    ``minus``'s memory; in float32 for half-precision operands, whose exact difference needs
+    more bits than they have) only when a metric reads it. ``copy_to`` asks for a copy of the tensor
     (a parameter's snapshot before the optimizer step), made during the fused pass or by
     :meth:`finish`.
     """
@@ -116,7 +117,12 @@ class Capture:
     def tensor(self) -> torch.Tensor:
         if self._minus is not None:
             with torch.no_grad():
-                self._tensor = torch.sub(self._tensor.detach(), self._minus, out=self._minus)
+                after = self._tensor.detach()
+                if after.dtype in (torch.float16, torch.bfloat16):
+                    # The difference of two half-precision numbers needs more bits than they have.
+                    self._tensor = after.float() - self._minus.float()
+                else:
+                    self._tensor = torch.sub(after, self._minus, out=self._minus)
             self._minus = None
         return self._tensor
 
