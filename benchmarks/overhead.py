@@ -5,7 +5,7 @@ noise hits all variants alike: each round runs every variant once, and a variant
 that round is its per-step time over the unmonitored loop's in the same round. The table
 prints the median per-step time and the median of those per-round ratios.
 
-    python benchmarks/overhead.py [--steps 15] [--rounds 9] [--no-peers]
+    python benchmarks/overhead.py [--steps 15] [--rounds 9] [--no-peers] [--models mlp cnn bert]
 
 Variants: ``sonde`` (the default probe: every topic of every layer, all default metrics,
 every step, recorded to a SQLite store), ``sonde every=10`` (the same, recording one step in
@@ -49,6 +49,28 @@ def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     )
     return model, torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
 
+
+class _Logits(nn.Module):
+    """A transformers classifier called as ``model(ids) -> logits``, like the other models here."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+def bert() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small BERT (4 layers, hidden 128) built from its config: many small layers, batch 32 × 64 tokens."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                        vocab_size=1000, max_position_embeddings=128)
+    return _Logits(BertForSequenceClassification(config)), torch.randint(0, 1000, (32, 64)), torch.randint(0, 2, (32,))
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "bert": bert}
 
 Monitor = Callable[[nn.Module, torch.optim.Optimizer, str], contextlib.AbstractContextManager]
 
@@ -139,6 +161,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=["mlp", "cnn"],
+                        help="bert: a 4-layer BERT from transformers (57 probed layers, ~380 tensors per step)")
     args = parser.parse_args()
     torch.manual_seed(0)
     variants: dict[str, Monitor] = {
@@ -156,7 +180,8 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
     print(f"{'model':8s} {'variant':18s} {'ms/step':>9s} {'ratio':>7s}")
-    for model_name, build in (("mlp", mlp), ("cnn", cnn)):
+    for model_name in args.models:
+        build = MODELS[model_name]
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, monitor in variants.items():
