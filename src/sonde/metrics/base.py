@@ -164,12 +164,15 @@ class Capture:
         """The summary and the counts of histogram ``spec``, in one pass where the kernel allows."""
         copy_to = None if self.copied else self.copy_to
         source = self._tensor if self._minus is not None else self.tensor
-        fast = native.summarize(source, minus=self._minus, copy_to=copy_to, histogram=spec)
+        fused = spec if spec is None or spec[2] <= native.MAX_BINS else None  # more bins: torch counts them
+        fast = native.summarize(source, minus=self._minus, copy_to=copy_to, histogram=fused)
         raw: Any
         counts: Any
         if fast is not None:
             raw, counts = fast
             self.copied = self.copied or copy_to is not None
+            if spec is not None and fused is None:
+                counts = F.histogram_counts(self.tensor, spec[0], spec[1], spec[2], nan_free=raw[8] == 0)
         else:  # torch reductions: on accelerators, and on the CPU without the compiled kernel
             self.finish()
             raw = self._lookup("summary")
