@@ -10,7 +10,7 @@ The kernel is compiled on first use with the system's C compiler (``$CC``, else 
 ``gcc`` or ``clang``) for this CPU (``-march=native``), with OpenMP, and cached under
 ``$SONDE_CACHE_DIR`` (default ``~/.cache/sonde``), keyed by the source, the compiler and the
 CPU. Without a compiler, or with ``SONDE_NATIVE=0``, :func:`summarize` returns None and sonde
-uses torch reductions instead (same results, about twice the overhead), saying so once.
+uses torch reductions instead (same results, about four times the per-step overhead), saying so once.
 
 Example:
     >>> import torch
@@ -82,7 +82,7 @@ def _build() -> ctypes.CDLL | None:
     compiler = _compiler()
     if compiler is None:
         log.warning("sonde: no C compiler found (set CC=...); tensor statistics use torch reductions, "
-                    "which costs about twice the per-step overhead")
+                    "with about four times the per-step overhead")
         return None
     parts = [*(path.read_bytes() for path in SOURCES), compiler.encode(), _cpu_identity().encode()]
     key = hashlib.sha256(b"\0".join([*parts, platform.machine().encode()]))
@@ -102,7 +102,7 @@ def _build() -> ctypes.CDLL | None:
             errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
         else:
             log.warning("sonde: compiling the tensor-statistics kernel failed; using torch reductions "
-                        "(about twice the per-step overhead):\n%s", "\n".join(errors))
+                        "(about four times the per-step overhead):\n%s", "\n".join(errors))
             return None
     lib = ctypes.CDLL(str(target))
     fn = lib.sonde_summarize
