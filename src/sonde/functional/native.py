@@ -171,29 +171,29 @@ def summarize(
     when ``x`` is read alone), in which case the caller uses torch. ``copy_to`` (not with
     ``minus``) receives a copy of ``x``.
     """
-    x = x.detach()
-    if x.numel() == 0 or (minus is not None and copy_to is not None):
+    lib = _lib if _tried else _load()
+    if lib is None:
+        return None
+    n = x.numel()
+    if n == 0 or (minus is not None and copy_to is not None):
         return None
     if not (_dense(x) if minus is None and copy_to is None else _eligible(x)):
         return None
-    if minus is not None and not (_eligible(minus.detach()) and minus.shape == x.shape):
+    if minus is not None and not (_eligible(minus) and minus.shape == x.shape):
         return None
-    if copy_to is not None and not (_eligible(copy_to) and copy_to.numel() == x.numel()):
-        return None
-    if histogram is not None and not (0 < histogram[2] <= MAX_BINS and histogram[1] > histogram[0]):
-        return None
-    lib = _load()
-    if lib is None:
+    if copy_to is not None and not (_eligible(copy_to) and copy_to.numel() == n):
         return None
     bins, lo, scale = 0, 0.0, 0.0
     if histogram is not None:
         lo, hi, bins = histogram
+        if not (0 < bins <= MAX_BINS and hi > lo):
+            return None
         scale = bins / (hi - lo)
     buffer = np.empty(10 + bins, dtype=np.float64)  # the partials, then the counts (int64)
     address = buffer.__array_interface__["data"][0]
     failed = lib.sonde_summarize(
         x.data_ptr(), None if minus is None else minus.data_ptr(), None if copy_to is None else copy_to.data_ptr(),
-        x.numel(), bins, lo, scale, torch.get_num_threads(), address, address + 80 if bins else None,
+        n, bins, lo, scale, torch.get_num_threads(), address, address + 80 if bins else None,
     )
     if failed:
         return None

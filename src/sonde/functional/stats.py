@@ -138,26 +138,26 @@ def merge_summaries(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def summary_stats(s: np.ndarray) -> dict[str, float]:
     """The tensor statistics of REFERENCES.md from a summary (population variance)."""
-    n = s[N]
+    n, mean, m2, lo, hi, abs_sum, zeros, nans, infs = np.asarray(s, dtype=np.float64).tolist()
     if n == 0:
         return {}
-    var = max(s[M2], 0.0) / n if math.isfinite(s[M2]) else math.nan
-    if s[NANS] > 0:
+    var = max(m2, 0.0) / n if math.isfinite(m2) else math.nan
+    if nans > 0:
         norm = math.nan
-    elif s[INFS] > 0:
+    elif infs > 0:
         norm = math.inf
     else:
-        norm = math.sqrt(max(s[M2], 0.0) + n * s[MEAN] * s[MEAN])
+        norm = math.sqrt(max(m2, 0.0) + n * mean * mean)
     return {
-        "mean": float(s[MEAN]),
+        "mean": mean,
         "var": var,
         "std": math.sqrt(var) if not math.isnan(var) else math.nan,
-        "min": float(s[MIN]),
-        "max": float(s[MAX]),
-        "abs_mean": float(s[ABS_SUM] / n),
+        "min": lo,
+        "max": hi,
+        "abs_mean": abs_sum / n,
         "norm": norm,
-        "zero_frac": float(s[ZEROS] / n),
-        "nonfinite_frac": float((s[NANS] + s[INFS]) / n),
+        "zero_frac": zeros / n,
+        "nonfinite_frac": (nans + infs) / n,
     }
 
 

@@ -162,6 +162,7 @@ class Capture:
 
     def _compute(self, spec: tuple[float, float, int] | None) -> tuple[Any, Any]:
         """The summary and the counts of histogram ``spec``, in one pass where the kernel allows."""
+        known = self._lookup("summary")
         copy_to = None if self.copied else self.copy_to
         source = self._tensor if self._minus is not None else self.tensor
         fused = spec if spec is None or spec[2] <= native.MAX_BINS else None  # more bins: torch counts them
@@ -175,14 +176,12 @@ class Capture:
                 counts = F.histogram_counts(self.tensor, spec[0], spec[1], spec[2], nan_free=raw[8] == 0)
         else:  # torch reductions: on accelerators, and on the CPU without the compiled kernel
             self.finish()
-            raw = self._lookup("summary")
-            if raw is None:
-                raw = F.summarize_raw(self.tensor)
+            raw = known if known is not None else F.summarize_raw(self.tensor)
             counts = None
             if spec is not None:
                 nan_free = isinstance(raw[8], float) and raw[8] == 0
                 counts = F.histogram_counts(self.tensor, spec[0], spec[1], spec[2], nan_free=nan_free)
-        if self._lookup("summary") is None:
+        if known is None:
             self._store("summary", raw)
         if spec is not None:
             self._store(_histogram_key(spec), counts)
