@@ -99,13 +99,8 @@ def with_sonde_torch_reductions(
     """The default probe without the compiled kernel: what a machine without a C compiler pays."""
     from sonde.functional import native
 
-    saved = native._tried, native._lib
-    native._tried, native._lib = True, None
-    try:
-        with with_sonde(model, opt, tmp) as log:
-            yield log
-    finally:
-        native._tried, native._lib = saved
+    with native.disabled(), with_sonde(model, opt, tmp) as log:
+        yield log
 
 
 @contextlib.contextmanager

@@ -29,9 +29,5 @@ def kernel_or_torch(request: pytest.FixtureRequest) -> Iterator[str]:
             pytest.skip("the compiled kernel is not available here (no C compiler, or SONDE_NATIVE=0)")
         yield request.param
         return
-    saved = native._tried, native._lib
-    native._tried, native._lib = True, None
-    try:
+    with native.disabled():
         yield request.param
-    finally:
-        native._tried, native._lib = saved

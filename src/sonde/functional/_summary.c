@@ -131,9 +131,6 @@ static void run_part(const job_t *j, int64_t a, int64_t b, part_t *p)
     }
 }
 
-/* Per-thread partials (8 KiB each with their sub-histograms). */
-static part_t *parts_for(int used) { return malloc(sizeof(part_t) * (size_t)used); }
-
 static void count_nonfinite(const float *x, const float *y, int64_t n, int64_t *nans, int64_t *infs)
 {
     int64_t a = 0, b = 0;
@@ -166,9 +163,9 @@ int sonde_summarize(const float *x, const float *y, float *copy_to, int64_t n, i
     int want = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (n / MIN_PER_THREAD < want) want = (int)(n / MIN_PER_THREAD) > 1 ? (int)(n / MIN_PER_THREAD) : 1;
     int used = want;
-    part_t local, *results = &local;
+    part_t local, *results = &local;   /* one partial per thread */
     if (used > 1) {
-        results = parts_for(used);
+        results = malloc(sizeof(part_t) * (size_t)used);
         if (!results) used = 1, results = &local;
     }
     int64_t chunk = (n / used) / (2 * W) * (2 * W);

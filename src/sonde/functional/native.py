@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -30,12 +31,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["available", "summarize"]
+__all__ = ["available", "disabled", "summarize"]
 
 log = logging.getLogger("sonde")
 
@@ -132,6 +134,21 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the compiled kernel is in use (building it on first call)."""
     return _load() is not None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block, :func:`summarize` declines and sonde uses torch reductions, as on a
+    machine without a C compiler (for tests and benchmarks of that path)."""
+    global _lib, _tried
+    with _lock:
+        saved = _tried, _lib
+        _tried, _lib = True, None
+    try:
+        yield
+    finally:
+        with _lock:
+            _tried, _lib = saved
 
 
 def _eligible(t: torch.Tensor) -> bool:

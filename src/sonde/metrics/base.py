@@ -151,9 +151,7 @@ class Capture:
     def histogram(self, lo: Any, hi: Any, bins: int) -> Any:
         """Counts of ``bins`` equal-width bins over ``[lo, hi]`` (see :func:`sonde.functional.histogram_counts`)."""
         if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):  # device-side edges: no fusing
-            raw = self.summary()
-            nan_free = isinstance(raw[8], float) and raw[8] == 0
-            return F.histogram_counts(self.tensor, lo, hi, bins, nan_free=nan_free)
+            return F.histogram_counts(self.tensor, lo, hi, bins, nan_free=_nan_free(self.summary()))
         spec = (float(lo), float(hi), bins)
         counts = self._lookup(_histogram_key(spec))
         if counts is None:
@@ -173,14 +171,13 @@ class Capture:
             raw, counts = fast
             self.copied = self.copied or copy_to is not None
             if spec is not None and fused is None:
-                counts = F.histogram_counts(self.tensor, spec[0], spec[1], spec[2], nan_free=raw[8] == 0)
+                counts = F.histogram_counts(self.tensor, *spec, nan_free=_nan_free(raw))
         else:  # torch reductions: on accelerators, and on the CPU without the compiled kernel
             self.finish()
             raw = known if known is not None else F.summarize_raw(self.tensor)
             counts = None
             if spec is not None:
-                nan_free = isinstance(raw[8], float) and raw[8] == 0
-                counts = F.histogram_counts(self.tensor, spec[0], spec[1], spec[2], nan_free=nan_free)
+                counts = F.histogram_counts(self.tensor, *spec, nan_free=_nan_free(raw))
         if known is None:
             self._store("summary", raw)
         if spec is not None:
@@ -204,6 +201,12 @@ class Capture:
             with torch.no_grad():
                 self.copy_to.copy_(self.tensor.detach())
             self.copied = True
+
+
+def _nan_free(raw: Any) -> bool:
+    """Whether raw summary partials say there is no NaN, known without a device sync (on the CPU
+    the count is a host number; on accelerators it is a device tensor, and the answer is no)."""
+    return isinstance(raw[8], float) and raw[8] == 0
 
 
 def _histogram_key(spec: tuple[float, float, int]) -> tuple[str, float, float, int]:

@@ -234,7 +234,7 @@ class Saturation(Metric):
                 np.add(current, value, out=current)  # in place: this instance owns its state arrays
                 return
             if current is None or (np.ndim(current) == 0 and current == 0):
-                # The first partial: a float64 copy (a float32 product is accumulated in float64).
+                # The first partial: a copy (it may view a reused buffer, the exact mode's accumulator).
                 self.state[name] = value.astype(np.float64)
                 return
         super().absorb(name, value)
