@@ -19,7 +19,17 @@ from pydantic import AfterValidator
 
 from sonde.store import Store
 
-__all__ = ["MAX_NAME", "RunName", "Text", "check_text", "fail", "need_run", "safe_floats", "store_of"]
+__all__ = [
+    "MAX_NAME",
+    "RunName",
+    "Text",
+    "check_text",
+    "fail",
+    "need_run",
+    "safe_floats",
+    "storable_text",
+    "store_of",
+]
 
 #: Longest run, layer, topic, metric or phase name the API accepts.
 MAX_NAME = 1000
@@ -45,6 +55,14 @@ def check_text(value: str, what: str = "text") -> str:
     return value
 
 
+def storable_text(value: str, what: str, status: int = 422) -> str:
+    """``value`` if :func:`check_text` accepts it, else the HTTP error ``status`` saying why."""
+    try:
+        return check_text(value, what)
+    except ValueError as exc:
+        fail(status, str(exc))
+
+
 #: A string the store can hold; validation fails (422) otherwise.
 Text = Annotated[str, AfterValidator(check_text)]
 
@@ -60,10 +78,7 @@ def store_of(request: Request) -> Store:
 
 def need_run(store: Store, run: str) -> str:
     """``run`` when the store has it; 400 for a name no database could hold, 404 when absent."""
-    try:
-        check_text(run, "run name")
-    except ValueError as exc:
-        fail(400, str(exc))
+    storable_text(run, "run name", 400)
     if not store.has_run(run):
         fail(404, f"no run '{run}'; GET /api/v1/runs lists the runs there are")
     return run

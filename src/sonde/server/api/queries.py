@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from sonde.server.api.common import MAX_NAME, RunName, check_text, fail, need_run, safe_floats, store_of
+from sonde.server.api.common import MAX_NAME, RunName, need_run, safe_floats, storable_text, store_of
 
 __all__ = ["router"]
 
@@ -28,10 +28,7 @@ Step = Annotated[int | None, Query(ge=0, le=_MAX_STEP)]
 
 def _texts(**values: str) -> None:
     for what, value in values.items():
-        try:
-            check_text(value, what)
-        except ValueError as exc:
-            fail(422, str(exc))
+        storable_text(value, what)
 
 
 @router.get("/runs/{run}/layers")

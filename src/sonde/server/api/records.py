@@ -30,7 +30,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from sonde.records import Record
-from sonde.server.api.common import MAX_NAME, RunName, check_text, fail, need_run, store_of
+from sonde.server.api.common import MAX_NAME, RunName, fail, need_run, storable_text, store_of
 from sonde.store.engine import paused_gc
 
 __all__ = ["MAX_MESSAGE", "decode_batch", "router"]
@@ -81,10 +81,7 @@ def _name(value: Any, what: str, index: int) -> str:
     if not isinstance(value, str) or (not value and what != "layer") or len(value) > MAX_NAME:
         fail(422, f"record {index}: {what} must be a string of at most {MAX_NAME} characters"
                   f"{'' if what == 'layer' else ' (not empty)'}; got {value!r:.80}")
-    try:
-        return check_text(value, f"record {index}: {what}")
-    except ValueError as exc:
-        fail(422, str(exc))
+    return storable_text(value, f"record {index}: {what}")
 
 
 def _value(value: Any, index: int) -> float | np.ndarray:
@@ -107,10 +104,7 @@ def _message(value: Any, index: int) -> str:
     if not isinstance(value, str) or len(value) > MAX_MESSAGE:
         fail(422, f"record {index}: message (the 7th element) must be a string of at most {MAX_MESSAGE} "
                   f"characters; got {value!r:.80}")
-    try:
-        return check_text(value, f"record {index}: message")
-    except ValueError as exc:
-        fail(422, str(exc))
+    return storable_text(value, f"record {index}: message")
 
 
 def decode_batch(body: bytes, run: str) -> tuple[str, list[Record]]:
@@ -130,10 +124,7 @@ def _decode(body: bytes, run: str) -> tuple[str, list[Record]]:
     batch_id, items = payload["batch_id"], payload["records"]
     if not isinstance(batch_id, str) or not 1 <= len(batch_id) <= 200:
         fail(422, f"batch_id must be a string of 1 to 200 characters (a UUID); got {batch_id!r:.80}")
-    try:
-        check_text(batch_id, "batch_id")
-    except ValueError as exc:
-        fail(422, str(exc))
+    storable_text(batch_id, "batch_id")
     if not isinstance(items, list):
         fail(422, f"records must be a list of [step, phase, layer, topic, metric, value]; got {type(items).__name__}")
     # Checked column by column with C-level maps (and names once per distinct name): a
