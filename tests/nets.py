@@ -1,14 +1,37 @@
-"""Small models the tests share (imported as ``from nets import Block``).
+"""Small models the tests share (imported as ``from nets import Block, train_toy``).
 
 This lives outside ``conftest.py`` for the same reason as ``collect.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["Block"]
+import sonde
+
+__all__ = ["Block", "train_toy"]
+
+
+def train_toy(steps: int, *, features: int = 3, hidden: int = 4,
+              during: Callable[[int, Any], None] | None = None, **probe_kwargs: Any) -> None:
+    """Train Linear(features, hidden) → ReLU → Linear(hidden, 2) for ``steps`` SGD steps under
+    ``sonde.probe(model, optimizer=opt, **probe_kwargs)``, logging the loss; ``during(step, probe)``
+    runs after each step."""
+    model = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sonde.probe(model, optimizer=opt, **probe_kwargs) as p:
+        for step in range(steps):
+            loss = model(torch.randn(8, features)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            p.log(loss=loss)
+            if during is not None:
+                during(step, p)
 
 
 class Block(nn.Module):

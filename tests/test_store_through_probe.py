@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 import sonde
+from nets import train_toy
 from sonde.errors import RunExistsError
 
 
-def train(store: str, steps: int, **kwargs: object) -> None:
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with sonde.probe(model, store=store, optimizer=opt, **kwargs) as p:
-        for _ in range(steps):
-            loss = model(torch.randn(8, 3)).pow(2).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            p.log(loss=loss)
+def train(store: str, steps: int, **kwargs: Any) -> None:
+    train_toy(steps, store=store, **kwargs)
 
 
 def test_load_returns_a_tidy_frame_and_arrays_separately(tmp_path: Path) -> None:

@@ -10,12 +10,10 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
-import torch
 from sqlalchemy import text
-from torch import nn
 
-import sonde
 from collect import Collect, key, stored
+from nets import train_toy
 from servers import Running
 from sonde.server.aggregator import create_aggregator_app, group_id
 from sonde.server.api.tensors import ServerMetric
@@ -107,20 +105,10 @@ def test_forwarded_ids_are_deterministic_so_a_second_aggregator_stores_nothing_t
 
 def train(url: str, tmp_path: Path, collect: Collect, steps: int, during: Any = None, metrics: Any = None,
           topics: Any = None) -> None:
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sink = RemoteSink(url, spill_dir=tmp_path / "spill", batch_records=1, max_delay=0.0, timeout=5.0,
                       drain_timeout=30.0)
-    with sonde.probe(model, run="r", server=sink, optimizer=opt, sinks=[collect], metrics=metrics,
-                     topics=topics) as p:
-        for step in range(steps):
-            loss = model(torch.randn(8, 4)).pow(2).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            p.log(loss=loss)
-            if during is not None:
-                during(step, p)
+    train_toy(steps, features=4, hidden=6, during=during, run="r", server=sink, sinks=[collect], metrics=metrics,
+              topics=topics)
 
 
 def test_a_probe_through_the_aggregator_survives_a_frontend_restart(tmp_path: Path, store: Store) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 import sonde
 from collect import Collect, key, stored
+from nets import train_toy
 from sonde.errors import ConfigError, RunExistsError
 from sonde.metrics import DEFAULT_METRICS, Alerts
 from sonde.records import Record
@@ -79,17 +80,7 @@ def sink_for(switch: Switch, tmp_path: Path, **kwargs: Any) -> RemoteSink:
 
 def train(sink: RemoteSink, collect: Collect, steps: int, *, run: str = "r", resume: bool = False,
           during: Any = None) -> None:
-    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with sonde.probe(model, run=run, server=sink, optimizer=opt, sinks=[collect], resume=resume) as p:
-        for step in range(steps):
-            loss = model(torch.randn(8, 3)).pow(2).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            p.log(loss=loss)
-            if during is not None:
-                during(step, p)
+    train_toy(steps, hidden=5, during=during, run=run, server=sink, sinks=[collect], resume=resume)
 
 
 def assert_exactly_once(app: FastAPI, run: str, collect: Collect) -> None:
