@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,3 +97,33 @@ def test_a_sink_that_cannot_keep_the_graph_keeps_its_records(caplog: pytest.LogC
         _train(nn.Sequential(nn.Linear(6, 1)), {"store": None, "sinks": [sink]})
     assert {r.step for r in sink.records} == {0, 1, 2}
     assert "could not record the model graph: OSError: disk full" in caplog.text
+
+
+# Training on one thread while the graph is traced on fake tensors on another: the trace must read
+# nothing but shapes, strides and dtypes from the live parameters. Converting them with
+# FakeTensorMode.from_tensor walked each parameter's .grad while zero_grad freed it, a segmentation
+# fault within about 30 traces (so this runs in a child process, where a crash is a failed test).
+RACE = """
+import threading, torch
+from torch import nn
+from sonde.graph.extract import trace
+model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(40)])
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+stop = threading.Event()
+def train():
+    while not stop.is_set():
+        model(torch.randn(4, 8)).pow(2).mean().backward(); opt.step(); opt.zero_grad()
+thread = threading.Thread(target=train); thread.start()
+try:
+    for _ in range(80):
+        graph = trace(model, (torch.randn(4, 8),), {}, device="fake", background=True)
+        assert graph.device == "fake" and len(graph.nodes) == 42, (graph.device, len(graph.nodes))
+finally:
+    stop.set(); thread.join()
+print("traced")
+"""
+
+
+def test_fake_trace_on_a_training_model_reads_only_shapes() -> None:
+    done = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "traced", (done.returncode, done.stderr[-2000:])

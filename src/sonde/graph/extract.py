@@ -123,7 +123,7 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, m
            background: bool) -> Graph:
     fake = FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else None
     convert: Callable[[torch.Tensor], torch.Tensor] | None = (
-        _to_meta if mode == "meta" else fake.from_tensor if fake is not None else None)
+        _to_meta if mode == "meta" else _fake_like(fake) if fake is not None else None)
     shadow = _shadow(model, convert)
     if convert is not None:
         args, kwargs = _map_tensors(args, convert), _map_tensors(kwargs, convert)
@@ -144,6 +144,19 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, m
 
 def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(tensor, device="meta")
+
+
+def _fake_like(fake: FakeTensorMode) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A converter to fake tensors that reads only a tensor's shape, strides, dtype and device.
+
+    ``FakeTensorMode.from_tensor`` also walks the tensor's ``.grad`` and view base; a background
+    trace runs while training replaces and frees those (``zero_grad``), which crashed the process
+    (a segmentation fault inside ``describe_tensor``).
+    """
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        with fake:
+            return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+    return convert
 
 
 def _shadow(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] | None) -> nn.Module:
