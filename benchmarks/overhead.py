@@ -5,7 +5,7 @@ noise hits all variants alike: each round runs every variant once, and a variant
 that round is its per-step time over the unmonitored loop's in the same round. The table
 prints the median per-step time and the median of those per-round ratios.
 
-    python benchmarks/overhead.py [--steps 15] [--rounds 9] [--no-peers] [--models mlp cnn bert]
+    python benchmarks/overhead.py [--steps 15] [--rounds 9] [--no-peers] [--models mlp cnn bert] [--fresh]
 
 Variants: ``sonde`` (the default probe: every topic of every layer, all default metrics,
 every step, recorded to a SQLite store), ``sonde every=10`` (the same, recording one step in
@@ -13,6 +13,15 @@ ten), ``sonde, torch only`` (the default probe without the compiled statistics k
 machine without a C compiler), ``wandb.watch(log="all", log_freq=1)`` in offline
 mode, and TensorBoard ``add_histogram`` of every parameter and gradient every step. The
 peers are skipped, with a note, when their packages are missing (``pip install -e .[benchmark]``).
+
+The table also prints each variant's minor page faults per timed step (the whole process). In a
+fresh process glibc's malloc gives the top of the heap back to the OS after each step's peak and
+faults it in again at the next: thousands of faults per step, and a hook that allocates or frees
+at other moments moves that churn up or down by more than its own cost. In this one process the
+first round's large blocks raise glibc's dynamic thresholds, so the timed steps are nearly
+fault-free and the ratios compare the probes' own work. ``--fresh`` runs every (round, variant) in
+a new Python process instead, as a user's training script starts: slower, noisier, and what a
+user sees first (see the README's Speed section).
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,21 +145,35 @@ def with_tensorboard(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> 
     writer.close()
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor: Monitor, steps: int, tmp: str) -> float:
+def faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor: Monitor, steps: int, tmp: str
+) -> tuple[float, float]:
+    """(seconds per step, minor page faults per step) over ``steps`` timed steps."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     with monitor(model, opt, tmp) as log:
         for i in range(steps + 3):
             if i == 3:  # warm-up steps (allocator, first-step histogram edges) are not timed
-                start = time.perf_counter()
+                start, faulted = time.perf_counter(), faults()
             out = model(x)
             loss = loss_fn(out, y)
             loss.backward()
             opt.step()
             log(loss=loss, labels=y, outputs=out)
             opt.zero_grad()
-        elapsed = time.perf_counter() - start
-    return elapsed / steps
+        elapsed, faulted = time.perf_counter() - start, faults() - faulted
+    return elapsed / steps, faulted / steps
+
+
+def measure(model_name: str, monitor: Monitor, steps: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model, x, y = MODELS[model_name]()
+    with tempfile.TemporaryDirectory() as tmp:
+        return train(model, x, y, monitor, steps, tmp)
 
 
 def main() -> None:
@@ -156,6 +181,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--fresh", action="store_true", help="each variant of each round in a new process")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=["mlp", "cnn"],
                         help="bert: a 4-layer BERT from transformers (57 probed layers, ~380 tensors per step)")
     args = parser.parse_args()
@@ -173,20 +200,30 @@ def main() -> None:
             except ImportError:
                 print(f"[skip] {name}: `{module}` not installed (pip install -e .[benchmark])", file=sys.stderr)
     os.environ.setdefault("WANDB_SILENT", "true")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
-    print(f"{'model':8s} {'variant':18s} {'ms/step':>9s} {'ratio':>7s}")
+    if args.child:
+        print(*measure(args.child[0], variants[args.child[1]], args.steps))
+        return
+    where = "each run in a fresh process" if args.fresh else "one process"
+    print(f"{where}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds x {args.steps} steps")
+    print(f"{'model':8s} {'variant':18s} {'ms/step':>9s} {'ratio':>7s} {'faults/step':>12s}")
     for model_name in args.models:
-        build = MODELS[model_name]
         times: dict[str, list[float]] = {name: [] for name in variants}
+        faulted: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, monitor in variants.items():
-                torch.manual_seed(0)
-                model, x, y = build()
-                with tempfile.TemporaryDirectory() as tmp:
-                    times[name].append(train(model, x, y, monitor, args.steps, tmp))
+                if args.fresh:
+                    command = [sys.executable, __file__, "--child", model_name, name, "--steps", str(args.steps)]
+                    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
+                    seconds, pages = float(output[-2]), float(output[-1])
+                else:
+                    seconds, pages = measure(model_name, monitor, args.steps)
+                times[name].append(seconds)
+                faulted[name].append(pages)
         for name, values in times.items():
             ratio = statistics.median(v / u for v, u in zip(values, times["unmonitored"], strict=True))
-            print(f"{model_name:8s} {name:18s} {statistics.median(values) * 1e3:9.2f} {ratio:6.2f}x")
+            print(f"{model_name:8s} {name:18s} {statistics.median(values) * 1e3:9.2f} {ratio:6.2f}x "
+                  f"{statistics.median(faulted[name]):12.0f}")
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ class Bus:
                 if metric not in waiting:
                     waiting.append(metric)
         records: list[Record] = []
-        values: dict[tuple[str, str, str], Any] = {}
+        values: dict[tuple[str, str, str], Any] = {}  # what the metrics of Records read (their ``requires``)
+        read = {name for _, _, metric in derived for name in metric.requires}
         # Touched keys first, in the order the step produced them (forward order for activations).
         order = [k for k in touched if k in dirty] + [k for k in dirty if k not in touched]
         for key in order:
@@ -200,7 +201,8 @@ class Bus:
                     kept.append(metric)
                     continue
                 for name, value in self._compute(metric, phase, step, layer, topic).items():
-                    values[(layer, topic, name)] = value
+                    if name in read:
+                        values[(layer, topic, name)] = value
                     records.append(Record(self.run, step, phase, layer, topic, name, value))
                 if metric.reset_policy == "compute":
                     metric.reset()
@@ -224,7 +226,23 @@ class Bus:
                 for metric in instances:
                     if metric.reset_policy == "epoch":
                         metric.reset()
+            self._boundary("epoch")
         return records
+
+    def end_run(self) -> None:
+        """After the last flush: tell the configured metrics the run ended (:meth:`Metric.boundary`)."""
+        self._boundary("run")
+
+    def _boundary(self, kind: str) -> None:
+        seen: set[int] = set()
+        for templates in self.templates.values():
+            for metric in templates:
+                if id(metric) not in seen:
+                    seen.add(id(metric))
+                    try:
+                        metric.boundary(kind)
+                    except Exception as exc:  # noqa: BLE001 - monitoring must never break training
+                        self._report(metric, exc)
 
     def _compute(self, metric: Metric, phase: str, step: int, layer: str, topic: str) -> dict[str, Any]:
         """Compute here, or hand a snapshot to the worker (then nothing is returned here)."""

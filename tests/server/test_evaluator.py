@@ -20,7 +20,7 @@ import sonde
 from servers import Running
 from sonde.errors import ConfigError
 from sonde.records import Record
-from sonde.server.api.tensors import ServerMetric, TensorItem, decode_payload, encode_payload, shift_steps
+from sonde.server.api.tensors import Mark, ServerMetric, TensorItem, decode_payload, encode_payload, shift_steps
 from sonde.server.app import create_app
 from sonde.server.evaluator import Evaluator, create_evaluator_app, evaluator_of, http_writer
 from sonde.sinks.base import RunInfo
@@ -42,8 +42,9 @@ def app(tmp_path: Path) -> Iterator[FastAPI]:
 
 
 def probe_and_train(app_client: Any, tmp_path: Path, metrics: list[Any], steps: int = 4,
-                    log_outputs: bool = False) -> dict[tuple[int, str], np.ndarray]:
-    """Train a small model with the probe reporting to the app; return each layer's activations per step."""
+                    log_outputs: bool = False, epoch: int | None = None) -> dict[tuple[int, str], np.ndarray]:
+    """Train a small model with the probe reporting to the app (``p.end_epoch()`` every ``epoch``
+    steps); return each layer's activations per step."""
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen: dict[tuple[int, str], np.ndarray] = {}
@@ -64,6 +65,8 @@ def probe_and_train(app_client: Any, tmp_path: Path, metrics: list[Any], steps: 
             if log_outputs:
                 p.log(outputs=out, labels=y)
                 seen[(step[0], "labels")] = y.numpy().copy()
+            if epoch and (step[0] + 1) % epoch == 0:
+                p.end_epoch()
     return seen
 
 
@@ -122,6 +125,58 @@ def test_compute_every_accumulates_and_labels_reach_the_metric(app: FastAPI, tmp
         predicted = seen[(step, "2")].argmax(axis=1)
         expected = float((predicted == seen[(step, "labels")]).mean())
         assert value(store, "", "train_accuracy", step, topic="outputs") == pytest.approx(expected)
+
+
+def mean_of(seen: dict[tuple[int, str], np.ndarray], layer: str, steps: range) -> float:
+    return float(np.concatenate([seen[(step, layer)].astype(np.float32) for step in steps]).astype(np.float64).mean())
+
+
+def test_state_not_computed_when_the_run_ends_gets_its_value_at_the_last_step(app: FastAPI, tmp_path: Path) -> None:
+    # compute_every=3 over steps 0..4: values at 0 and 3, and at close, as the probe itself does,
+    # a value at step 4 covering step 4 alone; then the run's instances are freed.
+    seen = probe_and_train(TestClient(app, base_url=URL), tmp_path,
+                           [ServerMetric("mean", compute_every=3, sample=None)], steps=5)
+    evaluator = evaluator_of(app)
+    assert evaluator.join(30)
+    means = app.state.store.load("r", layers="0", metrics="mean")
+    assert list(means.step) == [0, 3, 4]
+    for step, steps in ((0, range(0, 1)), (3, range(1, 4)), (4, range(4, 5))):
+        assert value(app.state.store, "0", "mean", step) == pytest.approx(mean_of(seen, "0", steps), rel=1e-5,
+                                                                          abs=1e-7)
+    assert not [key for key in evaluator._instances if key[0] == "r"]
+
+
+def test_reset_epoch_is_honoured_on_the_server(app: FastAPI, tmp_path: Path) -> None:
+    # Epochs of 3 steps: a value at each epoch's last step covering the whole epoch (and step 0,
+    # which compute_every=1000 accepts, alone); the last epoch is cut short by the end of the run.
+    seen = probe_and_train(TestClient(app, base_url=URL), tmp_path,
+                           [ServerMetric("mean", compute_every=1000, reset="epoch", sample=None)], steps=8, epoch=3)
+    assert evaluator_of(app).join(30)
+    means = app.state.store.load("r", layers="2", metrics="mean")
+    assert list(means.step) == [0, 2, 5, 7]
+    for step, steps in ((0, range(0, 1)), (2, range(0, 3)), (5, range(3, 6)), (7, range(6, 8))):
+        assert value(app.state.store, "2", "mean", step) == pytest.approx(mean_of(seen, "2", steps), rel=1e-5,
+                                                                          abs=1e-7)
+
+
+def test_marks_reach_only_their_metrics_and_bad_marks_are_refused(app: FastAPI) -> None:
+    client = TestClient(app, base_url=URL)
+    assert client.post("/api/v1/runs", json={"name": "r"}).status_code == 201
+    every = [{"name": "mean", "kwargs": {"compute_every": 10}}]
+    tensor = np.arange(6, dtype=np.float32).reshape(3, 2)
+    items: list[Any] = [TensorItem(step, "train", "fc", "activations", tensor + step, None, spec)
+                        for step in (1, 2) for spec in (every, SPEC)]
+    assert post(client, encode_payload("b1", items)).status_code == 202
+    assert post(client, encode_payload("b2", [Mark("run_end", SPEC)])).status_code == 202  # stats: nothing pending
+    assert evaluator_of(app).join(30)
+    assert app.state.store.load("r", metrics="mean").step.tolist() == [1, 2]  # the stats' means, every step
+    assert post(client, encode_payload("b3", [Mark("run_end", every)])).status_code == 202
+    assert evaluator_of(app).join(30)
+    means = app.state.store.load("r", metrics="mean")
+    assert means.step.tolist() == [1, 2, 2]
+    assert sorted(means[means.step == 2].value) == pytest.approx([4.0, 4.5])  # steps 1..2 pooled; step 2 alone
+    bad = post(client, encode_payload("b4", [Mark("lunch", SPEC)]))
+    assert bad.status_code == 422 and "mark must be one of 'epoch_end', 'run_end'" in bad.json()["error"]
 
 
 def payload(step: int = 0, batch_id: str = "b1", spec: list[dict[str, Any]] | None = None) -> bytes:
@@ -242,6 +297,8 @@ def test_the_payload_round_trips() -> None:
     assert batch_id == "id" and decoded[0].labels.tolist() == [0, 1, 1] and decoded[0].phase == "eval"
     assert decoded[0].layer_type == "Conv2d" and decoded[0].tensor.tolist() == [[1.0, 1.0]] * 3
     assert decode_payload(shift_steps(encode_payload("id", items), 5))[1][0].step == 7
+    batch_id, decoded = decode_payload(shift_steps(encode_payload("id", [Mark("epoch_end", SPEC), *items]), 1))
+    assert decoded[0] == Mark("epoch_end", SPEC) and decoded[1].step == 3
 
 
 def test_saturation_runs_on_the_server_like_delve_defines_it(app: FastAPI, tmp_path: Path) -> None:

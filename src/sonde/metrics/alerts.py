@@ -41,6 +41,9 @@ __all__ = ["Alerts"]
 
 log = logging.getLogger("sonde")
 
+#: The metrics :meth:`Alerts._check` reads (``nonfinite_frac`` has its own rule); others are skipped.
+_CHECKED = frozenset({"zero_frac", "update_ratio", "saturation"})
+
 
 class Alerts(Metric):
     """Alert Records (metric ``alert``, value 1.0, text in ``Record.message``) at the onset of a problem.
@@ -111,6 +114,8 @@ class Alerts(Metric):
                         first_nonfinite.setdefault((r.phase, r.step), r)
                     else:
                         finite_steps.add((r.phase, r.step))
+                    continue
+                if r.metric not in _CHECKED:
                     continue
                 message = self._check(r)
                 if message is not None:

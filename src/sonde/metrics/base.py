@@ -361,6 +361,11 @@ class Metric:
         """Return ``{metric name: float or 1-D numpy array}`` from the host state."""
         raise NotImplementedError
 
+    def boundary(self, kind: str) -> None:
+        """The run reached the end of an epoch (``"epoch"``, after that step's flush) or ended
+        (``"run"``, after the last flush). Called once per configured metric, not per instance:
+        for metrics whose state lives elsewhere (:class:`~sonde.server.api.tensors.ServerMetric`)."""
+
     def emits(self) -> tuple[str, ...]:
         return self.outputs or (self.name,)
 

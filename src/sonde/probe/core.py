@@ -18,6 +18,7 @@ from sonde.bus import Bus
 from sonde.errors import ConfigError
 from sonde.metrics.base import Metric
 from sonde.metrics.registry import resolve_metrics
+from sonde.probe.heap import HeapChurnCheck
 from sonde.records import NETWORK, Record
 from sonde.schedules import Schedule, as_schedule
 from sonde.sinks import LayerInfo, RunInfo, Sink, SinkRunner, resolve_sinks
@@ -107,6 +108,7 @@ class Probe:
         # The training thread and the worker both emit: alert watchers keep state, and each sink
         # should see one thread's batch whole before the other's.
         self._emit_lock = threading.Lock()
+        self._heap = HeapChurnCheck()
 
     # -- steps -------------------------------------------------------------------------------
     def wants(self, topic: str, phase: str = "train") -> bool:
@@ -125,6 +127,7 @@ class Probe:
             self.step += 1
             self._step_closed = False
             self._step_started = True
+            self._heap.step()
             return True
         new = not self._step_started
         self._step_started = True
@@ -223,6 +226,7 @@ class Probe:
             self.finish_eval()
             if self._step_started or self.bus.accumulating():
                 self.finish_step(final=True)
+            self.bus.end_run()
         finally:
             self.closed = True
             self.detach()

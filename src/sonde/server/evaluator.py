@@ -5,9 +5,12 @@ ingest only decodes and queues them (202 at once; 503 when the queue is full, so
 never delays ingest). Each worker owns a shard of the (run, phase, layer, topic, metric)
 series, so one series' steps run in order on one metric instance, exactly as the probe's bus
 would run them: ``update`` with a :class:`~sonde.metrics.base.Capture`, then ``compute`` at the
-steps its ``compute_every`` accepts, then ``reset`` as its ``reset=`` says. The Records go to
-the store (role ``all``) or to the frontend's records endpoint (role ``evaluator``), each item
-under a batch id derived from the payload's, so a replayed payload stores nothing twice.
+steps its ``compute_every`` accepts, then ``reset`` as its ``reset=`` says. Marks the probe sends
+in order with the tensors end an epoch (``reset="epoch"`` metrics compute and start afresh) or
+the run (every state not computed yet is computed at its last step, as the probe does at close,
+and the run's instances are freed). The Records go to the store (role ``all``) or to the
+frontend's records endpoint (role ``evaluator``), each item under a batch id derived from the
+payload's, so a replayed payload stores nothing twice.
 
 Example:
     >>> app = create_evaluator_app("http://127.0.0.1:8080")       # doctest: +SKIP
@@ -41,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sonde.bus import to_host
 from sonde.metrics.base import Capture, Metric
 from sonde.records import Record
-from sonde.server.api.tensors import TensorItem, metric_from_spec
+from sonde.server.api.tensors import Mark, TensorItem, metric_from_spec
 from sonde.sinks.remote import encode_records
 from sonde.store import Store, open_store
 
@@ -110,6 +113,8 @@ class Evaluator:
         self.write = write
         self._queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=max_queue) for _ in range(max(1, workers))]
         self._instances: dict[tuple[str, ...], Metric] = {}
+        # Instances updated since their last compute: key -> step of the last update.
+        self._pending: dict[tuple[str, ...], int] = {}
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
         self._failed: set[str] = set()
@@ -119,22 +124,27 @@ class Evaluator:
         for thread in self._threads:
             thread.start()
 
-    def _shard(self, run: str, item: TensorItem) -> int:
-        key = f"{run}\n{item.phase}\n{item.layer}\n{item.topic}".encode()
-        return zlib.crc32(key) % len(self._queues)
+    def _shard(self, run: str, phase: str, layer: str, topic: str) -> int:
+        return zlib.crc32(f"{run}\n{phase}\n{layer}\n{topic}".encode()) % len(self._queues)
 
-    def submit(self, run: str, batch_id: str, items: Sequence[TensorItem]) -> Literal["queued", "duplicate", "full"]:
-        """Queue a payload's items; never blocks."""
+    def submit(
+        self, run: str, batch_id: str, items: Sequence[TensorItem | Mark]
+    ) -> Literal["queued", "duplicate", "full"]:
+        """Queue a payload's items (a mark on every shard, after what is queued there); never blocks."""
         with self._lock:
             if (run, batch_id) in self._seen:
                 return "duplicate"
-            shards = [self._shard(run, item) for item in items]
-            for shard in set(shards):
+            every = range(len(self._queues))
+            shards = [every if isinstance(item, Mark) else [self._shard(run, item.phase, item.layer, item.topic)]
+                      for item in items]
+            wanted = [shard for targets in shards for shard in targets]
+            for shard in set(wanted):
                 q = self._queues[shard]
-                if q.maxsize - q.qsize() < shards.count(shard):
+                if q.maxsize - q.qsize() < wanted.count(shard):
                     return "full"
-            for index, (item, shard) in enumerate(zip(items, shards)):
-                self._queues[shard].put_nowait((run, batch_id, index, item))
+            for index, (item, targets) in enumerate(zip(items, shards)):
+                for shard in targets:
+                    self._queues[shard].put_nowait((run, batch_id, index, item, shard))
             self._seen[(run, batch_id)] = None
             while len(self._seen) > 100_000:
                 self._seen.popitem(last=False)
@@ -171,7 +181,10 @@ class Evaluator:
             finally:
                 q.task_done()
 
-    def _process(self, run: str, batch_id: str, index: int, item: TensorItem) -> None:
+    def _process(self, run: str, batch_id: str, index: int, item: TensorItem | Mark, shard: int) -> None:
+        if isinstance(item, Mark):
+            self._end(run, derived_id(batch_id, index, shard), item, shard)
+            return
         tensor = torch.from_numpy(np.ascontiguousarray(item.tensor))
         labels = None if item.labels is None else torch.from_numpy(np.ascontiguousarray(item.labels))
         records: list[Record] = []
@@ -188,24 +201,52 @@ class Evaluator:
                 metric.update(capture)
                 metric.updates += 1
                 metric.absorb_staged(to_host(value for _, value in metric.staged))
-                due = getattr(metric, "due", None)
-                if due is not None and not due(item.step):
-                    continue
-                result = metric.compute()
             except Exception as exc:  # noqa: BLE001 - a failing metric is reported once, the others go on
                 metric.staged.clear()
-                if spec["name"] not in self._failed:
-                    self._failed.add(spec["name"])
-                    log.error("sonde evaluator: metric %r failed on %s/%s (%s: %s); its values are missing",
-                              spec["name"], item.layer, item.topic, type(exc).__name__, exc)
+                self._failure(spec["name"], item.layer, item.topic, exc)
                 continue
-            if getattr(metric, "reset_policy", "compute") == "compute":
-                metric.reset()
-            records += [Record(run, item.step, item.phase, item.layer, item.topic, name, value)
-                        for name, value in result.items()]
+            self._pending[key] = item.step
+            if item.phase != "train" or metric.due(item.step):  # an eval pass is one value, as in the probe
+                records += self._compute(key, metric, reset=metric.reset_policy == "compute")
         if records:
             self.write(run, derived_id(batch_id, index), records)
         self.processed += 1
+
+    def _compute(self, key: tuple[str, ...], metric: Metric, *, reset: bool) -> list[Record]:
+        """Records of ``metric``'s pending state, at the step of its last update; reset it if asked."""
+        run, phase, layer, topic, _ = key
+        step = self._pending.pop(key)
+        try:
+            result = metric.compute()
+        except Exception as exc:  # noqa: BLE001
+            self._failure(metric.name, layer, topic, exc)
+            result = {}
+        if reset:
+            metric.reset()
+        return [Record(run, step, phase, layer, topic, name, value) for name, value in result.items()]
+
+    def _end(self, run: str, batch_id: str, mark: Mark, shard: int) -> None:
+        """An epoch or the run ended: compute and reset (or free) this shard's instances of the mark's metrics."""
+        specs = {json.dumps(spec, sort_keys=True) for spec in mark.metrics}
+        records: list[Record] = []
+        for key, metric in list(self._instances.items()):
+            if key[0] != run or key[4] not in specs or self._shard(*key[:4]) != shard:
+                continue
+            ending = mark.kind == "run_end" or metric.reset_policy == "epoch"
+            if ending and key in self._pending:
+                records += self._compute(key, metric, reset=False)
+            if mark.kind == "run_end":
+                del self._instances[key]
+            elif metric.reset_policy == "epoch":
+                metric.reset()
+        if records:
+            self.write(run, batch_id, records)
+
+    def _failure(self, name: str, layer: str, topic: str, exc: Exception) -> None:
+        if name not in self._failed:
+            self._failed.add(name)
+            log.error("sonde evaluator: metric %r failed on %s/%s (%s: %s); its values are missing",
+                      name, layer, topic, type(exc).__name__, exc)
 
 
 def evaluator_of(app: FastAPI) -> Evaluator:

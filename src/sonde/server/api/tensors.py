@@ -19,6 +19,13 @@ Payload of ``POST /api/v1/runs/{run}/tensors`` (safetensors; answers 202 ``{"acc
               \\"step\\": 3, \\"phase\\": \\"train\\", \\"layer\\": \\"fc1\\", \\"topic\\": \\"activations\\",
               \\"metrics\\": [{\\"name\\": \\"histogram\\", \\"kwargs\\": {\\"bins\\": 32}}]}, ...]"}
 
+An item may instead be a mark, ``{"mark": "epoch_end" | "run_end", "metrics": [...]}``: the
+probe reached the end of an epoch (``Probe.end_epoch()``) or of the run (the probe closed).
+The evaluator handles it after every item sent before it, for the listed metrics of the run:
+at an epoch's end those with ``reset="epoch"`` compute and start afresh; at the run's end
+every state not computed yet is computed (at the step of its last update, as the probe does at
+close) and the run's instances are freed.
+
 Example:
     >>> import numpy as np
     >>> body = encode_payload("b1", [TensorItem(0, "train", "fc", "activations", np.ones((2, 3)), None,
@@ -57,14 +64,16 @@ from sonde.server.api.common import MAX_NAME, RunName, check_text
 if TYPE_CHECKING:
     from sonde.sinks.base import Sink
 
-__all__ = ["ServerMetric", "TensorItem", "bind_server_metrics", "decode_payload", "encode_payload", "router",
-           "shift_steps"]
+__all__ = ["MARKS", "Mark", "ServerMetric", "TensorItem", "bind_server_metrics", "decode_payload", "encode_payload",
+           "router", "shift_steps"]
 
 log = logging.getLogger("sonde")
 
 #: Most items (tensors) in one payload.
 MAX_ITEMS = 10_000
 MAX_STEP = 2**31 - 1
+#: The marks a payload item may carry, by the boundary (``Metric.boundary``) they announce.
+MARKS = {"epoch": "epoch_end", "run": "run_end"}
 
 
 @dataclass
@@ -81,12 +90,23 @@ class TensorItem:
     layer_type: str = ""  # the module's class name: some metrics read features by layer kind
 
 
+@dataclass
+class Mark:
+    """A boundary of the run (``"epoch_end"`` or ``"run_end"``) for the metrics ``metrics`` describe."""
+
+    kind: str
+    metrics: list[dict[str, Any]]
+
+
 # -- payload ---------------------------------------------------------------------------------------
-def encode_payload(batch_id: str, items: Sequence[TensorItem]) -> bytes:
+def encode_payload(batch_id: str, items: Sequence[TensorItem | Mark]) -> bytes:
     """The safetensors body of ``POST /api/v1/runs/{run}/tensors``."""
     arrays: dict[str, np.ndarray] = {}
-    meta = []
+    meta: list[dict[str, Any]] = []
     for i, item in enumerate(items):
+        if isinstance(item, Mark):
+            meta.append({"mark": item.kind, "metrics": item.metrics})
+            continue
         arrays[f"t{i}"] = np.ascontiguousarray(item.tensor, dtype=np.float32)
         labels = None
         if item.labels is not None:
@@ -110,7 +130,7 @@ def _header(body: bytes) -> dict[str, Any]:
     return header
 
 
-def decode_payload(body: bytes) -> tuple[str, list[TensorItem]]:
+def decode_payload(body: bytes) -> tuple[str, list[TensorItem | Mark]]:
     """Check and decode a tensors payload; ValueError saying what is wrong."""
     try:
         meta = _header(body).get("__metadata__") or {}
@@ -127,10 +147,13 @@ def decode_payload(body: bytes) -> tuple[str, list[TensorItem]]:
         raise ValueError(f"metadata items must be a JSON list of items; {exc}") from exc
     if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_ITEMS:
         raise ValueError(f"metadata items must be a JSON list of 1 to {MAX_ITEMS} items")
-    items = []
+    items: list[TensorItem | Mark] = []
     for i, entry in enumerate(listed):
         if not isinstance(entry, dict):
             raise ValueError(f"item {i} must be an object; got {entry!r:.80}")
+        if "mark" in entry:
+            items.append(_decode_mark(i, entry))
+            continue
         step = entry.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
             raise ValueError(f"item {i}: step must be an integer from 0 to {MAX_STEP}; got {step!r:.40}")
@@ -149,21 +172,33 @@ def decode_payload(body: bytes) -> tuple[str, list[TensorItem]]:
             labels = arrays.get(str(entry["labels"]))
             if labels is None or labels.ndim != 1 or tensor.ndim == 0 or len(labels) != tensor.shape[0]:
                 raise ValueError(f"item {i}: labels must be a 1-D tensor with one label per row of the tensor")
-        specs = entry.get("metrics")
-        if not isinstance(specs, list) or not specs:
-            raise ValueError(f"item {i}: metrics must be a non-empty list of {{name, kwargs}}; got {specs!r:.80}")
-        for spec in specs:
-            metric_from_spec(spec)  # raises for unknown names and bad arguments
-        items.append(TensorItem(step, names["phase"], names["layer"], names["topic"], tensor, labels, specs,
-                                names["layer_type"]))
+        items.append(TensorItem(step, names["phase"], names["layer"], names["topic"], tensor, labels,
+                                _decode_specs(i, entry), names["layer_type"]))
     return batch_id, items
+
+
+def _decode_specs(i: int, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    specs = entry.get("metrics")
+    if not isinstance(specs, list) or not specs:
+        raise ValueError(f"item {i}: metrics must be a non-empty list of {{name, kwargs}}; got {specs!r:.80}")
+    for spec in specs:
+        metric_from_spec(spec)  # raises for unknown names and bad arguments
+    return specs
+
+
+def _decode_mark(i: int, entry: dict[str, Any]) -> Mark:
+    kind = entry["mark"]
+    if kind not in MARKS.values():
+        raise ValueError(f"item {i}: mark must be one of {', '.join(map(repr, MARKS.values()))}; got {kind!r:.40}")
+    return Mark(kind, _decode_specs(i, entry))
 
 
 def shift_steps(body: bytes, offset: int) -> bytes:
     """The payload with every step moved by ``offset`` (a resumed run created while the server was away)."""
     batch_id, items = decode_payload(body)
     for item in items:
-        item.step += offset
+        if isinstance(item, TensorItem):
+            item.step += offset
     return encode_payload(batch_id, items)
 
 
@@ -193,7 +228,7 @@ class _Shipper:
     """Shared by a ServerMetric and its clones (``deepcopy`` keeps it); holds items until the sink takes them."""
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
-        self.items: deque[TensorItem] = deque()
+        self.items: deque[TensorItem | Mark] = deque()
         self.bytes = 0
         self.max_bytes = max_bytes
         self.dropped = 0
@@ -207,7 +242,7 @@ class _Shipper:
         return self
 
     def ship(self, item: TensorItem) -> None:
-        size = item.tensor.nbytes // 2  # float64 on the host, float32 on the wire
+        size = _wire_size(item)
         with self.lock:
             if self.bytes + size > self.max_bytes:
                 if self.dropped == 0:
@@ -218,6 +253,11 @@ class _Shipper:
             self.items.append(item)
             self.bytes += size
 
+    def mark(self, mark: Mark) -> None:
+        """Queue a boundary after every item shipped so far (never dropped: it carries no tensor)."""
+        with self.lock:
+            self.items.append(mark)
+
     def pump(self, most_bytes: int = 16 << 20) -> None:
         """Hand waiting items to the remote sink as payloads of at most ``most_bytes`` (sender thread)."""
         with self.pumping:
@@ -226,17 +266,21 @@ class _Shipper:
     def _pump(self, most_bytes: int) -> None:
         while True:
             with self.lock:
-                batch: list[TensorItem] = []
+                batch: list[TensorItem | Mark] = []
                 size = 0
-                while self.items and (not batch or size + self.items[0].tensor.nbytes // 2 <= most_bytes):
+                while self.items and (not batch or size + _wire_size(self.items[0]) <= most_bytes):
                     item = self.items.popleft()
-                    size += item.tensor.nbytes // 2
+                    size += _wire_size(item)
                     batch.append(item)
                 self.bytes -= size
             if not batch:
                 return
             batch_id = str(uuid.uuid4())
             self.sink.put("tensors", encode_payload(batch_id, batch), batch_id=batch_id, count=len(batch))
+
+
+def _wire_size(item: TensorItem | Mark) -> int:
+    return 0 if isinstance(item, Mark) else item.tensor.nbytes // 2  # float64 on the host, float32 on the wire
 
 
 class ServerMetric(Metric):
@@ -303,6 +347,10 @@ class ServerMetric(Metric):
         step, phase, layer, topic, layer_type = self.where
         self.shipper.ship(TensorItem(step, phase, layer, topic, np.asarray(tensor), labels, [self.spec], layer_type))
         return {}
+
+    def boundary(self, kind: str) -> None:
+        """Tell the evaluator, in order with the shipped tensors, that an epoch or the run ended."""
+        self.shipper.mark(Mark(MARKS[kind], [self.spec]))
 
     def __repr__(self) -> str:
         return f"ServerMetric({self.spec['name']!r}, sample={self.sample}, **{self.spec['kwargs']!r})"
