@@ -310,3 +310,57 @@ def test_a_failing_metric_is_reported_and_the_rest_are_recorded(
             model(torch.randn(2, 4)).sum().backward()
     assert "metric 'broken' failed" in caplog.text
     assert collect.find(metric="mean", topic="activations")
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_a_step_with_a_closure_records_the_gradients_it_consumes(collect: Collect, as_keyword: bool) -> None:
+    """``opt.step(closure)`` (Lightning always, LBFGS) runs forward and backward after the pre-step
+    hook: the gradients, weights and updates of step k are those of the closure's backward."""
+    torch.manual_seed(0)
+    model = mlp()
+    twin = mlp()
+    twin.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(3)]
+    with sonde.probe(model, store=None, optimizer=opt, metrics=["norm"], sinks=[collect]):
+        for x, y in data:
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure=closure) if as_keyword else opt.step(closure)
+    expected: dict[str, list[float]] = {"weights": [], "weight_grads": [], "weight_updates": []}
+    for x, y in data:  # the same steps, by hand
+        twin.zero_grad()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        w, g = twin[0].weight.detach().numpy().copy(), twin[0].weight.grad.numpy().copy()
+        expected["weights"].append(float(np.linalg.norm(w)))
+        expected["weight_grads"].append(float(np.linalg.norm(g)))
+        expected["weight_updates"].append(float(np.linalg.norm(-0.1 * g)))
+        with torch.no_grad():
+            for param in twin.parameters():
+                param -= 0.1 * param.grad
+    for topic, values in expected.items():
+        got = [collect.value(layer="0", topic=topic, metric="norm", step=k) for k in range(3)]
+        np.testing.assert_allclose(got, values, rtol=1e-5, err_msg=topic)
+
+
+def test_optimizer_wrappers_are_unwrapped_to_the_optimizer_they_step(collect: Collect) -> None:
+    class Wrapper:  # as Accelerate's AcceleratedOptimizer: no hook tables of its own
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.optimizer = optimizer
+
+        def step(self) -> None:
+            self.optimizer.step()
+
+        def zero_grad(self) -> None:
+            self.optimizer.zero_grad()
+
+    model = mlp()
+    opt = Wrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    with sonde.probe(model, store=None, optimizer=opt, metrics=["norm"], sinks=[collect]) as p:
+        train(model, p, opt, 2)  # type: ignore[arg-type]
+    assert sorted({r.step for r in collect.find(topic="weight_updates", layer="0")}) == [0, 1]
+    with pytest.raises(ConfigError, match="optimizer= expects a torch.optim.Optimizer, got Wrapper"):
+        sonde.probe(mlp(), store=None, optimizer=Wrapper(None))  # type: ignore[arg-type]

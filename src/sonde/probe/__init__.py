@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sonde.errors import ProbeError
-from sonde.probe.core import Probe
+from sonde.probe.core import Probe, not_a_module
 
 __all__ = ["Probe", "probe"]
 
@@ -45,7 +44,4 @@ def probe(model: Any, **kwargs: Any) -> Probe:
         from sonde.probe.torch import TorchProbe
 
         return TorchProbe(model, **kwargs)
-    raise ProbeError(
-        f"sonde.probe expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}; "
-        "for Keras use sonde.keras.SondeCallback"
-    )
+    raise not_a_module(model)

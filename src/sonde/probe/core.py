@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from sonde.bus import Bus
-from sonde.errors import ConfigError
+from sonde.errors import ConfigError, ProbeError
 from sonde.metrics.base import Metric
 from sonde.metrics.registry import resolve_metrics
 from sonde.probe.heap import HeapChurnCheck
@@ -25,9 +25,19 @@ from sonde.sinks import LayerInfo, RunInfo, Sink, SinkRunner, resolve_sinks
 from sonde.topics import STEP_TOPICS, TOPICS
 from sonde.worker import Worker
 
-__all__ = ["Probe"]
+__all__ = ["Probe", "not_a_module"]
 
 log = logging.getLogger("sonde")
+
+
+def not_a_module(model: Any) -> ProbeError:
+    """The error for a model sonde has no adapter for."""
+    return ProbeError(
+        f"sonde.probe expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}; "
+        "sonde's adapters cover PyTorch so far (plain loops, sonde.transformers.SondeCallback for the "
+        "Hugging Face Trainer, sonde.lightning.SondeCallback for Lightning): Keras, TensorFlow, JAX and "
+        "MXNet models have none yet"
+    )
 
 
 class Probe:

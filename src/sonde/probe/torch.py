@@ -47,13 +47,13 @@ from sonde.metrics.base import Metric
 from sonde.metrics.registry import resolve_metrics
 from sonde.metrics.tasks import StepLabels
 from sonde.metrics.test_accuracy import TestAccuracy
-from sonde.probe.core import Probe
+from sonde.probe.core import Probe, not_a_module
 from sonde.records import NETWORK, Record
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
 from sonde.worker import Worker
 
-__all__ = ["TorchProbe", "first_float_tensor", "select_layers"]
+__all__ = ["TorchProbe", "first_float_tensor", "select_layers", "unwrap_optimizer"]
 
 log = logging.getLogger("sonde")
 
@@ -181,6 +181,22 @@ def _split_metrics(
     return main, on_probe_set, tests
 
 
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The ``torch.optim.Optimizer`` whose steps the probe hooks.
+
+    Wrappers that keep the real optimizer in ``.optimizer`` and call its ``step`` (Accelerate's
+    ``AcceleratedOptimizer``, which Hugging Face's Trainer uses; Lightning's ``LightningOptimizer``)
+    are unwrapped: their own hook tables are never run (Accelerate's is never even created).
+    """
+    seen = optimizer
+    while (optimizer is not None and not hasattr(optimizer, "_optimizer_step_post_hooks")
+           and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)):
+        optimizer = optimizer.optimizer
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer= expects a torch.optim.Optimizer, got {type(seen).__name__}")
+    return optimizer
+
+
 class TorchProbe(Probe):
     """Probe of a ``torch.nn.Module``; see :func:`sonde.probe` for the arguments."""
 
@@ -204,17 +220,13 @@ class TorchProbe(Probe):
         probe_set: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise ProbeError(
-                f"sonde.probe expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}; "
-                "for Keras use sonde.keras.SondeCallback"
-            )
+            raise not_a_module(model)
         if getattr(model, "_sonde_probe", None) is not None:
             raise ProbeError(
                 f"{type(model).__name__} is already probed by run {model._sonde_probe().run!r}; "  # type: ignore[operator]
                 "close that probe first (leave its `with` block) or probe a different model"
             )
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"optimizer= expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer = unwrap_optimizer(optimizer)
         self.model = model
         self.optimizer = optimizer
         self.layers = select_layers(model, layers, depth)
@@ -358,6 +370,16 @@ class TorchProbe(Probe):
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_root_start(self, module: nn.Module, args: Any) -> None:
+        self.begin_batch()
+
+    def begin_batch(self) -> None:
+        """What the model's forward pre-hook does: layers called from here on are named afresh
+        (``name``, ``name:2``, ...), and a training pass may start a step (and its side passes).
+
+        For trainers whose step may never call the probed module's own forward (a Lightning
+        ``training_step`` that calls ``self.net(x)``): :class:`sonde.lightning.SondeCallback`
+        calls it at each batch start; the forward pre-hook calling it again before any layer ran changes nothing.
+        """
         def run() -> None:
             self._calls.clear()
             if self._pass_mode is not None:
@@ -491,13 +513,33 @@ class TorchProbe(Probe):
 
         return hook
 
-    def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         def run() -> None:
             self._step_started = True
             with torch.no_grad():
                 self._publish_params(grads=True, snapshot=True)
 
-        self._guard("optimizer pre-step capture", run)
+        # ``args`` are step's own: (optimizer, closure?)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if not callable(closure):
+            self._guard("optimizer pre-step capture", run)
+            return None
+        # ``step(closure)`` (Lightning always, LBFGS) runs the forward and backward inside the step,
+        # after this hook: the gradients the step consumes exist only once the closure has run. The
+        # capture runs then, once (LBFGS calls the closure again after moving the weights).
+        done = False
+
+        def closure_then_capture() -> Any:
+            nonlocal done
+            loss = closure()
+            if not done:
+                done = True
+                self._guard("optimizer pre-step capture", run)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_capture}
+        return (args[0], closure_then_capture, *args[2:]), kwargs
 
     def _buffer_for(self, param: torch.Tensor) -> torch.Tensor:
         """A buffer for the parameter's value before the step, kept across steps (reallocating
