@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from sonde.errors import ConfigError
+from sonde.probe.core import guarded
 from sonde.probe.torch import TorchProbe
 
 __all__ = ["CallbackProbe"]
@@ -95,9 +96,4 @@ class CallbackProbe:
         return self.probe is not None and not self.probe.closed
 
     def _guard(self, what: str, fn: Any) -> None:
-        try:
-            fn()
-        except Exception as exc:
-            if what not in self._warned:
-                self._warned.add(what)
-                log.exception("sonde: %s failed; training goes on without it: %s", what, exc)
+        guarded(self._warned, what, fn)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -25,18 +25,29 @@ from sonde.sinks import LayerInfo, RunInfo, Sink, SinkRunner, resolve_sinks
 from sonde.topics import STEP_TOPICS, TOPICS
 from sonde.worker import Worker
 
-__all__ = ["Probe", "not_a_module"]
+__all__ = ["Probe", "guarded", "not_a_module"]
 
 log = logging.getLogger("sonde")
+
+
+def guarded(warned: set[str], where: str, fn: Callable[[], Any]) -> None:
+    """Run monitoring code; a failure is logged loudly, once per ``where`` (noted in ``warned``),
+    and never reaches training."""
+    try:
+        fn()
+    except Exception as exc:
+        if where not in warned:
+            warned.add(where)
+            log.exception("sonde: %s failed; training goes on without it: %s", where, exc)
 
 
 def not_a_module(model: Any) -> ProbeError:
     """The error for a model sonde has no adapter for."""
     return ProbeError(
         f"sonde.probe expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}; "
-        "sonde's adapters cover PyTorch so far (plain loops, sonde.transformers.SondeCallback for the "
-        "Hugging Face Trainer, sonde.lightning.SondeCallback for Lightning): Keras, TensorFlow, JAX and "
-        "MXNet models have none yet"
+        "Keras models are probed while they fit: model.fit(..., callbacks=[sonde.keras.SondeCallback()]); "
+        "the Hugging Face and Lightning trainers take sonde.transformers.SondeCallback and "
+        "sonde.lightning.SondeCallback; JAX and MXNet models have no adapter yet"
     )
 
 
@@ -119,6 +130,7 @@ class Probe:
         # should see one thread's batch whole before the other's.
         self._emit_lock = threading.Lock()
         self._heap = HeapChurnCheck()
+        self._warned: set[str] = set()  # monitoring failures already reported (see guarded)
 
     # -- steps -------------------------------------------------------------------------------
     def wants(self, topic: str, phase: str = "train") -> bool:
@@ -169,6 +181,9 @@ class Probe:
                     records = records + self.bus.watch(records)
                 for runner in self._runners:
                     runner.submit(records)
+
+    def _guard(self, where: str, fn: Callable[[], Any]) -> None:
+        guarded(self._warned, where, fn)
 
     # -- user API ----------------------------------------------------------------------------
     def log(self, **values: Any) -> None:

@@ -271,7 +271,6 @@ class TorchProbe(Probe):
         self._calls: dict[str, int] = {}
         self._names: dict[int, list[str]] = {}
         self._before: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
-        self._warned: set[str] = set()
         self._buffers: dict[int, torch.Tensor] = {}
         self._attach()
 
@@ -331,15 +330,6 @@ class TorchProbe(Probe):
         if isinstance(value, (int, float)):
             return torch.tensor(float(value))
         raise ConfigError(f"Probe.log({topic}=...) expects a tensor or a number, got {type(value).__name__}")
-
-    def _guard(self, where: str, fn: Callable[[], None]) -> None:
-        """Run monitoring code; a failure is reported once, loudly, and never reaches training."""
-        try:
-            fn()
-        except Exception as exc:
-            if where not in self._warned:
-                self._warned.add(where)
-                log.exception("sonde: %s failed; training goes on without it: %s", where, exc)
 
     def _publish_params(self, grads: bool, phase: str = "train", snapshot: bool = False) -> None:
         """Publish weights and biases (and their gradients); with ``snapshot``, also keep each

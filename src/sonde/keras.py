@@ -1,0 +1,10 @@
+"""Keras integration: ``model.fit(..., callbacks=[sonde.keras.SondeCallback()])`` (Keras 3, TensorFlow backend).
+
+The implementation lives in :mod:`sonde.probe.keras` (one module per framework adapter).
+"""
+
+from __future__ import annotations
+
+from sonde.probe.keras import SondeCallback
+
+__all__ = ["SondeCallback"]

@@ -1,0 +1,433 @@
+"""``sonde.keras.SondeCallback``: probes for Keras 3 models trained with ``model.fit`` (TensorFlow backend).
+
+How: at ``on_train_begin`` the callback keeps the compiled training function Keras made and builds
+a second one from the same ``train_step``, traced with recording on: each probed layer's ``call``
+notes its input and output, the output passes through an identity whose gradient notes the
+gradient flowing back (``output_grads``), ``compute_loss`` notes the batch's loss, labels and
+predictions, and the optimizer's ``apply_gradients`` notes each weight before the update, its
+gradient and the update. The recorded tensors come back as extra outputs of that function, so
+the step stays one compiled graph (XLA included), and the callback routes them to the bus. At a
+step the schedule (``every=``) does not record, the original function runs: unrecorded steps cost
+nothing. Validation inside ``fit`` is recorded the same way, under the ``eval`` phase (activations,
+inputs and loss), at the step whose weights it used.
+
+Layer names are the layers' names below the model, joined with dots for nested models
+(``encoder.dense_1``); a layer called twice in one step is ``name`` and ``name:2``. As for
+PyTorch, the default selection is every leaf layer and every layer owning weights; ``depth=k``
+takes layers k levels down. Trainable variables whose name starts with ``bias`` are biases,
+every other trainable variable is a weight.
+
+Steps are ``fit``'s optimizer steps, counted from 0. With ``steps_per_execution=N`` Keras runs N
+steps in one call; the probe then sees each call as one step (the last of the N).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+import torch
+
+from sonde.errors import ConfigError, LayerFilterError, ProbeError
+from sonde.probe.core import Probe
+from sonde.records import NETWORK
+from sonde.schedules import Schedule
+from sonde.sinks import LayerInfo, Sink
+
+__all__ = ["KerasProbe", "SondeCallback", "select_layers"]
+
+log = logging.getLogger("sonde")
+
+#: The key of the extra output the recording function returns next to Keras's logs.
+_KEY = "__sonde__"
+
+LayerFilter = Sequence[str] | str | Callable[[str, Any], bool] | None
+
+
+def _children(layer: Any) -> list[Any]:
+    return [c for c in layer._flatten_layers(include_self=False, recursive=False)
+            if not isinstance(c, keras.layers.InputLayer)]
+
+
+def _own_variables(layer: Any) -> list[Any]:
+    return list(getattr(layer, "_trainable_variables", []))
+
+
+def select_layers(model: Any, layers: LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
+    """The Keras layers to probe, by dotted name, in the model's order (the rule of
+    :func:`sonde.probe.torch.select_layers`: leaves and weight owners, or ``depth=k``)."""
+    if depth is not None and (not isinstance(depth, int) or depth < 1):
+        raise ConfigError(f"depth= expects None or an int >= 1, got {depth!r}")
+    named: list[tuple[str, Any, int]] = []
+
+    def walk(layer: Any, prefix: str, level: int) -> None:
+        for child in _children(layer):
+            name = f"{prefix}{child.name}"
+            named.append((name, child, level))
+            walk(child, name + ".", level + 1)
+
+    walk(model, "", 1)
+    if depth is None and layers is not None:
+        candidates = [(n, m) for n, m, _ in named]
+    elif depth is None:
+        candidates = [(n, m) for n, m, _ in named if not _children(m) or _own_variables(m)]
+    else:
+        candidates = [(n, m) for n, m, level in named if level == depth or (level < depth and not _children(m))]
+    if layers is None:
+        chosen = candidates
+    elif callable(layers):
+        chosen = [(n, m) for n, m in candidates if layers(n, m)]
+    else:
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        if not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"layers= expects a callable or a list of names/globs, got {layers!r}")
+        chosen = [(n, m) for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        examples = ", ".join(repr(n) for n, _ in candidates[:8]) or "(the model has no layers)"
+        raise LayerFilterError(f"layer filter {layers!r} (depth={depth}) matched no layer of {model.name}; "
+                               f"names look like {examples}")
+    return dict(chosen)
+
+
+def _first_float(value: Any) -> Any:
+    """The first floating-point tensor in ``value`` (depth-first through lists, tuples and dicts)."""
+    for item in tf.nest.flatten(value):
+        if isinstance(item, (tf.Tensor, tf.Variable)) and item.dtype.is_floating:
+            return item
+    return None
+
+
+def _replace(value: Any, old: Any, new: Any) -> Any:
+    flat = tf.nest.flatten(value)
+    return tf.nest.pack_sequence_as(value, [new if item is old else item for item in flat])
+
+
+class _Recorder:
+    """What the recording function notes while it is traced (symbolic tensors of its graph)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.training = True
+        self.reset()
+
+    def reset(self) -> None:
+        self.tensors: dict[tuple[str, str], Any] = {}  # (layer, topic) -> tensor
+        self.calls: dict[str, int] = {}
+        self.loss: Any = None
+        self.labels: Any = None
+        self.outputs: Any = None
+
+    def layer_call(self, name: str, args: tuple[Any, ...], output: Any) -> Any:
+        count = self.calls.get(name, 0) + 1
+        self.calls[name] = count
+        layer = name if count == 1 else f"{name}:{count}"
+        x = _first_float(args)
+        if x is not None:
+            self.tensors[(layer, "inputs")] = x
+        y = _first_float(output)
+        if y is None:
+            return output
+        self.tensors[(layer, "activations")] = y
+        if not self.training:
+            return output
+
+        @tf.custom_gradient  # type: ignore[misc]
+        def noted(t: Any) -> Any:
+            def grad(dy: Any) -> Any:
+                self.tensors[(layer, "output_grads")] = dy
+                return dy
+            return tf.identity(t), grad
+
+        return _replace(output, y, noted(y))
+
+
+class KerasProbe(Probe):
+    """Probe of a Keras 3 model during ``fit``; made by :class:`SondeCallback`."""
+
+    framework = "keras"
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        run: str | None = None,
+        store: Any = "sonde.db",
+        server: str | None = None,
+        layers: LayerFilter = None,
+        topics: Sequence[str] | None = None,
+        metrics: Sequence[str | Any] | None = None,
+        every: int | Schedule = 1,
+        depth: int | None = None,
+        sinks: Sequence[str | Sink] | None = None,
+        resume: bool = False,
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise ProbeError(f"sonde.keras expects a keras.Model, got {type(model).__module__}.{type(model).__name__}")
+        if keras.backend.backend() != "tensorflow":
+            raise ProbeError(f"sonde.keras records Keras on the TensorFlow backend; this Keras runs on "
+                             f"{keras.backend.backend()!r} (KERAS_BACKEND=tensorflow)")
+        if getattr(model, "_sonde_probe", None) is not None:
+            raise ProbeError(f"{model.name} is already probed; close that probe first")
+        self.model = model
+        self.layers = select_layers(model, layers, depth)
+        self.variables = self._assign_variables()
+        infos = [LayerInfo(name, type(layer).__name__, {v.name: list(v.shape) for v in self.variables.get(name, [])})
+                 for name, layer in self.layers.items()]
+        super().__init__(model_name=type(model).__name__, run=run, store=store, server=server, metrics=metrics,
+                         topics=topics, every=every, sinks=sinks, resume=resume, layers=infos,
+                         config={"every": repr(every), "depth": depth,
+                                 "optimizer": type(model.optimizer).__name__ if model.optimizer else None})
+        self.steps_on_optimizer = True
+        self._recorder = _Recorder()
+        self._restore: list[Callable[[], None]] = []
+        self._plain_train: Any = None
+        self._plain_test: Any = None
+        object.__setattr__(model, "_sonde_probe", self)
+
+    def _assign_variables(self) -> dict[str, list[Any]]:
+        """Each trainable variable goes to the deepest probed layer that holds it."""
+        owners: dict[str, list[Any]] = {}
+        taken: set[int] = set()
+        for name in sorted(self.layers, key=lambda n: -n.count(".")):
+            for variable in self.layers[name].trainable_variables:
+                if id(variable) not in taken:
+                    taken.add(id(variable))
+                    owners.setdefault(name, []).append(variable)
+        return owners
+
+    # -- attaching -------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Swap in the recording training (and test) functions; called at ``on_train_begin``."""
+        model = self.model
+        for name, layer in self.layers.items():
+            self._patch(layer, "call", self._layer_call(name, layer.call))
+        self._patch(model, "compute_loss", self._compute_loss(model.compute_loss))
+        if model.optimizer is not None:
+            self._patch(model.optimizer, "apply_gradients", self._apply_gradients(model.optimizer.apply_gradients))
+        model.make_train_function()
+        self._plain_train = model.train_function
+        recording_train = model._make_function(self._recording_step(model.train_step, training=True))
+        self._set(model, "train_function", self._dispatch(self._plain_train, recording_train, "train"))
+        model.make_test_function()
+        self._plain_test = model.test_function
+        recording_test = model._make_function(self._recording_step(model.test_step, training=False))
+        self._set(model, "test_function", self._dispatch(self._plain_test, recording_test, "eval"))
+
+    def _set(self, obj: Any, attr: str, value: Any) -> None:
+        object.__setattr__(obj, attr, value)
+
+    def _patch(self, obj: Any, attr: str, value: Any) -> None:
+        had = attr in obj.__dict__
+        old = obj.__dict__.get(attr)
+        object.__setattr__(obj, attr, value)
+
+        def restore() -> None:
+            if had:
+                object.__setattr__(obj, attr, old)
+            else:
+                object.__delattr__(obj, attr)
+
+        self._restore.append(restore)
+
+    def detach(self) -> None:
+        for restore in reversed(self._restore):
+            restore()
+        self._restore.clear()
+        model = self.model
+        if self._plain_train is not None:
+            self._set(model, "train_function", self._plain_train)
+            self._set(model, "test_function", self._plain_test)
+            self._plain_train = self._plain_test = None
+        if getattr(model, "_sonde_probe", None) is self:
+            object.__delattr__(model, "_sonde_probe")
+
+    # -- what the recording function notes while traced -----------------------------------------
+    def _layer_call(self, name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        recorder = self._recorder
+
+        def recorded_call(*args: Any, **kwargs: Any) -> Any:
+            output = call(*args, **kwargs)
+            if recorder.active:
+                output = recorder.layer_call(name, args, output)
+            return output
+
+        return recorded_call
+
+    def _compute_loss(self, compute_loss: Callable[..., Any]) -> Callable[..., Any]:
+        recorder = self._recorder
+
+        def recorded_compute_loss(*args: Any, **kwargs: Any) -> Any:
+            loss = compute_loss(*args, **kwargs)
+            if recorder.active:
+                names = ("x", "y", "y_pred", "sample_weight")
+                given = {**dict(zip(names, args, strict=False)), **kwargs}
+                recorder.loss, recorder.labels, recorder.outputs = loss, given.get("y"), given.get("y_pred")
+            return loss
+
+        return recorded_compute_loss
+
+    def _apply_gradients(self, apply_gradients: Callable[..., Any]) -> Callable[..., Any]:
+        recorder = self._recorder
+        owner = {id(v): (layer, v) for layer, variables in self.variables.items() for v in variables}
+
+        def recorded_apply_gradients(grads_and_vars: Any) -> Any:
+            pairs = list(grads_and_vars)
+            if not recorder.active:
+                return apply_gradients(pairs)
+            before: list[tuple[str, str, Any, Any]] = []
+            for grad, variable in pairs:
+                if id(variable) in owner and grad is not None:
+                    layer, _ = owner[id(variable)]
+                    bias = variable.name.startswith("bias")
+                    value = tf.identity(variable.value)
+                    recorder.tensors[(layer, "biases" if bias else "weights")] = value
+                    recorder.tensors[(layer, "bias_grads" if bias else "weight_grads")] = tf.convert_to_tensor(grad)
+                    before.append((layer, "bias_updates" if bias else "weight_updates", variable, value))
+            result = apply_gradients(pairs)
+            for layer, topic, variable, value in before:
+                recorder.tensors[(layer, topic)] = variable.value - value
+            return result
+
+        return recorded_apply_gradients
+
+    def _recording_step(self, step: Callable[[Any], Any], training: bool) -> Callable[[Any], Any]:
+        recorder = self._recorder
+
+        def recording_step(data: Any) -> Any:
+            recorder.reset()
+            recorder.active, recorder.training = True, training
+            try:
+                logs = step(data)
+            finally:
+                recorder.active = False
+            noted = {f"{layer}\x1f{topic}": tensor for (layer, topic), tensor in recorder.tensors.items()}
+            for key, value in (("loss", recorder.loss), ("labels", recorder.labels), ("outputs", recorder.outputs)):
+                if isinstance(value, tf.Tensor):
+                    noted[f"\x1f{key}"] = value
+            return {**logs, _KEY: noted}
+
+        return recording_step
+
+    # -- per step, eagerly -------------------------------------------------------------------
+    def _dispatch(self, plain: Callable[[Any], Any], recording: Callable[[Any], Any],
+                  phase: str) -> Callable[[Any], Any]:
+        def function(iterator: Any) -> Any:
+            if phase == "train":
+                self.begin_train_forward()
+            wanted = not self.closed and any(self.wants(t, phase) for t in self.bus.topics)
+            if not wanted:
+                logs = plain(iterator)
+            else:
+                logs = dict(recording(iterator))
+                noted = logs.pop(_KEY)
+                self._guard(f"{phase} capture", lambda: self._publish(noted, phase))
+            if phase == "train":
+                self.optimizer_stepped()
+            return logs
+
+        return function
+
+    def _publish(self, noted: dict[str, Any], phase: str) -> None:
+        step_values: dict[str, torch.Tensor] = {}
+        for key, tensor in noted.items():
+            layer, topic = key.split("\x1f")
+            value = _to_torch(tensor)
+            if not layer:
+                step_values[topic] = value
+            elif self.wants(topic, phase):
+                self.publish(layer, topic, value, phase=phase)
+        loss, labels, outputs = (step_values.get(k) for k in ("loss", "labels", "outputs"))
+        if loss is not None and self.wants("loss", phase):
+            self.publish(NETWORK, "loss", loss, phase=phase)
+        labels = _class_labels(labels, outputs)
+        if outputs is not None and self.wants("outputs", phase):
+            self.publish(NETWORK, "outputs", outputs, phase=phase, labels=labels)
+
+    def current_phase(self) -> str:
+        return "train"
+
+    def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
+        if isinstance(value, (int, float)):
+            return torch.tensor(float(value))
+        try:
+            return torch.from_numpy(np.asarray(value))
+        except Exception as exc:
+            raise ConfigError(f"Probe.log({topic}=...) expects a tensor, an array or a number, "
+                              f"got {type(value).__name__}") from exc
+
+
+def _to_torch(tensor: Any) -> torch.Tensor:
+    """The tensor's memory as a torch tensor: shared through DLPack (no copy), else copied."""
+    try:
+        return torch.from_dlpack(tensor)
+    except Exception:  # noqa: BLE001 - a device or dtype torch cannot share: copy through numpy
+        array = np.array(tensor)
+        if array.dtype.kind == "f" and array.dtype not in (np.float16, np.float32, np.float64):
+            array = array.astype(np.float32)  # ml_dtypes' float8 and the like
+        return torch.from_numpy(array)
+
+
+def _class_labels(labels: torch.Tensor | None, outputs: torch.Tensor | None) -> torch.Tensor | None:
+    """Integer class labels for ``train_accuracy``: sparse labels as they are, one-hot labels by
+    argmax; None where the outputs are not one score per class (binary or regression outputs)."""
+    if labels is None or outputs is None or outputs.dim() < 2 or outputs.shape[-1] < 2:
+        return None
+    if labels.is_floating_point():
+        if labels.shape != outputs.shape:
+            return None
+        return labels.argmax(dim=-1)
+    return labels.reshape(outputs.shape[:-1])
+
+
+class SondeCallback(keras.callbacks.Callback):  # type: ignore[misc]
+    """Probe a Keras 3 model while ``model.fit`` trains it (TensorFlow backend).
+
+    Args:
+        **probe_kwargs: :func:`sonde.probe`'s keywords except ``optimizer`` (the model's) and
+            ``probe_set``: ``run``, ``store``, ``server``, ``layers``, ``topics``, ``metrics``,
+            ``every``, ``depth``, ``sinks``, ``resume``.
+
+    Example:
+        >>> import sonde.keras                                                  # doctest: +SKIP
+        >>> model.fit(x, y, epochs=5, callbacks=[sonde.keras.SondeCallback(run="mnist-mlp")])  # doctest: +SKIP
+    """
+
+    def __init__(self, **probe_kwargs: Any) -> None:
+        super().__init__()
+        accepted = {"run", "store", "server", "layers", "topics", "metrics", "every", "depth", "sinks", "resume"}
+        unknown = sorted(set(probe_kwargs) - accepted)
+        if unknown:
+            raise ConfigError(f"SondeCallback got unexpected keyword(s) {', '.join(unknown)}; it takes "
+                              + ", ".join(sorted(accepted)) + " (the optimizer is the model's)")
+        self.probe_kwargs = probe_kwargs
+        self.probe: KerasProbe | None = None
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._close("finished")  # a second fit with the same callback is a second run
+        self.probe = KerasProbe(self.model, **self.probe_kwargs)
+        try:
+            self.probe.attach()
+        except Exception:
+            self._close("failed")
+            raise
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self.probe is not None:
+            self.probe._guard("marking the end of an epoch", self.probe.end_epoch)
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self._close("finished")
+
+    def close(self, status: str = "failed") -> None:
+        """Close the probe of a ``fit`` that raised (Keras calls no callback then); idempotent."""
+        self._close(status)
+
+    def _close(self, status: str) -> None:
+        probe, self.probe = self.probe, None
+        if probe is not None:
+            probe.close(status)
