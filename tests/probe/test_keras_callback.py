@@ -174,3 +174,48 @@ def test_sonde_probe_points_a_keras_model_to_its_callback() -> None:
 
     with pytest.raises(ProbeError, match=r"got keras.*callbacks=\[sonde.keras.SondeCallback\(\)\]"):
         sonde.probe(_model(), store=None)
+
+
+def test_a_layer_with_several_weights_merges_them_into_one_statistic(collect: Collect) -> None:
+    """A SimpleRNN holds kernel and recurrent_kernel (weights) and bias: as for PyTorch, a layer's
+    weights are one set of values, so its norm is that of all its weights together."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5, 4)), keras.layers.SimpleRNN(6, name="rnn"), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    rnn = model.get_layer("rnn")
+    before = {v.name: v.numpy().copy() for v in rnn.trainable_variables}
+    assert set(before) == {"kernel", "recurrent_kernel", "bias"}
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 5, 4)).astype("float32"), rng.normal(size=(8, 2)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[SondeCallback(store=None, sinks=[collect], metrics=["norm"])])
+    after = {v.name: v.numpy() for v in rnn.trainable_variables}
+
+    def norm(arrays: list[np.ndarray]) -> float:
+        return float(np.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays)))
+
+    weights = ["kernel", "recurrent_kernel"]
+    assert collect.value(layer="rnn", topic="weights", metric="norm") == pytest.approx(
+        norm([before[w] for w in weights]), rel=1e-5)
+    assert collect.value(layer="rnn", topic="weight_updates", metric="norm") == pytest.approx(
+        norm([after[w] - before[w] for w in weights]), rel=1e-4)
+    assert collect.value(layer="rnn", topic="biases", metric="norm") == pytest.approx(norm([before["bias"]]), rel=1e-5)
+    assert not any(r.metric == "train_accuracy" for r in collect.records)  # regression: no accuracy
+
+
+def test_a_recording_step_that_cannot_be_built_leaves_training_as_it_was(
+        collect: Collect, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+
+    def broken(self: Any, name: str, args: Any, output: Any) -> Any:
+        raise RuntimeError("cannot record here")
+
+    monkeypatch.setattr(sys.modules["sonde.probe.keras"]._Recorder, "layer_call", broken)
+    plain, probed = _model(), _model()
+    _fit(plain, epochs=1)
+    with caplog.at_level("ERROR", logger="sonde"):
+        _fit(probed, SondeCallback(store=None, sinks=[collect], metrics=["norm"]), epochs=1)
+    for a, b in zip(plain.get_weights(), probed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "could not build the recording train step; training goes on unrecorded" in caplog.text
+    assert "cannot record here" in caplog.text

@@ -14,8 +14,9 @@ inputs and loss), at the step whose weights it used.
 Layer names are the layers' names below the model, joined with dots for nested models
 (``encoder.dense_1``); a layer called twice in one step is ``name`` and ``name:2``. As for
 PyTorch, the default selection is every leaf layer and every layer owning weights; ``depth=k``
-takes layers k levels down. Trainable variables whose name starts with ``bias`` are biases,
-every other trainable variable is a weight.
+takes layers k levels down. An RNN (``LSTM``, ``GRU``, ...) is a leaf holding its cell's weights:
+the cell runs inside the RNN's loop, where no tensor can be taken out. Trainable variables whose
+name starts with ``bias`` are biases, every other trainable variable is a weight.
 
 Steps are ``fit``'s optimizer steps, counted from 0. With ``steps_per_execution=N`` Keras runs N
 steps in one call; the probe then sees each call as one step (the last of the N).
@@ -50,6 +51,10 @@ LayerFilter = Sequence[str] | str | Callable[[str, Any], bool] | None
 
 
 def _children(layer: Any) -> list[Any]:
+    """Sublayers, but not an RNN's cell: the cell runs inside the RNN's loop, where its tensors
+    cannot be recorded, so an RNN (SimpleRNN, LSTM, GRU, ...) is one layer with its cell's weights."""
+    if isinstance(layer, keras.layers.RNN):
+        return []
     return [c for c in layer._flatten_layers(include_self=False, recursive=False)
             if not isinstance(c, keras.layers.InputLayer)]
 
@@ -113,16 +118,28 @@ class _Recorder:
     def __init__(self) -> None:
         self.active = False
         self.training = True
+        # (layer, kind) of each entry of the "variables" output, per function (training or not);
+        # fixed when the function is traced
+        self.plans: dict[bool, list[tuple[str, str]]] = {True: [], False: []}
         self.reset()
 
     def reset(self) -> None:
-        self.tensors: dict[tuple[str, str], Any] = {}  # (layer, topic) -> tensor
+        self.tensors: dict[tuple[str, str], Any] = {}  # (layer, topic) -> tensor, for layer calls
+        # (layer, "weights" | "biases", before, gradient, after) for each updated variable
+        self.variables: list[tuple[str, str, Any, Any, Any]] = []
         self.calls: dict[str, int] = {}
         self.loss: Any = None
         self.labels: Any = None
         self.outputs: Any = None
+        self.graph: Any = None  # the graph of the step being traced
+        self.nested: set[str] = set()  # probed layers called only inside a loop or branch
 
     def layer_call(self, name: str, args: tuple[Any, ...], output: Any) -> Any:
+        if tf.compat.v1.get_default_graph() is not self.graph:
+            # called inside a loop or branch (an RNN's cell in its while loop): its tensors cannot
+            # leave that body; its variables are still recorded through the optimizer
+            self.nested.add(name)
+            return output
         count = self.calls.get(name, 0) + 1
         self.calls[name] = count
         layer = name if count == 1 else f"{name}:{count}"
@@ -279,18 +296,13 @@ class KerasProbe(Probe):
             pairs = list(grads_and_vars)
             if not recorder.active:
                 return apply_gradients(pairs)
-            before: list[tuple[str, str, Any, Any]] = []
-            for grad, variable in pairs:
-                if id(variable) in owner and grad is not None:
-                    layer, _ = owner[id(variable)]
-                    bias = variable.name.startswith("bias")
-                    value = tf.identity(variable.value)
-                    recorder.tensors[(layer, "biases" if bias else "weights")] = value
-                    recorder.tensors[(layer, "bias_grads" if bias else "weight_grads")] = tf.convert_to_tensor(grad)
-                    before.append((layer, "bias_updates" if bias else "weight_updates", variable, value))
+            noted = [(owner[id(v)][0], "biases" if v.name.startswith("bias") else "weights", v,
+                      tf.identity(v.value), tf.convert_to_tensor(g))
+                     for g, v in pairs if id(v) in owner and g is not None]
             result = apply_gradients(pairs)
-            for layer, topic, variable, value in before:
-                recorder.tensors[(layer, topic)] = variable.value - value
+            # after - before is taken by the metrics' own pass (minus=), never materialised here
+            recorder.variables += [(layer, kind, before, grad, tf.identity(v.value))
+                                   for layer, kind, v, before, grad in noted]
             return result
 
         return recorded_apply_gradients
@@ -301,14 +313,24 @@ class KerasProbe(Probe):
         def recording_step(data: Any) -> Any:
             recorder.reset()
             recorder.active, recorder.training = True, training
+            recorder.graph = tf.compat.v1.get_default_graph()
             try:
                 logs = step(data)
             finally:
                 recorder.active = False
-            noted = {f"{layer}\x1f{topic}": tensor for (layer, topic), tensor in recorder.tensors.items()}
-            for key, value in (("loss", recorder.loss), ("labels", recorder.labels), ("outputs", recorder.outputs)):
-                if isinstance(value, tf.Tensor):
-                    noted[f"\x1f{key}"] = value
+            noted = {
+                "calls": {f"{layer}\x1f{topic}": tensor for (layer, topic), tensor in recorder.tensors.items()},
+                "variables": tuple((before, grad, after) for _, _, before, grad, after in recorder.variables),
+                "step": {k: v for k, v in (("loss", recorder.loss), ("labels", recorder.labels),
+                                           ("outputs", recorder.outputs)) if isinstance(v, tf.Tensor)},
+            }
+            recorder.plans[training] = [(layer, kind) for layer, kind, *_ in recorder.variables]
+            inside = sorted(recorder.nested - {layer for layer, _ in recorder.tensors})
+            if inside:
+                log.warning("sonde: %s run inside a loop or branch of the step (an RNN's cell): their "
+                            "activations, inputs and output_grads cannot be recorded, their weights are; "
+                            "probe the enclosing layer for its activations (depth= or layers=)",
+                            ", ".join(inside))
             return {**logs, _KEY: noted}
 
         return recording_step
@@ -316,16 +338,28 @@ class KerasProbe(Probe):
     # -- per step, eagerly -------------------------------------------------------------------
     def _dispatch(self, plain: Callable[[Any], Any], recording: Callable[[Any], Any],
                   phase: str) -> Callable[[Any], Any]:
+        usable = True  # False once the recording step could not be built
+
         def function(iterator: Any) -> Any:
+            nonlocal usable
             if phase == "train":
                 self.begin_train_forward()
-            wanted = not self.closed and any(self.wants(t, phase) for t in self.bus.topics)
+            wanted = usable and not self.closed and any(self.wants(t, phase) for t in self.bus.topics)
             if not wanted:
                 logs = plain(iterator)
             else:
-                logs = dict(recording(iterator))
-                noted = logs.pop(_KEY)
-                self._guard(f"{phase} capture", lambda: self._publish(noted, phase))
+                try:
+                    logs = dict(recording(iterator))
+                except tf.errors.OpError:
+                    raise  # the step itself failed while running (as Keras's own would)
+                except Exception as exc:
+                    log.exception("sonde: could not build the recording %s step; %s goes on unrecorded: %s",
+                                  phase, "training" if phase == "train" else "validation", exc)
+                    usable = False
+                    logs = plain(iterator)
+                else:
+                    noted = logs.pop(_KEY)
+                    self._guard(f"{phase} capture", lambda: self._publish(noted, phase))
             if phase == "train":
                 self.optimizer_stepped()
             return logs
@@ -333,20 +367,25 @@ class KerasProbe(Probe):
         return function
 
     def _publish(self, noted: dict[str, Any], phase: str) -> None:
-        step_values: dict[str, torch.Tensor] = {}
-        for key, tensor in noted.items():
+        for key, tensor in noted["calls"].items():
             layer, topic = key.split("\x1f")
-            value = _to_torch(tensor)
-            if not layer:
-                step_values[topic] = value
-            elif self.wants(topic, phase):
-                self.publish(layer, topic, value, phase=phase)
-        loss, labels, outputs = (step_values.get(k) for k in ("loss", "labels", "outputs"))
+            if self.wants(topic, phase):
+                self.publish(layer, topic, _to_torch(tensor), phase=phase)
+        plan = self._recorder.plans[phase == "train"]
+        for (layer, kind), (before, grad, after) in zip(plan, noted["variables"], strict=True):
+            bias = kind == "biases"
+            if self.wants(kind, phase):
+                self.publish(layer, kind, _to_torch(before), phase=phase)
+            if self.wants(grads := "bias_grads" if bias else "weight_grads", phase):
+                self.publish(layer, grads, _to_torch(grad), phase=phase)
+            if self.wants(updates := "bias_updates" if bias else "weight_updates", phase):
+                self.publish(layer, updates, _to_torch(after), phase=phase, minus=_to_torch(before))
+        step = {k: _to_torch(v) for k, v in noted["step"].items()}
+        loss, outputs = step.get("loss"), step.get("outputs")
         if loss is not None and self.wants("loss", phase):
             self.publish(NETWORK, "loss", loss, phase=phase)
-        labels = _class_labels(labels, outputs)
         if outputs is not None and self.wants("outputs", phase):
-            self.publish(NETWORK, "outputs", outputs, phase=phase, labels=labels)
+            self.publish(NETWORK, "outputs", outputs, phase=phase, labels=_class_labels(step.get("labels"), outputs))
 
     def current_phase(self) -> str:
         return "train"
