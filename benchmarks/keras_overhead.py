@@ -7,7 +7,11 @@ the unmonitored fit's in the same round. A step's time is the wall time of the t
 (after one warm-up epoch that compiles the functions) over their steps. The table prints the
 median per-step time and the median of the per-round ratios.
 
-    python benchmarks/keras_overhead.py [--rounds 5] [--steps 20] [--models mlp cnn]
+    python benchmarks/keras_overhead.py [--rounds 5] [--steps 20] [--models mlp cnn] [--fresh]
+
+``--fresh`` fits every (round, variant) in a new Python process, as a user's script runs: in one
+process the variants' models, compiled functions and threads pile up and slow each other unevenly
+(sonde's MLP step measured 35 ms alone and 49-61 ms interleaved with the others).
 
 Variants: ``sonde`` (every topic of every layer, default metrics, every step, to a SQLite
 store), ``sonde every=10``, and ``TensorBoard(histogram_freq=1, update_freq="batch")`` (Keras's
@@ -19,6 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -94,9 +100,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="steps per epoch (3 epochs, the first untimed)")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=sorted(MODELS))
+    parser.add_argument("--fresh", action="store_true", help="each variant of each round in a new process")
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "VARIANT", "ROUND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        with tempfile.TemporaryDirectory() as tmp:
+            name, variant, r = args.child
+            print(fit(MODELS[name], variants(tmp)[variant](int(r)), args.steps))
+        return
+    where = "each fit in a fresh process" if args.fresh else "one process"
     print(f"keras {keras.__version__} ({keras.backend.backend()}), {os.cpu_count()} CPUs; "
-          f"{args.rounds} rounds x 2 timed epochs of {args.steps} steps")
+          f"{args.rounds} rounds x 2 timed epochs of {args.steps} steps, {where}")
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             table = variants(tmp)
@@ -104,7 +118,13 @@ def main() -> None:
             ratios: dict[str, list[float]] = {v: [] for v in table}
             for r in range(args.rounds):
                 for variant, callbacks in table.items():
-                    times[variant].append(fit(MODELS[name], callbacks(r), args.steps))
+                    if args.fresh:
+                        command = [sys.executable, __file__, "--child", name, variant, str(r),
+                                   "--steps", str(args.steps)]
+                        done = subprocess.run(command, capture_output=True, text=True, check=True)
+                        times[variant].append(float(done.stdout.strip().splitlines()[-1]))
+                    else:
+                        times[variant].append(fit(MODELS[name], callbacks(r), args.steps))
                 for variant in table:
                     ratios[variant].append(times[variant][-1] / times["unmonitored"][-1])
             print(f"\n{name}")

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 import torch
 
-from sonde.errors import ConfigError, LayerFilterError, ProbeError
+from sonde.errors import ConfigError, GraphError, LayerFilterError, ProbeError
 from sonde.probe.core import Probe
 from sonde.records import NETWORK
 from sonde.schedules import Schedule
@@ -219,8 +219,10 @@ class KerasProbe(Probe):
 
     # -- attaching -------------------------------------------------------------------------
     def attach(self) -> None:
-        """Swap in the recording training (and test) functions; called at ``on_train_begin``."""
+        """Swap in the recording training (and test) functions; called at ``on_train_begin``.
+        Also hands the model's graph (:func:`sonde.graph.keras.keras_graph`) to the sinks."""
         model = self.model
+        self._guard("reading the model graph", self._send_graph)
         for name, layer in self.layers.items():
             self._patch(layer, "call", self._layer_call(name, layer.call))
         self._patch(model, "compute_loss", self._compute_loss(model.compute_loss))
@@ -234,6 +236,17 @@ class KerasProbe(Probe):
         self._plain_test = model.test_function
         recording_test = model._make_function(self._recording_step(model.test_step, training=False))
         self._set(model, "test_function", self._dispatch(self._plain_test, recording_test, "eval"))
+
+    def _send_graph(self) -> None:
+        from sonde.graph.keras import keras_graph
+
+        try:
+            graph = keras_graph(self.model).to_dict()
+        except GraphError as exc:
+            log.info("sonde: no graph view for this run: %s", exc)
+            return
+        for runner in self._runners:
+            runner.submit_graph(graph)
 
     def _set(self, obj: Any, attr: str, value: Any) -> None:
         object.__setattr__(obj, attr, value)
