@@ -219,3 +219,22 @@ def test_a_recording_step_that_cannot_be_built_leaves_training_as_it_was(
         np.testing.assert_array_equal(a, b)
     assert "could not build the recording train step; training goes on unrecorded" in caplog.text
     assert "cannot record here" in caplog.text
+
+
+def test_a_probe_that_cannot_attach_leaves_fit_training(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+
+    def incompatible(self: Any) -> None:  # as if a Keras release renamed what sonde hooks
+        raise AttributeError("'Sequential' object has no attribute '_make_function'")
+
+    monkeypatch.setattr(sys.modules["sonde.probe.keras"].KerasProbe, "attach", incompatible)
+    plain, probed = _model(), _model()
+    _fit(plain, epochs=1)
+    callback = SondeCallback(store=None, metrics=["norm"])
+    with caplog.at_level("ERROR", logger="sonde"):
+        _fit(probed, callback, epochs=1)
+    assert "could not attach to" in caplog.text and "training goes on unrecorded" in caplog.text
+    assert callback.probe is None
+    for a, b in zip(plain.get_weights(), probed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -303,13 +303,13 @@ class KerasProbe(Probe):
 
     def _apply_gradients(self, apply_gradients: Callable[..., Any]) -> Callable[..., Any]:
         recorder = self._recorder
-        owner = {id(v): (layer, v) for layer, variables in self.variables.items() for v in variables}
+        owner = {id(v): layer for layer, variables in self.variables.items() for v in variables}
 
         def recorded_apply_gradients(grads_and_vars: Any) -> Any:
             pairs = list(grads_and_vars)
             if not recorder.active:
                 return apply_gradients(pairs)
-            noted = [(owner[id(v)][0], "biases" if v.name.startswith("bias") else "weights", v,
+            noted = [(owner[id(v)], "biases" if v.name.startswith("bias") else "weights", v,
                       tf.identity(v.value), tf.convert_to_tensor(g))
                      for g, v in pairs if id(v) in owner and g is not None]
             result = apply_gradients(pairs)
@@ -461,12 +461,13 @@ class SondeCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_train_begin(self, logs: Any = None) -> None:
         self._close("finished")  # a second fit with the same callback is a second run
-        self.probe = KerasProbe(self.model, **self.probe_kwargs)
+        self.probe = KerasProbe(self.model, **self.probe_kwargs)  # a bad argument stops fit here, at once
         try:
             self.probe.attach()
-        except Exception:
+        except Exception as exc:  # Keras internals sonde relies on changed: train unprobed
+            log.exception("sonde: could not attach to %s's fit (Keras %s); training goes on unrecorded: %s",
+                          self.model.name, keras.__version__, exc)
             self._close("failed")
-            raise
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self.probe is not None:
