@@ -1,0 +1,359 @@
+"""``sonde.jax.probe``: probes for Flax NNX models, in eager code and under ``nnx.jit``.
+
+How: each probed module (and the root) gets a subclass of its own class whose ``__call__`` adds
+``jax.debug.callback(..., ordered=True)`` calls: the layer's input and output on the way forward,
+and, through an identity with a custom gradient, the gradient flowing back into its output.
+The optimizer (``nnx.Optimizer``) gets the same treatment for ``update``: one callback with every
+parameter before the update, its gradient, and after. The callbacks are compiled into the
+user's own jitted step, so the step stays one XLA computation; being *ordered*, they reach the
+host in program order, which is what files them: a forward pass followed by an optimizer
+update is training step k, a forward pass with no update (evaluation) is filed as ``eval`` at
+the step whose weights it used. Closing the probe waits for the callbacks still in flight
+(``jax.effects_barrier``) and puts every class back, so later traces are the model's own.
+
+JAX has no training mode: a pass is training when an update follows it. ``Probe.log`` first
+waits for the callbacks of the steps already dispatched, so a logged loss lands in its own step.
+Layer names are NNX attribute paths joined with dots (``blocks.0.lin``); the default selection,
+``layers=`` and ``depth=`` follow the PyTorch rules. Parameters whose name starts with ``bias``
+are biases, every other ``nnx.Param`` is a weight.
+
+Every step's tensors cross to the host, recorded or not (``every=`` chooses on the host); on a
+CPU that is no copy, on an accelerator it is one transfer per tensor per step.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+from flax import nnx
+
+from sonde.errors import ConfigError, LayerFilterError, ProbeError
+from sonde.probe.core import Probe
+from sonde.schedules import Schedule
+from sonde.sinks import LayerInfo, Sink
+
+__all__ = ["JaxProbe", "probe", "select_layers"]
+
+log = logging.getLogger("sonde")
+
+LayerFilter = Sequence[str] | str | Callable[[str, Any], bool] | None
+
+
+def _name(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _own_params(module: Any) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in vars(module).items() if isinstance(v, nnx.Param)]
+
+
+def _is_leaf(module: Any, modules: dict[str, Any], name: str) -> bool:
+    prefix = name + "."
+    return not any(other.startswith(prefix) for other in modules)
+
+
+def select_layers(model: Any, layers: LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
+    """The NNX modules to probe, by dotted path (the rule of :func:`sonde.probe.torch.select_layers`)."""
+    if depth is not None and (not isinstance(depth, int) or depth < 1):
+        raise ConfigError(f"depth= expects None or an int >= 1, got {depth!r}")
+    modules = {_name(path): m for path, m in nnx.iter_modules(model) if path}
+    if depth is None and layers is not None:
+        candidates = list(modules.items())
+    elif depth is None:
+        candidates = [(n, m) for n, m in modules.items() if _is_leaf(m, modules, n) or _own_params(m)]
+    else:
+        candidates = [(n, m) for n, m in modules.items()
+                      if n.count(".") + 1 == depth or (n.count(".") + 1 < depth and _is_leaf(m, modules, n))]
+    if layers is None:
+        chosen = candidates
+    elif callable(layers):
+        chosen = [(n, m) for n, m in candidates if layers(n, m)]
+    else:
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        if not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"layers= expects a callable or a list of names/globs, got {layers!r}")
+        chosen = [(n, m) for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        examples = ", ".join(repr(n) for n, _ in candidates[:8]) or "(the model has no submodules)"
+        raise LayerFilterError(f"layer filter {layers!r} (depth={depth}) matched no layer of "
+                               f"{type(model).__name__}; names look like {examples}")
+    return dict(chosen)
+
+
+def _value(variable: Any) -> Any:
+    """A variable's array (``get_value`` since Flax 0.12, ``.value`` before); other leaves as they are."""
+    get = getattr(variable, "get_value", None)
+    if get is not None:
+        return get()
+    return getattr(variable, "value", variable)
+
+
+def _first_float(values: Any) -> Any:
+    for leaf in jax.tree.leaves(values):
+        if isinstance(leaf, jax.Array) and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+            return leaf
+    return None
+
+
+def _to_torch(array: Any) -> torch.Tensor:
+    try:
+        return torch.from_dlpack(array)
+    except Exception:  # noqa: BLE001 - a dtype or device torch cannot share: copy
+        return torch.from_numpy(np.array(array, dtype=np.float32 if np.asarray(array).dtype.kind == "f" else None))
+
+
+class JaxProbe(Probe):
+    """Probe of a Flax NNX model; see :func:`probe`."""
+
+    framework = "jax"
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        optimizer: Any = None,
+        run: str | None = None,
+        store: Any = "sonde.db",
+        server: str | None = None,
+        layers: LayerFilter = None,
+        topics: Sequence[str] | None = None,
+        metrics: Sequence[str | Any] | None = None,
+        every: int | Schedule = 1,
+        depth: int | None = None,
+        sinks: Sequence[str | Sink] | None = None,
+        resume: bool = False,
+    ) -> None:
+        if not isinstance(model, nnx.Module):
+            raise ProbeError(f"sonde.jax.probe expects a flax.nnx.Module, got {type(model).__module__}."
+                             f"{type(model).__name__} (Flax linen modules keep no state to probe; use NNX)")
+        if optimizer is not None and not isinstance(optimizer, nnx.Optimizer):
+            raise ConfigError(f"optimizer= expects a flax.nnx.Optimizer, got {type(optimizer).__name__}")
+        if getattr(type(model), "_sonde_probe", None) is not None:
+            raise ProbeError(f"{type(model).__name__} is already probed; close that probe first")
+        self.model = model
+        self.optimizer = optimizer
+        self.layers = select_layers(model, layers, depth)
+        self.owners = self._assign_params()
+        infos = [LayerInfo(name, type(m).__name__, {p: list(_value(v).shape) for p, v in self._params_of(name)})
+                 for name, m in self.layers.items()]
+        super().__init__(model_name=type(model).__name__, run=run, store=store, server=server, metrics=metrics,
+                         topics=topics, every=every, sinks=sinks, resume=resume, layers=infos,
+                         config={"every": repr(every), "depth": depth,
+                                 "optimizer": type(optimizer.tx).__name__ if optimizer is not None else None})
+        self.steps_on_optimizer = optimizer is not None
+        if optimizer is None and (self.bus.topics & {"weight_updates", "bias_updates"}):
+            log.warning("sonde: no optimizer= given, so weights, gradients and updates are unavailable and steps "
+                        "are counted by forward passes; pass optimizer=nnx.Optimizer(...) to record them")
+        self._lock = threading.RLock()  # callbacks run on JAX's runtime thread, log() on the caller's
+        self._pass: list[tuple[str, str, Any]] = []  # the current forward pass's captures, phase not yet known
+        self._calls: dict[str, int] = {}  # calls per layer in the pass being traced (trace time)
+        self._taps: dict[str, Callable[[Any], Any]] = {}
+        self._restore: list[tuple[Any, type]] = []
+        self._attach()
+
+    # -- attaching -------------------------------------------------------------------------------
+    def _assign_params(self) -> dict[tuple[Any, ...], str]:
+        """Each parameter (by path) goes to the deepest probed layer above it."""
+        owners: dict[tuple[Any, ...], str] = {}
+        names = sorted(self.layers, key=lambda n: -n.count("."))
+        for path, _ in nnx.to_flat_state(nnx.state(self.model, nnx.Param)):
+            dotted = _name(path)
+            owner = next((n for n in names if dotted.startswith(n + ".")), None)
+            if owner is not None:
+                owners[tuple(path)] = owner
+        return owners
+
+    def _params_of(self, layer: str) -> list[tuple[str, Any]]:
+        state = nnx.to_flat_state(nnx.state(self.model, nnx.Param))
+        return [(_name(path), v) for path, v in state if self.owners.get(tuple(path)) == layer]
+
+    def _swap(self, obj: Any, attrs: dict[str, Any]) -> None:
+        cls = type(obj)
+        obj.__class__ = type(cls.__name__, (cls,), {**attrs, "__module__": cls.__module__, "_sonde_probe": self})
+        self._restore.append((obj, cls))
+
+    def _attach(self) -> None:
+        root_call = type(self.model).__call__
+
+        def root(module: Any, *args: Any, **kwargs: Any) -> Any:
+            self._calls.clear()  # trace time (or every eager call): names restart with each pass
+            jax.debug.callback(self._on_begin, ordered=True)
+            return root_call(module, *args, **kwargs)
+
+        for name, module in self.layers.items():
+            # a container (nnx.List) is never called: it holds its children's weights (depth=), no activations
+            if inspect.getattr_static(module, "__call__", None) is not None:
+                self._swap(module, {"__call__": self._layer_call(name, type(module).__call__)})
+        if not any(m is self.model for m in self.layers.values()):
+            self._swap(self.model, {"__call__": root})
+        if self.optimizer is not None:
+            self._swap(self.optimizer, {"update": self._update(type(self.optimizer).update)})
+
+    def detach(self) -> None:
+        try:
+            jax.effects_barrier()  # callbacks of steps already dispatched reach the bus first
+        finally:
+            for obj, cls in reversed(self._restore):
+                obj.__class__ = cls
+            self._restore.clear()
+
+    # -- traced: what the callbacks carry --------------------------------------------------------
+    def _layer_call(self, name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def probed_call(module: Any, *args: Any, **kwargs: Any) -> Any:
+            count = self._calls.get(name, 0) + 1
+            self._calls[name] = count
+            layer = name if count == 1 else f"{name}:{count}"
+            x = _first_float((args, kwargs))
+            output = call(module, *args, **kwargs)
+            y = _first_float(output)
+            if y is None:
+                return output
+            arrays = {"activations": y} if x is None else {"inputs": x, "activations": y}
+            jax.debug.callback(functools.partial(self._on_arrays, layer, tuple(arrays)), *arrays.values(),
+                               ordered=True)
+            flat, tree = jax.tree.flatten(output)
+            tapped = self._tap(layer)(y)
+            return jax.tree.unflatten(tree, [tapped if leaf is y else leaf for leaf in flat])
+
+        return probed_call
+
+    def _tap(self, layer: str) -> Callable[[Any], Any]:
+        """An identity whose gradient hands ``output_grads`` to the host."""
+        if layer not in self._taps:
+            @jax.custom_vjp
+            def tap(y: Any) -> Any:
+                return y
+
+            def forward(y: Any) -> tuple[Any, None]:
+                return y, None
+
+            def backward(_: None, grad: Any) -> tuple[Any]:
+                jax.debug.callback(functools.partial(self._on_arrays, layer, ("output_grads",)), grad, ordered=True)
+                return (grad,)
+
+            tap.defvjp(forward, backward)
+            self._taps[layer] = tap
+        return self._taps[layer]
+
+    def _update(self, update: Callable[..., Any]) -> Callable[..., Any]:
+        def probed_update(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            model = args[0] if len(args) > 1 else optimizer.model  # update(model, grads) or update(grads)
+            grads = args[-1] if args else kwargs["grads"]
+            before = {tuple(p): _value(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+            result = update(optimizer, *args, **kwargs)
+            after = {tuple(p): _value(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+            gradient = {tuple(p): _value(v) for p, v in nnx.to_flat_state(grads)}
+            paths = tuple(p for p in before if p in self.owners and p in gradient)
+            jax.debug.callback(functools.partial(self._on_update, paths), [before[p] for p in paths],
+                               [gradient[p] for p in paths], [after[p] for p in paths], ordered=True)
+            return result
+
+        return probed_update
+
+    # -- host: the callbacks, in program order ------------------------------------------------------
+    def _on_begin(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            if self._pass and not self.steps_on_optimizer:
+                self._guard("step bookkeeping", lambda: self._file("train"))
+            elif self._pass:
+                self._guard("evaluation capture", lambda: self._file("eval"))
+
+    def _on_arrays(self, layer: str, topics: tuple[str, ...], *arrays: Any) -> None:
+        with self._lock:
+            if not self.closed:
+                self._pass.extend((layer, topic, array) for topic, array in zip(topics, arrays, strict=True))
+
+    def _on_update(self, paths: tuple[tuple[Any, ...], ...], before: list[Any], grads: list[Any],
+                   after: list[Any]) -> None:
+        with self._lock:
+            if self.closed:
+                return
+
+            def run() -> None:
+                self._file("train")
+                for path, b, g, a in zip(paths, before, grads, after, strict=True):
+                    layer = self.owners[path]
+                    bias = str(path[-1]).startswith("bias")
+                    kind, grad_topic, update_topic = (("biases", "bias_grads", "bias_updates") if bias
+                                                      else ("weights", "weight_grads", "weight_updates"))
+                    if self.wants(kind):
+                        self.publish(layer, kind, _to_torch(b), phase="train")
+                    if self.wants(grad_topic):
+                        self.publish(layer, grad_topic, _to_torch(g), phase="train")
+                    if self.wants(update_topic):
+                        self.publish(layer, update_topic, _to_torch(a), phase="train", minus=_to_torch(b))
+
+            self._guard("update capture", run)
+            self.optimizer_stepped()
+
+    def _file(self, phase: str) -> None:
+        """Publish the pass's captures under ``phase`` (training: the step this pass belongs to)."""
+        captures, self._pass = self._pass, []
+        if phase == "train":
+            self.begin_train_forward()
+        for layer, topic, array in captures:
+            if self.wants(topic, phase):
+                self.publish(layer, topic, _to_torch(array), phase=phase)
+
+    # -- user API -----------------------------------------------------------------------------------
+    def log(self, **values: Any) -> None:
+        """As :meth:`Probe.log`, after the callbacks of the steps already dispatched arrived, so
+        that the values land in the step that produced them."""
+        jax.effects_barrier()
+        with self._lock:
+            labels = values.get("labels")
+            if labels is not None:
+                values["labels"] = _to_torch(labels)
+            super().log(**values)
+
+    def close(self, status: str = "finished", timeout: float = 60.0) -> None:
+        if self.closed:
+            return
+        try:
+            jax.effects_barrier()
+            with self._lock:
+                if self._pass:
+                    self._guard("last pass capture", lambda: self._file("eval" if self.steps_on_optimizer
+                                                                       else "train"))
+        finally:
+            super().close(status, timeout)
+
+    def current_phase(self) -> str:
+        return "train"
+
+    def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
+        if isinstance(value, (int, float)):
+            return torch.tensor(float(value))
+        try:
+            return _to_torch(value)
+        except Exception as exc:
+            raise ConfigError(f"Probe.log({topic}=...) expects a JAX array, an array or a number, "
+                              f"got {type(value).__name__}") from exc
+
+
+def probe(model: Any, **kwargs: Any) -> JaxProbe:
+    """Attach probes to a Flax NNX ``model`` for one run; use as a context manager.
+
+    Takes :func:`sonde.probe`'s keywords; ``optimizer=`` is the ``nnx.Optimizer`` whose updates
+    are the steps (and give weights, gradients and updates).
+
+    Example:
+        >>> import jax, optax, sonde.jax                                      # doctest: +SKIP
+        >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)  # doctest: +SKIP
+        >>> with sonde.jax.probe(model, optimizer=optimizer) as p:            # doctest: +SKIP
+        ...     for x, y in batches:
+        ...         loss, logits = train_step(model, optimizer, x, y)        # an nnx.jit function
+        ...         p.log(loss=loss, labels=y, outputs=logits)
+    """
+    return JaxProbe(model, **kwargs)
