@@ -1,7 +1,7 @@
 """``sonde.jax.probe``: probes for Flax NNX models, in eager code and under ``nnx.jit``.
 
 How: each probed module (and the root) gets a subclass of its own class whose ``__call__`` adds
-``jax.debug.callback(..., ordered=True)`` calls: the layer's input and output on the way forward,
+ordered host callbacks (``io_callback(..., ordered=True)``): the layer's input and output on the way forward,
 and, through an identity with a custom gradient, the gradient flowing back into its output.
 The optimizer (``nnx.Optimizer``) gets the same treatment for ``update``: one callback with every
 parameter before the update, its gradient, and after. The callbacks are compiled into the
@@ -35,6 +35,7 @@ import jax
 import numpy as np
 import torch
 from flax import nnx
+from jax.experimental import io_callback
 
 from sonde.errors import ConfigError, LayerFilterError, ProbeError
 from sonde.probe.core import Probe
@@ -104,6 +105,24 @@ def _first_float(values: Any) -> Any:
     return None
 
 
+_BOOL = jax.ShapeDtypeStruct((), np.bool_)
+#: What an optimizer update sends.
+PARAM_TOPICS = ("weights", "biases", "weight_grads", "bias_grads", "weight_updates", "bias_updates")
+
+
+def _send(flag: Any, callback: Callable[..., None], *arrays: Any) -> None:
+    """``callback(*arrays)`` on the host, in program order, only when ``flag`` (traced) is true:
+    a step the schedule does not record transfers nothing.
+
+    Every host call is an *ordered* ``io_callback``: ordered effects are ordered within their kind
+    only, and the decisions (``_on_begin``, ``_on_update_begin``) return values, which debug
+    callbacks cannot. The arrays go through ``stop_gradient`` so that the callback never needs a
+    derivative under ``grad``.
+    """
+    jax.lax.cond(flag, lambda *a: io_callback(callback, None, *a, ordered=True), lambda *a: None,
+                 *[jax.lax.stop_gradient(a) for a in arrays])
+
+
 def _to_torch(array: Any) -> torch.Tensor:
     try:
         return torch.from_dlpack(array)
@@ -156,7 +175,9 @@ class JaxProbe(Probe):
         self._lock = threading.RLock()  # callbacks run on JAX's runtime thread, log() on the caller's
         self._pass: list[tuple[str, str, Any]] = []  # the current forward pass's captures, phase not yet known
         self._calls: dict[str, int] = {}  # calls per layer in the pass being traced (trace time)
-        self._taps: dict[str, Callable[[Any], Any]] = {}
+        self._taps: dict[str, Callable[..., Any]] = {}
+        self._flag: Any = None  # while the root's forward is traced: whether the host records this pass
+        self._passes = 0  # forward passes begun (host)
         self._restore: list[tuple[Any, type]] = []
         self._attach()
 
@@ -186,8 +207,12 @@ class JaxProbe(Probe):
 
         def root(module: Any, *args: Any, **kwargs: Any) -> Any:
             self._calls.clear()  # trace time (or every eager call): names restart with each pass
-            jax.debug.callback(self._on_begin, ordered=True)
-            return root_call(module, *args, **kwargs)
+            # the host files the last pass and says whether this one is recorded (every=)
+            self._flag = io_callback(self._on_begin, _BOOL, ordered=True)
+            try:
+                return root_call(module, *args, **kwargs)
+            finally:
+                self._flag = None  # a tracer of this trace: never used by another
 
         for name, module in self.layers.items():
             # a container (nnx.List) is never called: it holds its children's weights (depth=), no activations
@@ -218,27 +243,27 @@ class JaxProbe(Probe):
             if y is None:
                 return output
             arrays = {"activations": y} if x is None else {"inputs": x, "activations": y}
-            jax.debug.callback(functools.partial(self._on_arrays, layer, tuple(arrays)), *arrays.values(),
-                               ordered=True)
+            flag = self._flag if self._flag is not None else np.bool_(True)
+            _send(flag, functools.partial(self._on_arrays, layer, tuple(arrays)), *arrays.values())
             flat, tree = jax.tree.flatten(output)
-            tapped = self._tap(layer)(y)
+            tapped = self._tap(layer)(y, flag)
             return jax.tree.unflatten(tree, [tapped if leaf is y else leaf for leaf in flat])
 
         return probed_call
 
-    def _tap(self, layer: str) -> Callable[[Any], Any]:
+    def _tap(self, layer: str) -> Callable[..., Any]:
         """An identity whose gradient hands ``output_grads`` to the host."""
         if layer not in self._taps:
             @jax.custom_vjp
-            def tap(y: Any) -> Any:
+            def tap(y: Any, flag: Any) -> Any:
                 return y
 
-            def forward(y: Any) -> tuple[Any, None]:
-                return y, None
+            def forward(y: Any, flag: Any) -> tuple[Any, Any]:
+                return y, flag
 
-            def backward(_: None, grad: Any) -> tuple[Any]:
-                jax.debug.callback(functools.partial(self._on_arrays, layer, ("output_grads",)), grad, ordered=True)
-                return (grad,)
+            def backward(flag: Any, grad: Any) -> tuple[Any, None]:
+                _send(flag, functools.partial(self._on_arrays, layer, ("output_grads",)), grad)
+                return (grad, None)
 
             tap.defvjp(forward, backward)
             self._taps[layer] = tap
@@ -253,26 +278,45 @@ class JaxProbe(Probe):
             after = {tuple(p): _value(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
             gradient = {tuple(p): _value(v) for p, v in nnx.to_flat_state(grads)}
             paths = tuple(p for p in before if p in self.owners and p in gradient)
-            jax.debug.callback(functools.partial(self._on_update, paths), [before[p] for p in paths],
-                               [gradient[p] for p in paths], [after[p] for p in paths], ordered=True)
+            # the host files the pass as this step and says whether the step is recorded
+            wanted = io_callback(self._on_update_begin, _BOOL, ordered=True)
+            _send(wanted, functools.partial(self._on_update, paths), [before[p] for p in paths],
+                  [gradient[p] for p in paths], [after[p] for p in paths])
+            io_callback(self._on_update_end, None, ordered=True)
             return result
 
         return probed_update
 
     # -- host: the callbacks, in program order ------------------------------------------------------
-    def _on_begin(self) -> None:
+    def _on_begin(self) -> np.bool_:
+        """A forward pass starts: file the last one if no update claimed it; is this one recorded?"""
         with self._lock:
             if self.closed:
-                return
+                return np.bool_(False)
             if self._pass and not self.steps_on_optimizer:
                 self._guard("step bookkeeping", lambda: self._file("train"))
             elif self._pass:
                 self._guard("evaluation capture", lambda: self._file("eval"))
+            elif not self.steps_on_optimizer and self._passes:
+                self._guard("step bookkeeping", self.begin_train_forward)  # an unrecorded pass was a step
+            first, self._passes = not self._passes, self._passes + 1
+            # the step this pass is filed at: with an optimizer, the step its update will make (or, for an
+            # evaluation, the step whose weights it uses): eval_step either way; without one, the next step
+            step = self.eval_step if self.steps_on_optimizer or first else self.step + 1
+            return np.bool_(any(self.bus.wants(t, step, phase) for t in self.bus.topics for phase in ("train", "eval")))
 
     def _on_arrays(self, layer: str, topics: tuple[str, ...], *arrays: Any) -> None:
         with self._lock:
             if not self.closed:
                 self._pass.extend((layer, topic, array) for topic, array in zip(topics, arrays, strict=True))
+
+    def _on_update_begin(self) -> np.bool_:
+        """An update follows the pass: file it as this step; are the parameters recorded?"""
+        with self._lock:
+            if self.closed:
+                return np.bool_(False)
+            self._guard("step bookkeeping", lambda: self._file("train"))
+            return np.bool_(any(self.wants(t) for t in PARAM_TOPICS))
 
     def _on_update(self, paths: tuple[tuple[Any, ...], ...], before: list[Any], grads: list[Any],
                    after: list[Any]) -> None:
@@ -281,7 +325,6 @@ class JaxProbe(Probe):
                 return
 
             def run() -> None:
-                self._file("train")
                 for path, b, g, a in zip(paths, before, grads, after, strict=True):
                     layer = self.owners[path]
                     bias = str(path[-1]).startswith("bias")
@@ -295,7 +338,11 @@ class JaxProbe(Probe):
                         self.publish(layer, update_topic, _to_torch(a), phase="train", minus=_to_torch(b))
 
             self._guard("update capture", run)
-            self.optimizer_stepped()
+
+    def _on_update_end(self) -> None:
+        with self._lock:
+            if not self.closed:
+                self.optimizer_stepped()
 
     def _file(self, phase: str) -> None:
         """Publish the pass's captures under ``phase`` (training: the step this pass belongs to)."""
