@@ -201,3 +201,26 @@ def test_layer_names_are_attribute_paths_and_depth_merges_a_blocks_weights(colle
     assert collect.value(layer="blocks", topic="weights", metric="norm") == pytest.approx(
         float(np.linalg.norm(weights)), rel=1e-5)
     assert not collect.find(layer="blocks", topic="activations")  # a list is never called
+
+
+def test_steps_the_schedule_skips_send_nothing_to_the_host(collect: Collect, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    probe_module = sys.modules["sonde.probe.jax"]
+    sent: list[str] = []
+    on_arrays = probe_module.JaxProbe._on_arrays
+
+    def counted(self: Any, layer: str, topics: tuple[str, ...], *arrays: Any) -> None:
+        sent.extend(f"{layer}/{t}" for t in topics)
+        on_arrays(self, layer, topics, *arrays)
+
+    monkeypatch.setattr(probe_module.JaxProbe, "_on_arrays", counted)
+    model = MLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(LR), wrt=nnx.Param)
+    with sonde.jax.probe(model, optimizer=optimizer, every=3, store=None, sinks=[collect], metrics=["mean"]) as p:
+        for x, y in _data(7):
+            loss, _ = _train_step(model, optimizer, x, y)
+            p.log(loss=loss)
+    assert sorted({r.step for r in collect.records}) == [0, 3, 6]
+    # two layers x (inputs, activations, output_grads) at each of the 3 recorded steps, nothing else
+    assert len(sent) == 3 * 2 * 3

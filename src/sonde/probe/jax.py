@@ -98,6 +98,13 @@ def _value(variable: Any) -> Any:
     return getattr(variable, "value", variable)
 
 
+def _under_grad(model: Any) -> bool:
+    """Whether ``model``'s parameters are being differentiated (at trace time): the pass trains."""
+    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        return type(_value(variable)).__name__ in ("JVPTracer", "LinearizeTracer")
+    return False
+
+
 def _first_float(values: Any) -> Any:
     for leaf in jax.tree.leaves(values):
         if isinstance(leaf, jax.Array) and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
@@ -207,8 +214,10 @@ class JaxProbe(Probe):
 
         def root(module: Any, *args: Any, **kwargs: Any) -> Any:
             self._calls.clear()  # trace time (or every eager call): names restart with each pass
-            # the host files the last pass and says whether this one is recorded (every=)
-            self._flag = io_callback(self._on_begin, _BOOL, ordered=True)
+            # the host files the last pass and says whether this one is recorded (every=); a pass under
+            # a gradient transform is training, any other an evaluation (recorded whenever it happens)
+            begin = functools.partial(self._on_begin, _under_grad(module))
+            self._flag = io_callback(begin, _BOOL, ordered=True)
             try:
                 return root_call(module, *args, **kwargs)
             finally:
@@ -288,7 +297,7 @@ class JaxProbe(Probe):
         return probed_update
 
     # -- host: the callbacks, in program order ------------------------------------------------------
-    def _on_begin(self) -> np.bool_:
+    def _on_begin(self, training: bool) -> np.bool_:
         """A forward pass starts: file the last one if no update claimed it; is this one recorded?"""
         with self._lock:
             if self.closed:
@@ -303,7 +312,8 @@ class JaxProbe(Probe):
             # the step this pass is filed at: with an optimizer, the step its update will make (or, for an
             # evaluation, the step whose weights it uses): eval_step either way; without one, the next step
             step = self.eval_step if self.steps_on_optimizer or first else self.step + 1
-            return np.bool_(any(self.bus.wants(t, step, phase) for t in self.bus.topics for phase in ("train", "eval")))
+            phase = "train" if training or not self.steps_on_optimizer else "eval"
+            return np.bool_(any(self.bus.wants(t, step, phase) for t in self.bus.topics))
 
     def _on_arrays(self, layer: str, topics: tuple[str, ...], *arrays: Any) -> None:
         with self._lock:
