@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sonde-installed
 
-.PHONY: demo test lint typecheck bench install clean chromium
+.PHONY: demo test test-mxnet lint typecheck bench install clean chromium
 
 install: $(STAMP)
 
@@ -13,6 +13,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
+
+# MXNet 1.9.1 needs numpy<1.24, so it has an environment of its own, with sonde installed in it too.
+MXVENV := .venv-mxnet
+MXSTAMP := $(MXVENV)/.sonde-installed
+
+$(MXSTAMP): pyproject.toml
+	test -x $(MXVENV)/bin/python || $(PYTHON) -m venv $(MXVENV)
+	$(MXVENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(MXVENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[mxnet-test]'
+	touch $(MXSTAMP)
+
+test-mxnet: $(MXSTAMP)
+	$(MXVENV)/bin/python -m pytest -q tests/mxnet_env
 
 demo: $(STAMP)
 	$(VENV)/bin/sonde demo
@@ -32,10 +45,11 @@ chromium:
 
 test: $(STAMP) lint typecheck chromium
 	$(PY) -m pytest -q
+	$(MAKE) test-mxnet
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,benchmark]'
 	$(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MXVENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

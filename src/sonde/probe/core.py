@@ -46,9 +46,9 @@ def not_a_module(model: Any) -> ProbeError:
     return ProbeError(
         f"sonde.probe expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}; "
         "Keras models are probed while they fit: model.fit(..., callbacks=[sonde.keras.SondeCallback()]); "
-        "Flax NNX models take sonde.jax.probe(model, optimizer=...); the Hugging Face and Lightning "
-        "trainers take sonde.transformers.SondeCallback and sonde.lightning.SondeCallback; MXNet models "
-        "have no adapter yet"
+        "Flax NNX models take sonde.jax.probe(model, optimizer=...), Gluon blocks "
+        "sonde.mxnet.probe(net, trainer=...); the Hugging Face and Lightning trainers take "
+        "sonde.transformers.SondeCallback and sonde.lightning.SondeCallback"
     )
 
 
