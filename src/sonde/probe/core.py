@@ -7,6 +7,7 @@ is finished, and where the Records go.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from sonde.bus import Bus
-from sonde.errors import ConfigError, ProbeError
+from sonde.errors import ConfigError, LayerFilterError, ProbeError
 from sonde.metrics.base import Metric
 from sonde.metrics.registry import resolve_metrics
 from sonde.probe.heap import HeapChurnCheck
@@ -25,9 +26,44 @@ from sonde.sinks import LayerInfo, RunInfo, Sink, SinkRunner, resolve_sinks
 from sonde.topics import STEP_TOPICS, TOPICS
 from sonde.worker import Worker
 
-__all__ = ["Probe", "guarded", "not_a_module"]
+__all__ = ["Probe", "choose_layers", "guarded", "not_a_module"]
 
 log = logging.getLogger("sonde")
+
+
+def choose_layers(named: Sequence[tuple[str, Any, int, bool, bool]], layers: Any, depth: int | None,
+                  model_name: str) -> dict[str, Any]:
+    """The layers to probe, by name, in model order: the one rule of every adapter.
+
+    ``named``: ``(name, layer, level, is_leaf, owns_parameters)`` for every layer, level 1 for the
+    root's children (level 0, the root itself, only where the framework lets it own parameters).
+    ``depth=None``: leaves and layers owning parameters of their own; ``depth=k``: layers k levels
+    down, plus shallower leaves so that no branch is dropped. ``layers`` (names, globs or a
+    callable ``(name, layer) -> bool``) filters those; given without ``depth`` it may name any
+    layer, leaf or not.
+    """
+    if depth is not None and (not isinstance(depth, int) or depth < 1):
+        raise ConfigError(f"depth= expects None or an int >= 1, got {depth!r}")
+    if depth is None and layers is not None:
+        candidates = [(n, m) for n, m, level, _, owns in named if level > 0 or owns]
+    elif depth is None:
+        candidates = [(n, m) for n, m, _, leaf, owns in named if leaf or owns]
+    else:
+        candidates = [(n, m) for n, m, level, leaf, _ in named if level == depth or (level < depth and leaf)]
+    if layers is None:
+        chosen = candidates
+    elif callable(layers):
+        chosen = [(n, m) for n, m in candidates if layers(n, m)]
+    else:
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        if not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"layers= expects a callable or a list of names/globs, got {layers!r}")
+        chosen = [(n, m) for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        examples = ", ".join(repr(n) for n, _ in candidates[:8]) or "(the model has no submodules)"
+        raise LayerFilterError(f"layer filter {layers!r} (depth={depth}) matched no layer of {model_name}; "
+                               f"names look like {examples}")
+    return dict(chosen)
 
 
 def guarded(warned: set[str], where: str, fn: Callable[[], Any]) -> None:

@@ -23,7 +23,6 @@ CPU that is no copy, on an accelerator it is one transfer per tensor per step.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import inspect
 import logging
@@ -37,8 +36,8 @@ import torch
 from flax import nnx
 from jax.experimental import io_callback
 
-from sonde.errors import ConfigError, LayerFilterError, ProbeError
-from sonde.probe.core import Probe
+from sonde.errors import ConfigError, ProbeError
+from sonde.probe.core import Probe, choose_layers
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
 
@@ -57,37 +56,12 @@ def _own_params(module: Any) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in vars(module).items() if isinstance(v, nnx.Param)]
 
 
-def _is_leaf(module: Any, modules: dict[str, Any], name: str) -> bool:
-    prefix = name + "."
-    return not any(other.startswith(prefix) for other in modules)
-
-
 def select_layers(model: Any, layers: LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
-    """The NNX modules to probe, by dotted path (the rule of :func:`sonde.probe.torch.select_layers`)."""
-    if depth is not None and (not isinstance(depth, int) or depth < 1):
-        raise ConfigError(f"depth= expects None or an int >= 1, got {depth!r}")
+    """The NNX modules to probe, by dotted path (:func:`~sonde.probe.core.choose_layers`'s rule)."""
     modules = {_name(path): m for path, m in nnx.iter_modules(model) if path}
-    if depth is None and layers is not None:
-        candidates = list(modules.items())
-    elif depth is None:
-        candidates = [(n, m) for n, m in modules.items() if _is_leaf(m, modules, n) or _own_params(m)]
-    else:
-        candidates = [(n, m) for n, m in modules.items()
-                      if n.count(".") + 1 == depth or (n.count(".") + 1 < depth and _is_leaf(m, modules, n))]
-    if layers is None:
-        chosen = candidates
-    elif callable(layers):
-        chosen = [(n, m) for n, m in candidates if layers(n, m)]
-    else:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        if not all(isinstance(p, str) for p in patterns):
-            raise ConfigError(f"layers= expects a callable or a list of names/globs, got {layers!r}")
-        chosen = [(n, m) for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        examples = ", ".join(repr(n) for n, _ in candidates[:8]) or "(the model has no submodules)"
-        raise LayerFilterError(f"layer filter {layers!r} (depth={depth}) matched no layer of "
-                               f"{type(model).__name__}; names look like {examples}")
-    return dict(chosen)
+    named = [(n, m, n.count(".") + 1, not any(o.startswith(n + ".") for o in modules), bool(_own_params(m)))
+             for n, m in modules.items()]
+    return choose_layers(named, layers, depth, type(model).__name__)
 
 
 def _value(variable: Any) -> Any:

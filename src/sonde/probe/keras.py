@@ -24,7 +24,6 @@ steps in one call; the probe then sees each call as one step (the last of the N)
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,8 +33,8 @@ import numpy as np
 import tensorflow as tf
 import torch
 
-from sonde.errors import ConfigError, GraphError, LayerFilterError, ProbeError
-from sonde.probe.core import Probe
+from sonde.errors import ConfigError, GraphError, ProbeError
+from sonde.probe.core import Probe, choose_layers
 from sonde.records import NETWORK
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
@@ -64,39 +63,18 @@ def _own_variables(layer: Any) -> list[Any]:
 
 
 def select_layers(model: Any, layers: LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
-    """The Keras layers to probe, by dotted name, in the model's order (the rule of
-    :func:`sonde.probe.torch.select_layers`: leaves and weight owners, or ``depth=k``)."""
-    if depth is not None and (not isinstance(depth, int) or depth < 1):
-        raise ConfigError(f"depth= expects None or an int >= 1, got {depth!r}")
-    named: list[tuple[str, Any, int]] = []
+    """The Keras layers to probe, by dotted name, in the model's order
+    (:func:`~sonde.probe.core.choose_layers`'s rule)."""
+    named: list[tuple[str, Any, int, bool, bool]] = []
 
     def walk(layer: Any, prefix: str, level: int) -> None:
         for child in _children(layer):
             name = f"{prefix}{child.name}"
-            named.append((name, child, level))
+            named.append((name, child, level, not _children(child), bool(_own_variables(child))))
             walk(child, name + ".", level + 1)
 
     walk(model, "", 1)
-    if depth is None and layers is not None:
-        candidates = [(n, m) for n, m, _ in named]
-    elif depth is None:
-        candidates = [(n, m) for n, m, _ in named if not _children(m) or _own_variables(m)]
-    else:
-        candidates = [(n, m) for n, m, level in named if level == depth or (level < depth and not _children(m))]
-    if layers is None:
-        chosen = candidates
-    elif callable(layers):
-        chosen = [(n, m) for n, m in candidates if layers(n, m)]
-    else:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        if not all(isinstance(p, str) for p in patterns):
-            raise ConfigError(f"layers= expects a callable or a list of names/globs, got {layers!r}")
-        chosen = [(n, m) for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        examples = ", ".join(repr(n) for n, _ in candidates[:8]) or "(the model has no layers)"
-        raise LayerFilterError(f"layer filter {layers!r} (depth={depth}) matched no layer of {model.name}; "
-                               f"names look like {examples}")
-    return dict(chosen)
+    return choose_layers(named, layers, depth, type(model).__name__)
 
 
 def _first_float(value: Any) -> Any:

@@ -20,17 +20,16 @@ probe says so when it finds hybridized blocks).
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 import mxnet as mx
+import torch
 from mxnet import autograd, gluon
-from sonde.errors import ConfigError, LayerFilterError, ProbeError
-from sonde.probe.core import Probe
+
+from sonde.errors import ConfigError, ProbeError
+from sonde.probe.core import Probe, choose_layers
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
 
@@ -51,30 +50,9 @@ def _walk(block: Any, prefix: str = "", level: int = 1) -> list[tuple[str, Any, 
 
 
 def select_layers(block: Any, layers: LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
-    """The Gluon blocks to probe, by dotted name (the rule of :func:`sonde.probe.torch.select_layers`)."""
-    if depth is not None and (not isinstance(depth, int) or depth < 1):
-        raise ConfigError(f"depth= expects None or an int >= 1, got {depth!r}")
-    named = _walk(block)
-    if depth is None and layers is not None:
-        candidates = [(n, b) for n, b, _ in named]
-    elif depth is None:
-        candidates = [(n, b) for n, b, _ in named if not b._children or b._reg_params]
-    else:
-        candidates = [(n, b) for n, b, level in named if level == depth or (level < depth and not b._children)]
-    if layers is None:
-        chosen = candidates
-    elif callable(layers):
-        chosen = [(n, b) for n, b in candidates if layers(n, b)]
-    else:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        if not all(isinstance(p, str) for p in patterns):
-            raise ConfigError(f"layers= expects a callable or a list of names/globs, got {layers!r}")
-        chosen = [(n, b) for n, b in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        examples = ", ".join(repr(n) for n, _ in candidates[:8]) or "(the block has no children)"
-        raise LayerFilterError(f"layer filter {layers!r} (depth={depth}) matched no layer of "
-                               f"{type(block).__name__}; names look like {examples}")
-    return dict(chosen)
+    """The Gluon blocks to probe, by dotted name (:func:`~sonde.probe.core.choose_layers`'s rule)."""
+    named = [(n, b, level, not b._children, bool(b._reg_params)) for n, b, level in _walk(block)]
+    return choose_layers(named, layers, depth, type(block).__name__)
 
 
 def _first_array(value: Any) -> Any:

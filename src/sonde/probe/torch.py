@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import logging
 import math
 import weakref
@@ -41,13 +40,13 @@ import torch
 from torch import nn
 
 from sonde.bus import Bus
-from sonde.errors import ConfigError, LayerFilterError, ProbeError
+from sonde.errors import ConfigError, ProbeError
 from sonde.graph.job import GraphJob
 from sonde.metrics.base import Metric
 from sonde.metrics.registry import resolve_metrics
 from sonde.metrics.tasks import StepLabels
 from sonde.metrics.test_accuracy import TestAccuracy
-from sonde.probe.core import Probe, not_a_module
+from sonde.probe.core import Probe, choose_layers, not_a_module
 from sonde.records import NETWORK, Record
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
@@ -81,42 +80,11 @@ def first_float_tensor(value: Any) -> torch.Tensor | None:
 
 
 def select_layers(model: nn.Module, layers: LayerFilter = None, depth: int | None = None) -> dict[str, nn.Module]:
-    """The modules to probe, by name, in registration order.
-
-    ``depth=None``: leaf modules and any module holding parameters of its own; ``depth=k``:
-    modules k levels below the root, plus shallower leaves so that no branch is dropped.
-    ``layers`` (names, globs or a callable ``(name, module) -> bool``) filters those; given
-    without ``depth`` it may name any module, leaf or not.
-    """
-    if depth is not None and (not isinstance(depth, int) or depth < 1):
-        raise ConfigError(f"depth= expects None or an int >= 1, got {depth!r}")
-    named = [(name or ROOT, module) for name, module in model.named_modules()]
-    if depth is None and layers is not None:
-        candidates = [(n, m) for n, m in named if n != ROOT or _owns_params(m)]
-    elif depth is None:
-        candidates = [(n, m) for n, m in named if _is_leaf(m) or _owns_params(m)]
-    else:
-        candidates = []
-        for n, m in named:
-            level = 0 if n == ROOT else n.count(".") + 1
-            if level == depth or (0 < level < depth and _is_leaf(m)) or (level == 0 and _is_leaf(m)):
-                candidates.append((n, m))
-    if layers is None:
-        chosen = candidates
-    elif callable(layers):
-        chosen = [(n, m) for n, m in candidates if layers(n, m)]
-    else:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        if not all(isinstance(p, str) for p in patterns):
-            raise ConfigError(f"layers= expects a callable or a list of names/globs, got {layers!r}")
-        chosen = [(n, m) for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        examples = ", ".join(repr(n) for n, _ in candidates[:8]) or "(the model has no submodules)"
-        raise LayerFilterError(
-            f"layer filter {layers!r} (depth={depth}) matched no layer of {type(model).__name__}; "
-            f"names look like {examples}"
-        )
-    return dict(chosen)
+    """The modules to probe, by name, in registration order (:func:`~sonde.probe.core.choose_layers`'s
+    rule; the root, ``(root)``, only when it holds parameters of its own)."""
+    named = [(name or ROOT, m, 0 if not name else name.count(".") + 1, _is_leaf(m), _owns_params(m))
+             for name, m in model.named_modules()]
+    return choose_layers(named, layers, depth, type(model).__name__)
 
 
 def _is_leaf(module: nn.Module) -> bool:
