@@ -17,8 +17,10 @@ Layer names are NNX attribute paths joined with dots (``blocks.0.lin``); the def
 ``layers=`` and ``depth=`` follow the PyTorch rules. Parameters whose name starts with ``bias``
 are biases, every other ``nnx.Param`` is a weight.
 
-Every step's tensors cross to the host, recorded or not (``every=`` chooses on the host); on a
-CPU that is no copy, on an accelerator it is one transfer per tensor per step.
+Each pass's first callback asks the host whether the schedule (``every=``) records the pass (a
+pass traced under a gradient transformation is training; any other is an evaluation, always
+recorded), and the tensors are sent under ``lax.cond`` on the answer: a step that is not recorded
+transfers nothing.
 """
 
 from __future__ import annotations
