@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PARAM_TOPICS", "STEP_TOPICS", "TENSOR_TOPICS", "TOPICS", "UPDATE_OF"]
+__all__ = ["GRADS_AND_UPDATES", "PARAM_TOPICS", "STEP_TOPICS", "TENSOR_TOPICS", "TOPICS", "UPDATE_OF"]
 
 #: Per-layer topics carrying a tensor.
 TENSOR_TOPICS = (
@@ -23,3 +23,5 @@ TOPICS = TENSOR_TOPICS + STEP_TOPICS
 PARAM_TOPICS = ("weights", "biases", "weight_grads", "bias_grads", "weight_updates", "bias_updates")
 #: The parameter topic each update topic is a change of.
 UPDATE_OF = {"weight_updates": "weights", "bias_updates": "biases"}
+#: A parameter topic's gradient and update topics.
+GRADS_AND_UPDATES = {"weights": ("weight_grads", "weight_updates"), "biases": ("bias_grads", "bias_updates")}

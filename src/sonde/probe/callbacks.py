@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -58,15 +58,20 @@ class CallbackProbe:
         self.probe_kwargs = probe_kwargs
         self.probe: TorchProbe | None = None
         self._warned: set[str] = set()
+        self._hook: Any = None  # attach's forward hook
 
-    def attach(self, model: nn.Module, optimizers: Sequence[Any]) -> TorchProbe:
-        """Probe ``model`` with the first of ``optimizers`` (a second ``fit`` is a second run)."""
+    def attach(self, model: nn.Module, optimizers: Sequence[Any], on_forward: Callable[..., None],
+               with_kwargs: bool = False) -> TorchProbe:
+        """Probe ``model`` with the first of ``optimizers`` (a second ``fit`` is a second run), and
+        call ``on_forward`` after each of the model's forward passes (a forward hook, removed at
+        :meth:`close`), where the callback finds what to log."""
         self.close("finished")
         optimizers = [o for o in optimizers if o is not None]
         if len(optimizers) > 1:
             log.warning("sonde: the trainer has %d optimizers; steps and updates follow the first (%s)",
                         len(optimizers), type(optimizers[0]).__name__)
         self.probe = TorchProbe(model, optimizer=optimizers[0] if optimizers else None, **self.probe_kwargs)
+        self._hook = model.register_forward_hook(on_forward, with_kwargs=with_kwargs)
         return self.probe
 
     def log(self, **values: Any) -> None:
@@ -84,7 +89,11 @@ class CallbackProbe:
             self._guard("marking the end of an epoch", lambda: self.probe.end_epoch())  # type: ignore[union-attr]
 
     def close(self, status: str) -> None:
-        """Close the probe (idempotent): the last step is recorded and the sinks close."""
+        """Close the probe (idempotent): the forward hook goes, the last step is recorded and the
+        sinks close."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         probe, self.probe = self.probe, None
         if probe is not None:
             self._guard("closing the probe", lambda: probe.close(status))

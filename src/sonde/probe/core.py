@@ -11,9 +11,12 @@ import fnmatch
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
+
+import numpy as np
+import torch
 
 from sonde.bus import Bus
 from sonde.errors import ConfigError, LayerFilterError, ProbeError
@@ -26,7 +29,7 @@ from sonde.sinks import LayerInfo, RunInfo, Sink, SinkRunner, resolve_sinks
 from sonde.topics import STEP_TOPICS, TOPICS
 from sonde.worker import Worker
 
-__all__ = ["Probe", "choose_layers", "guarded", "not_a_module"]
+__all__ = ["Probe", "choose_layers", "deepest_owners", "guarded", "not_a_module", "shared_tensor"]
 
 log = logging.getLogger("sonde")
 
@@ -66,6 +69,19 @@ def choose_layers(named: Sequence[tuple[str, Any, int, bool, bool]], layers: Any
     return dict(chosen)
 
 
+def deepest_owners(layers: dict[str, Any], held: Callable[[Any], Iterable[Any]]) -> dict[str, list[Any]]:
+    """Each parameter (``held(layer)``: all a layer holds, its sublayers' included) goes to the
+    deepest probed layer that holds it; a layer's depth is the dots in its name."""
+    owners: dict[str, list[Any]] = {}
+    taken: set[int] = set()
+    for name in sorted(layers, key=lambda n: -n.count(".")):
+        for param in held(layers[name]):
+            if id(param) not in taken:
+                taken.add(id(param))
+                owners.setdefault(name, []).append(param)
+    return owners
+
+
 def guarded(warned: set[str], where: str, fn: Callable[[], Any]) -> None:
     """Run monitoring code; a failure is logged loudly, once per ``where`` (noted in ``warned``),
     and never reaches training."""
@@ -75,6 +91,19 @@ def guarded(warned: set[str], where: str, fn: Callable[[], Any]) -> None:
         if where not in warned:
             warned.add(where)
             log.exception("sonde: %s failed; training goes on without it: %s", where, exc)
+
+
+def shared_tensor(array: Any) -> torch.Tensor:
+    """Another framework's array as a torch tensor: its memory shared through DLPack (no copy),
+    else copied through numpy (a device or a dtype torch cannot share; ml_dtypes' float8 and the
+    like become float32)."""
+    try:
+        return torch.from_dlpack(array)
+    except Exception:  # noqa: BLE001 - anything DLPack cannot hand over is copied
+        copy = np.array(array)
+        if copy.dtype.kind == "f" and copy.dtype not in (np.float16, np.float32, np.float64):
+            copy = copy.astype(np.float32)
+        return torch.from_numpy(copy)
 
 
 def not_a_module(model: Any) -> ProbeError:
@@ -251,8 +280,15 @@ class Probe:
     def current_phase(self) -> str:
         return "train"
 
-    def as_tensor(self, value: Any, topic: str) -> Any:
-        raise NotImplementedError
+    def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
+        """A logged value as a tensor: numbers, and other frameworks' arrays (:func:`shared_tensor`)."""
+        if isinstance(value, (int, float)):
+            return torch.tensor(float(value))
+        try:
+            return shared_tensor(value)
+        except Exception as exc:
+            raise ConfigError(f"Probe.log({topic}=...) expects a tensor, an array or a number, "
+                              f"got {type(value).__name__}") from exc
 
     def end_epoch(self) -> None:
         """Mark the current step as the last of an epoch.

@@ -34,14 +34,14 @@ from typing import Any
 
 import jax
 import numpy as np
-import torch
 from flax import nnx
 from jax.experimental import io_callback
 
 from sonde.errors import ConfigError, ProbeError
-from sonde.probe.core import Probe, choose_layers
+from sonde.probe.core import Probe, choose_layers, shared_tensor
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
+from sonde.topics import GRADS_AND_UPDATES, PARAM_TOPICS
 
 __all__ = ["JaxProbe", "probe", "select_layers"]
 
@@ -89,8 +89,6 @@ def _first_float(values: Any) -> Any:
 
 
 _BOOL = jax.ShapeDtypeStruct((), np.bool_)
-#: What an optimizer update sends.
-PARAM_TOPICS = ("weights", "biases", "weight_grads", "bias_grads", "weight_updates", "bias_updates")
 
 
 def _send(flag: Any, callback: Callable[..., None], *arrays: Any) -> None:
@@ -104,13 +102,6 @@ def _send(flag: Any, callback: Callable[..., None], *arrays: Any) -> None:
     """
     jax.lax.cond(flag, lambda *a: io_callback(callback, None, *a, ordered=True), lambda *a: None,
                  *[jax.lax.stop_gradient(a) for a in arrays])
-
-
-def _to_torch(array: Any) -> torch.Tensor:
-    try:
-        return torch.from_dlpack(array)
-    except Exception:  # noqa: BLE001 - a dtype or device torch cannot share: copy
-        return torch.from_numpy(np.array(array, dtype=np.float32 if np.asarray(array).dtype.kind == "f" else None))
 
 
 class JaxProbe(Probe):
@@ -267,7 +258,6 @@ class JaxProbe(Probe):
             wanted = io_callback(self._on_update_begin, _BOOL, ordered=True)
             _send(wanted, functools.partial(self._on_update, paths), [before[p] for p in paths],
                   [gradient[p] for p in paths], [after[p] for p in paths])
-            io_callback(self._on_update_end, None, ordered=True)
             return result
 
         return probed_update
@@ -297,12 +287,15 @@ class JaxProbe(Probe):
                 self._pass.extend((layer, topic, array) for topic, array in zip(topics, arrays, strict=True))
 
     def _on_update_begin(self) -> np.bool_:
-        """An update follows the pass: file it as this step; are the parameters recorded?"""
+        """An update follows the pass: file it as this step, which the update closes (its values,
+        sent next, still go to this step); are the parameters recorded?"""
         with self._lock:
             if self.closed:
                 return np.bool_(False)
             self._guard("step bookkeeping", lambda: self._file("train"))
-            return np.bool_(any(self.wants(t) for t in PARAM_TOPICS))
+            wanted = any(self.wants(t) for t in PARAM_TOPICS)
+            self.optimizer_stepped()
+            return np.bool_(wanted)
 
     def _on_update(self, paths: tuple[tuple[Any, ...], ...], before: list[Any], grads: list[Any],
                    after: list[Any]) -> None:
@@ -313,22 +306,16 @@ class JaxProbe(Probe):
             def run() -> None:
                 for path, b, g, a in zip(paths, before, grads, after, strict=True):
                     layer = self.owners[path]
-                    bias = str(path[-1]).startswith("bias")
-                    kind, grad_topic, update_topic = (("biases", "bias_grads", "bias_updates") if bias
-                                                      else ("weights", "weight_grads", "weight_updates"))
+                    kind = "biases" if str(path[-1]).startswith("bias") else "weights"
+                    grad_topic, update_topic = GRADS_AND_UPDATES[kind]
                     if self.wants(kind):
-                        self.publish(layer, kind, _to_torch(b), phase="train")
+                        self.publish(layer, kind, shared_tensor(b), phase="train")
                     if self.wants(grad_topic):
-                        self.publish(layer, grad_topic, _to_torch(g), phase="train")
+                        self.publish(layer, grad_topic, shared_tensor(g), phase="train")
                     if self.wants(update_topic):
-                        self.publish(layer, update_topic, _to_torch(a), phase="train", minus=_to_torch(b))
+                        self.publish(layer, update_topic, shared_tensor(a), phase="train", minus=shared_tensor(b))
 
             self._guard("update capture", run)
-
-    def _on_update_end(self) -> None:
-        with self._lock:
-            if not self.closed:
-                self.optimizer_stepped()
 
     def _file(self, phase: str) -> None:
         """Publish the pass's captures under ``phase`` (training: the step this pass belongs to)."""
@@ -337,7 +324,7 @@ class JaxProbe(Probe):
             self.begin_train_forward()
         for layer, topic, array in captures:
             if self.wants(topic, phase):
-                self.publish(layer, topic, _to_torch(array), phase=phase)
+                self.publish(layer, topic, shared_tensor(array), phase=phase)
 
     # -- user API -----------------------------------------------------------------------------------
     def log(self, **values: Any) -> None:
@@ -347,7 +334,7 @@ class JaxProbe(Probe):
         with self._lock:
             labels = values.get("labels")
             if labels is not None:
-                values["labels"] = _to_torch(labels)
+                values["labels"] = shared_tensor(labels)
             super().log(**values)
 
     def close(self, status: str = "finished", timeout: float = 60.0) -> None:
@@ -361,18 +348,6 @@ class JaxProbe(Probe):
                                                                        else "train"))
         finally:
             super().close(status, timeout)
-
-    def current_phase(self) -> str:
-        return "train"
-
-    def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
-        if isinstance(value, (int, float)):
-            return torch.tensor(float(value))
-        try:
-            return _to_torch(value)
-        except Exception as exc:
-            raise ConfigError(f"Probe.log({topic}=...) expects a JAX array, an array or a number, "
-                              f"got {type(value).__name__}") from exc
 
 
 def probe(model: Any, **kwargs: Any) -> JaxProbe:

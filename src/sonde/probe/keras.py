@@ -29,15 +29,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 import torch
 
 from sonde.errors import ConfigError, GraphError, ProbeError
-from sonde.probe.core import Probe, choose_layers
+from sonde.probe.core import Probe, choose_layers, deepest_owners, shared_tensor
 from sonde.records import NETWORK
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
+from sonde.topics import GRADS_AND_UPDATES
 
 __all__ = ["KerasProbe", "SondeCallback", "select_layers"]
 
@@ -170,7 +170,7 @@ class KerasProbe(Probe):
             raise ProbeError(f"{model.name} is already probed; close that probe first")
         self.model = model
         self.layers = select_layers(model, layers, depth)
-        self.variables = self._assign_variables()
+        self.variables = deepest_owners(self.layers, lambda layer: layer.trainable_variables)
         infos = [LayerInfo(name, type(layer).__name__, {v.name: list(v.shape) for v in self.variables.get(name, [])})
                  for name, layer in self.layers.items()]
         super().__init__(model_name=type(model).__name__, run=run, store=store, server=server, metrics=metrics,
@@ -183,17 +183,6 @@ class KerasProbe(Probe):
         self._plain_train: Any = None
         self._plain_test: Any = None
         object.__setattr__(model, "_sonde_probe", self)
-
-    def _assign_variables(self) -> dict[str, list[Any]]:
-        """Each trainable variable goes to the deepest probed layer that holds it."""
-        owners: dict[str, list[Any]] = {}
-        taken: set[int] = set()
-        for name in sorted(self.layers, key=lambda n: -n.count(".")):
-            for variable in self.layers[name].trainable_variables:
-                if id(variable) not in taken:
-                    taken.add(id(variable))
-                    owners.setdefault(name, []).append(variable)
-        return owners
 
     # -- attaching -------------------------------------------------------------------------
     def attach(self) -> None:
@@ -361,45 +350,22 @@ class KerasProbe(Probe):
         for key, tensor in noted["calls"].items():
             layer, topic = key.split("\x1f")
             if self.wants(topic, phase):
-                self.publish(layer, topic, _to_torch(tensor), phase=phase)
+                self.publish(layer, topic, shared_tensor(tensor), phase=phase)
         plan = self._recorder.plans[phase == "train"]
         for (layer, kind), (before, grad, after) in zip(plan, noted["variables"], strict=True):
-            bias = kind == "biases"
+            grads, updates = GRADS_AND_UPDATES[kind]
             if self.wants(kind, phase):
-                self.publish(layer, kind, _to_torch(before), phase=phase)
-            if self.wants(grads := "bias_grads" if bias else "weight_grads", phase):
-                self.publish(layer, grads, _to_torch(grad), phase=phase)
-            if self.wants(updates := "bias_updates" if bias else "weight_updates", phase):
-                self.publish(layer, updates, _to_torch(after), phase=phase, minus=_to_torch(before))
-        step = {k: _to_torch(v) for k, v in noted["step"].items()}
+                self.publish(layer, kind, shared_tensor(before), phase=phase)
+            if self.wants(grads, phase):
+                self.publish(layer, grads, shared_tensor(grad), phase=phase)
+            if self.wants(updates, phase):
+                self.publish(layer, updates, shared_tensor(after), phase=phase, minus=shared_tensor(before))
+        step = {k: shared_tensor(v) for k, v in noted["step"].items()}
         loss, outputs = step.get("loss"), step.get("outputs")
         if loss is not None and self.wants("loss", phase):
             self.publish(NETWORK, "loss", loss, phase=phase)
         if outputs is not None and self.wants("outputs", phase):
             self.publish(NETWORK, "outputs", outputs, phase=phase, labels=_class_labels(step.get("labels"), outputs))
-
-    def current_phase(self) -> str:
-        return "train"
-
-    def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
-        if isinstance(value, (int, float)):
-            return torch.tensor(float(value))
-        try:
-            return torch.from_numpy(np.asarray(value))
-        except Exception as exc:
-            raise ConfigError(f"Probe.log({topic}=...) expects a tensor, an array or a number, "
-                              f"got {type(value).__name__}") from exc
-
-
-def _to_torch(tensor: Any) -> torch.Tensor:
-    """The tensor's memory as a torch tensor: shared through DLPack (no copy), else copied."""
-    try:
-        return torch.from_dlpack(tensor)
-    except Exception:  # noqa: BLE001 - a device or dtype torch cannot share: copy through numpy
-        array = np.array(tensor)
-        if array.dtype.kind == "f" and array.dtype not in (np.float16, np.float32, np.float64):
-            array = array.astype(np.float32)  # ml_dtypes' float8 and the like
-        return torch.from_numpy(array)
 
 
 def _class_labels(labels: torch.Tensor | None, outputs: torch.Tensor | None) -> torch.Tensor | None:

@@ -49,7 +49,6 @@ class SondeCallback(Callback):  # type: ignore[misc]
 
     def __init__(self, **probe_kwargs: Any) -> None:
         self._attached = CallbackProbe(**probe_kwargs)
-        self._hook: Any = None
         self._forward_output: Any = None  # what the module's forward returned in this batch
 
     @property
@@ -58,9 +57,8 @@ class SondeCallback(Callback):  # type: ignore[misc]
         return self._attached.probe
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._unhook()
-        self._attached.attach(pl_module, list(trainer.optimizers))
-        self._hook = pl_module.register_forward_hook(self._on_forward)
+        self._forward_output = None
+        self._attached.attach(pl_module, list(trainer.optimizers), self._on_forward)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._forward_output = None
@@ -90,14 +88,8 @@ class SondeCallback(Callback):  # type: ignore[misc]
         self._close("failed")
 
     def _close(self, status: str) -> None:
-        self._unhook()
-        self._attached.close(status)
-
-    def _unhook(self) -> None:
         self._forward_output = None
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self._attached.close(status)
 
     def _on_forward(self, module: Any, args: Any, output: Any) -> None:
         self._forward_output = output

@@ -29,9 +29,10 @@ import torch
 from mxnet import autograd, gluon
 
 from sonde.errors import ConfigError, ProbeError
-from sonde.probe.core import Probe, choose_layers
+from sonde.probe.core import Probe, choose_layers, deepest_owners
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
+from sonde.topics import GRADS_AND_UPDATES
 
 __all__ = ["MXNetProbe", "probe", "select_layers"]
 
@@ -121,7 +122,7 @@ class MXNetProbe(Probe):
         self.block = block
         self.trainer = trainer
         self.layers = select_layers(block, layers, depth)
-        self.params = self._assign_params()
+        self.params = deepest_owners(self.layers, lambda block: block.collect_params().values())
         infos = [LayerInfo(name, type(b).__name__, {p.name: list(p.shape) for p in self.params.get(name, [])})
                  for name, b in self.layers.items()]
         super().__init__(model_name=type(block).__name__, run=run, store=store, server=server, metrics=metrics,
@@ -140,17 +141,6 @@ class MXNetProbe(Probe):
         self._phase = "train"
         self._before: list[tuple[str, str, Any, Any]] = []
         self._attach()
-
-    def _assign_params(self) -> dict[str, list[Any]]:
-        """Each parameter goes to the deepest probed layer that holds it."""
-        owners: dict[str, list[Any]] = {}
-        taken: set[int] = set()
-        for name in sorted(self.layers, key=lambda n: -n.count(".")):
-            for param in self.layers[name].collect_params().values():
-                if id(param) not in taken:
-                    taken.add(id(param))
-                    owners.setdefault(name, []).append(param)
-        return owners
 
     # -- attaching ---------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -231,25 +221,20 @@ class MXNetProbe(Probe):
         self._before.clear()
         for layer, params in self.params.items():
             for param in params:
-                bias = param.name.endswith("bias")
-                kind, grad_topic, update_topic = (("biases", "bias_grads", "bias_updates") if bias
-                                                  else ("weights", "weight_grads", "weight_updates"))
+                kind = "biases" if param.name.endswith("bias") else "weights"
+                grad_topic, update_topic = GRADS_AND_UPDATES[kind]
                 data = param.data()
                 if self.wants(kind):
-                    self.publish(layer, kind, _to_torch(data))
+                    self.publish(layer, kind, _to_torch(data), phase="train")
                 if param.grad_req != "null" and self.wants(grad_topic):
-                    self.publish(layer, grad_topic, _to_torch(param.grad()))
+                    self.publish(layer, grad_topic, _to_torch(param.grad()), phase="train")
                 if self.wants(update_topic):
                     self._before.append((layer, update_topic, param, data.copy()))
 
     def _after_update(self) -> None:
         for layer, topic, param, before in self._before:
-            self.publish(layer, topic, _to_torch(param.data()), minus=_to_torch(before))
+            self.publish(layer, topic, _to_torch(param.data()), phase="train", minus=_to_torch(before))
         self._before.clear()
-
-    def publish(self, layer: str, topic: str, tensor: Any, *, phase: str = "train", step: int | None = None,
-                **kw: Any) -> None:
-        super().publish(layer, topic, tensor, phase=phase, step=step, **kw)
 
     def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
         if isinstance(value, (int, float)):

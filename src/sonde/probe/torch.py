@@ -50,6 +50,7 @@ from sonde.probe.core import Probe, choose_layers, not_a_module
 from sonde.records import NETWORK, Record
 from sonde.schedules import Schedule
 from sonde.sinks import LayerInfo, Sink
+from sonde.topics import GRADS_AND_UPDATES
 from sonde.worker import Worker
 
 __all__ = ["TorchProbe", "first_float_tensor", "select_layers", "unwrap_optimizer"]
@@ -275,7 +276,7 @@ class TorchProbe(Probe):
             for layer, params in self.params.items():
                 for param_name, param in params:
                     if param.requires_grad:
-                        topic = "bias_grads" if _param_topic(param_name) == "biases" else "weight_grads"
+                        topic = GRADS_AND_UPDATES[_param_topic(param_name)][0]
                         self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(layer, topic)))
 
     def detach(self) -> None:
@@ -312,17 +313,16 @@ class TorchProbe(Probe):
         for layer, params in self.params.items():
             for param_name, param in params:
                 topic = _param_topic(param_name)
+                grad_topic, update_topic = GRADS_AND_UPDATES[topic]
                 value = param.detach()
                 before = None
                 if want_updates[topic] and id(param) in in_optimizer:
                     before = self._buffer_for(param)
-                    update_topic = "bias_updates" if topic == "biases" else "weight_updates"
                     self._before.append((layer, update_topic, param, before))
                 if self.wants(topic):
                     self.publish(layer, topic, value, phase=phase, copy_to=before)
                 elif before is not None:
                     before.copy_(value)
-                grad_topic = "bias_grads" if topic == "biases" else "weight_grads"
                 if grads and param.grad is not None and self.wants(grad_topic):
                     self.publish(layer, grad_topic, param.grad, phase=phase)
 

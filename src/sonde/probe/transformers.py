@@ -51,7 +51,6 @@ class SondeCallback(TrainerCallback):  # type: ignore[misc]
 
     def __init__(self, **probe_kwargs: Any) -> None:
         self._attached = CallbackProbe(**probe_kwargs)
-        self._hook: Any = None
         self._shift = False
 
     @property
@@ -63,10 +62,8 @@ class SondeCallback(TrainerCallback):  # type: ignore[misc]
                        optimizer: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise TypeError("sonde.transformers.SondeCallback: the Trainer passed no model to on_train_begin")
-        self._unhook()
-        self._attached.attach(model, [optimizer])
         self._shift = type(model).__name__ in _causal_lm_classes()
-        self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        self._attached.attach(model, [optimizer], self._on_forward, with_kwargs=True)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._attached.end_epoch()
@@ -77,13 +74,7 @@ class SondeCallback(TrainerCallback):  # type: ignore[misc]
     def close(self, status: str = "failed") -> None:
         """Close the probe of a training that raised (the Trainer calls no callback then), with
         ``status`` for the run; idempotent, and nothing to do after a training that ended."""
-        self._unhook()
         self._attached.close(status)
-
-    def _unhook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         labels = kwargs.get("labels")
