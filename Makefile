@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sonde-installed
 
-.PHONY: demo test test-mxnet lint typecheck bench install clean chromium
+.PHONY: demo test test-mxnet lint typecheck docs bench install clean chromium
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# The documentation site (mkdocs.yml, docs/): a strict build fails on any warning, such as a broken
+# link or a docstring that does not parse.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
 # Browser tests drive Debian's Chromium through Playwright (Playwright's own download fails here).
 chromium:
 	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && \
@@ -43,7 +48,7 @@ chromium:
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }; } || \
 	  echo "make: could not install Debian's chromium; browser tests will be skipped with a reason"
 
-test: $(STAMP) lint typecheck chromium
+test: $(STAMP) lint typecheck docs chromium
 	$(PY) -m pytest -q
 	$(MAKE) test-mxnet
 

@@ -21,7 +21,7 @@ at other moments moves that churn up or down by more than its own cost. In this 
 first round's large blocks raise glibc's dynamic thresholds, so the timed steps are nearly
 fault-free and the ratios compare the probes' own work. ``--fresh`` runs every (round, variant) in
 a new Python process instead, as a user's training script starts: slower, noisier, and what a
-user sees first (see the README's Speed section).
+user sees first (both are in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

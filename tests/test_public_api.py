@@ -1,4 +1,4 @@
-"""The public surface is exactly what the README documents."""
+"""The public surface is exactly what the docs' API reference (docs/reference/) documents."""
 
 from __future__ import annotations
 

@@ -213,20 +213,24 @@ def test_worker_queue_bound_skips_loudly(caplog: pytest.LogCaptureFixture) -> No
     assert out == ["busy", "k1", "k2"]
 
 
-def test_worker_errors_are_logged_once_per_metric(caplog: pytest.LogCaptureFixture) -> None:
+def test_worker_errors_are_logged_once_per_metric_then_counted_at_close(caplog: pytest.LogCaptureFixture) -> None:
     out: list[Any] = []
     worker = Worker(out.extend)
+    errors = iter(["bad state", "bad state", "a later, different fault"])
 
     def boom() -> list[Any]:
-        raise ValueError("bad state")
+        raise ValueError(next(errors))
 
     with caplog.at_level(logging.ERROR, logger="sonde"):
         for i in range(3):
             worker.submit(i, ComputeTask(boom, "broken"))
         worker.submit("ok", ComputeTask(lambda: ["fine"], "good"))
+        assert worker.drain(5)
+        during = [r.message for r in caplog.records if "broken" in r.message]
         assert worker.close(5)
-    errors = [r.message for r in caplog.records if "broken" in r.message]
-    assert len(errors) == 1 and "ValueError: bad state" in errors[0]
+    assert len(during) == 1 and "ValueError: bad state" in during[0]
+    (summary,) = [r.message for r in caplog.records if "broken" in r.message][1:]
+    assert "failed 3 times" in summary and "ValueError: a later, different fault" in summary
     assert out == ["fine"]
 
 
@@ -252,7 +256,8 @@ def test_offloaded_failure_never_reaches_training(collect: Collect, caplog: pyte
     with caplog.at_level(logging.ERROR, logger="sonde"):
         train(ExplodingOffload(), 4, collect=collect)
     assert [r for r in collect.records if isinstance(r, Record)] == []
-    assert sum("eigh did not converge" in r.message for r in caplog.records) == 1
+    reported = [r.message for r in caplog.records if "eigh did not converge" in r.message]
+    assert len(reported) == 2 and "failed 4 times" in reported[1]  # once as it happens, counted at close
 
 
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread priority is a Linux feature")
@@ -268,3 +273,25 @@ def test_worker_runs_at_background_priority() -> None:
     assert worker.close()
     assert seen == [19]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the training thread keeps its own
+
+
+class FailsOnSomeSteps(RowSum):
+    """Fails at update on the steps in ``failing``, each time with a different message."""
+
+    failing: ClassVar[set[int]] = {1, 2, 4}
+
+    def update(self, capture: Capture) -> None:
+        if capture.step in self.failing:
+            raise RuntimeError(f"fault at step {capture.step}")
+        super().update(capture)
+
+
+def test_a_metric_that_keeps_failing_is_reported_again_with_a_count_at_close(
+        collect: Collect, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="sonde"):
+        batches = train(FailsOnSomeSteps(), 6, collect=collect)
+    reported = [r.message for r in caplog.records if "'row_sum' failed" in r.message]
+    assert len(reported) == 2, reported
+    assert "fault at step 1" in reported[0]
+    assert "failed 3 times" in reported[1] and "fault at step 4" in reported[1]  # the last fault, not the first
+    assert series(collect) == pytest.approx({s: covered(batches, [s]) for s in (0, 3, 5)})  # the others go on

@@ -69,7 +69,8 @@ class Bus:
         self._epoch_end = False
         self._wants_cache: tuple[int, dict[str, bool]] = (-1, {})
         self.memo = TensorMemo()
-        self._failed_metrics: set[str] = set()
+        # Per failing metric: how often it failed and the last error (reported once, then counted at close).
+        self._failures: dict[str, tuple[int, str]] = {}
 
     @property
     def topics(self) -> set[str]:
@@ -267,12 +268,23 @@ class Bus:
         return extra
 
     def _report(self, metric: Metric, exc: Exception) -> None:
-        if metric.name not in self._failed_metrics:
-            self._failed_metrics.add(metric.name)
+        """Log a metric's first failure; count the later ones for :meth:`report_failures`."""
+        count, _ = self._failures.get(metric.name, (0, ""))
+        self._failures[metric.name] = (count + 1, f"{type(exc).__name__}: {exc}")
+        if count == 0:
             log.error(
                 "sonde: metric %r failed (%s: %s); training goes on, its values are missing where it fails",
                 metric.name, type(exc).__name__, exc,
             )
+
+    def report_failures(self) -> dict[str, int]:
+        """At the end of the run: log each metric that failed more than once, with the count and its
+        last error (which may differ from the first one logged). Returns the counts by metric name."""
+        for name, (count, last) in self._failures.items():
+            if count > 1:
+                log.error("sonde: metric %r failed %d times in run %r (last: %s); its values are missing there",
+                          name, count, self.run, last)
+        return {name: count for name, (count, _) in self._failures.items()}
 
 
 def to_host(staged: Iterable[Any]) -> dict[int, np.ndarray]:

@@ -28,6 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--token", default=None, help="access token clients must send (default: $SONDE_TOKEN)")
     serve.add_argument("--evaluator-url", default=None, help="evaluator to use (default http://127.0.0.1:8081)")
     serve.add_argument("--frontend-url", default=None, help="frontend to report to (default http://127.0.0.1:8080)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                       help="an origin besides the server's own whose pages may use it, e.g. the https://... "
+                            "address a reverse proxy serves it at when the proxy does not pass Host on (repeatable)")
     replay = commands.add_parser("replay", help="send the Records remote probes left on disk while the server was down")
     replay.add_argument("spill_dir", nargs="?", default="sonde-spill", help="spill directory (default: sonde-spill)")
     replay.add_argument("--server", default=None, help="server URL (default: the one each probe was sending to)")
@@ -50,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             run_server(host=args.host, port=args.port, store=args.store, role=args.role, token=args.token,
-                       evaluator_url=args.evaluator_url, frontend_url=args.frontend_url)
+                       evaluator_url=args.evaluator_url, frontend_url=args.frontend_url,
+                       allow_origins=args.allow_origin)
         except SondeError as exc:
             parser.exit(2, f"sonde serve: {exc}\n")
         return 0

@@ -1,4 +1,4 @@
-"""The topic vocabulary of DESIGN.md: what a probe can capture."""
+"""The topic vocabulary (docs/architecture.md#vocabulary): what a probe can capture."""
 
 from __future__ import annotations
 

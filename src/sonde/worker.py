@@ -13,7 +13,8 @@ it and sends the Records on to the sinks. The training thread never waits for it
   one, which already contains it. Each waiting snapshot holds its metric's host state (a d×d
   float64 covariance for saturation), which is what bounds the backlog;
 * a queue full of distinct keys (``max_pending``) skips the new task, loudly;
-* a task that raises is logged once per metric and never reaches training.
+* a task that raises is logged once per metric and never reaches training; a metric that keeps
+  failing is logged again at :meth:`Worker.close`, with how often and its last error.
 
 :meth:`Worker.close` waits for the outstanding tasks (bounded by a timeout, loud when it runs
 out), so ``Probe.close()`` loses nothing that was computed in time.
@@ -133,7 +134,8 @@ class Worker:
         self.max_backlog_bytes = max_backlog_bytes
         self.coalesced = 0
         self.skipped = 0
-        self.failed: set[str] = set()
+        self.failed: dict[str, int] = {}  # failures per task name
+        self._last_error: dict[str, str] = {}
         self._pending: OrderedDict[tuple[Hashable, int], ComputeTask] = OrderedDict()
         self._waiting: dict[Hashable, list[int]] = {}  # per key, the sequence numbers waiting
         self._seq = 0
@@ -216,6 +218,10 @@ class Worker:
             log.warning("sonde: the background worker merged %d and skipped %d value(s) because it fell behind",
                         self.coalesced, self.skipped)
         self._thread.join(1.0)
+        for name, count in list(self.failed.items()):
+            if count > 1:
+                log.error("sonde: metric %r failed %d times on the background worker (last: %s); its values are "
+                          "missing there", name, count, self._last_error[name])
         return done
 
     def _loop(self) -> None:
@@ -241,8 +247,10 @@ class Worker:
             with _one_blas_thread():
                 records: Sequence[Any] = task.run()
         except Exception as exc:  # noqa: BLE001 - a worker error must never reach training
-            if task.name not in self.failed:
-                self.failed.add(task.name)
+            count = self.failed.get(task.name, 0)
+            self.failed[task.name] = count + 1
+            self._last_error[task.name] = f"{type(exc).__name__}: {exc}"
+            if count == 0:
                 log.error(
                     "sonde: metric %r failed on the background worker (%s: %s); training goes on, its values "
                     "are missing where it fails", task.name, type(exc).__name__, exc,

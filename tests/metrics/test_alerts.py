@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -151,3 +152,26 @@ def test_alerts_round_trip_through_the_store(tmp_path: Path) -> None:
     assert dead["message"].iloc[0].startswith("layer '1': 100% of its activations are exactly zero at step 1")
     others = sonde.load(db, run="dead", metrics="zero_frac", messages=True)
     assert len(others) > 0 and (others["message"] == "").all()
+
+
+def test_each_alert_reaches_the_user_once(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+                                          collect: Collect) -> None:
+    def dead_model() -> nn.Module:
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        with torch.no_grad():
+            model[0].bias.fill_(-100.0)
+        return model
+
+    # With the console sink: its ALERT line, and no log line besides.
+    with caplog.at_level(logging.WARNING, logger="sonde"):
+        train(dead_model(), 4, collect, sinks=[ConsoleSink()])
+    printed = capsys.readouterr()
+    dead = "layer '1': 100% of its activations are exactly zero"
+    assert (printed.out + printed.err).count(dead) == 1
+    assert [r for r in caplog.records if dead in r.getMessage()] == []
+    # Without it: the log line, once.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sonde"):
+        train(dead_model(), 4, Collect())
+    assert sum(dead in r.getMessage() for r in caplog.records) == 1
+    assert dead not in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -261,3 +262,54 @@ def test_resolve_metrics_instances_dedup_and_requirements() -> None:
         resolve_metrics([42])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="no_such_metric"):
         sonde.probe(nn.Linear(2, 2), store=None, metrics=["no_such_metric"])
+
+
+def _server_usable() -> list[type[Metric]]:
+    """Registered metrics the server's evaluator can run on shipped tensors (as metric_from_spec admits them)."""
+    return [cls for cls in registry().values() if not getattr(cls, "derived", False) and not cls.reads_topics]
+
+
+def _numeric_settings(cls: type[Metric]) -> set[str]:
+    """Constructor arguments of ``cls`` (its own and its bases') whose default is a number, schedules aside."""
+    found: set[str] = set()
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            default = param.default
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                found.add(param.name)
+    return found - {"every", "compute_every"}
+
+
+def test_every_server_usable_metric_declares_the_bounds_of_its_numeric_settings() -> None:
+    usable = _server_usable()
+    assert {"histogram", "saturation", "probe_f1", "snapshot", "spectral_norm"} <= {c.name for c in usable}
+    for cls in usable:
+        missing = _numeric_settings(cls) - set(cls.bounds)
+        assert not missing, f"{cls.__name__} declares no bound for {sorted(missing)}"
+        for name, (low, high) in cls.bounds.items():
+            assert low <= high, (cls.__name__, name)
+
+
+@pytest.mark.parametrize(("name", "setting", "value", "bound"), [
+    ("histogram", "bins", 10_000_000, "from 1 to 4096"),
+    ("histogram", "bins", 0, "from 1 to 4096"),
+    ("histogram", "bins", 2.5, "an integer"),
+    ("histogram", "bins", "64", "an integer"),
+    ("saturation", "top_k", 10**9, "from 1 to 4096"),
+    ("saturation", "sketch_size", 10**9, "from 2 to 8192"),
+    ("probe_f1", "samples", 10**9, "from 8 to 100000"),
+    ("cluster_mi", "samples", 10**9, "from 8 to 100000"),
+    ("snapshot", "max_side", 10**6, "from 1 to 256"),
+    ("snapshot", "max_values", 10**9, "from 1 to 65536"),
+    ("spectral_norm", "max_iter", 10**9, "from 1 to 10000"),
+    ("spectral_norm", "tol", float("nan"), "a number from 1e-12 to 1.0"),
+])
+def test_absurd_settings_are_a_clear_value_error_at_construction(name: str, setting: str, value: Any,
+                                                                  bound: str) -> None:
+    cls = registry()[name]
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\({setting}=\) expects .*{bound}"):
+        cls(**{setting: value})
+    cls(**{setting: cls.bounds[setting][1]})  # the bound itself is allowed

@@ -163,7 +163,10 @@ def test_graph_put_get_and_delete_run(api: Api, store: Store) -> None:
     _create(api, "g", ["fc1"])
     _create(api, "keep", ["fc1"])
     assert api("GET", "/api/v1/runs/g/graph").status_code == 404
-    graph = {"nodes": [{"id": "fc1", "type": "Linear"}], "edges": [], "meta": {"depth": 2}}
+    graph = {"version": 1, "model": "MLP", "nodes": [
+        {"name": "input", "kind": "input", "op": "Tensor", "parent": None, "output_shapes": [[8, 4]]},
+        {"name": "fc1", "kind": "module", "op": "Linear", "parent": None, "output_shapes": [[8, 2]],
+         "params": {"weight": [2, 4]}, "num_params": 8}], "edges": [["input", "fc1"]]}
     assert api("PUT", "/api/v1/runs/g/graph", json=graph).status_code == 200
     assert api("GET", "/api/v1/runs/g/graph").json() == graph
     assert api("PUT", "/api/v1/runs/g/graph", json=[1, 2]).status_code == 422
@@ -244,7 +247,9 @@ def test_token_is_required_on_every_call_when_configured(store: Store) -> None:
     cookie = login.headers["set-cookie"].split(";")[0]
     assert Api(app, {"cookie": cookie})("GET", "/api/v1/runs").status_code == 200
     assert anonymous("GET", "/api/v1/runs", params={"token": "s3cret"}).status_code == 401  # not for the API
-    assert anonymous("GET", "/no-page", params={"token": "s3cret"}).status_code == 404  # let through to the pages
+    link = anonymous("GET", "/no-page", params={"token": "s3cret", "x": "1"})  # a page link: cookie, clean URL
+    assert link.status_code == 303 and link.headers["location"] == "/no-page?x=1" and "sonde_token=" in \
+        link.headers["set-cookie"]
     evil = anonymous("GET", "/login", params={"token": "s3cret", "next": "//evil.example"})
     assert evil.headers["location"] == "/"
 
@@ -336,3 +341,79 @@ def test_a_seventh_element_is_the_message_stored_as_the_local_store_keeps_it(api
     store.write("local", [Record("local", *row) for row in plain + mixed[6:]])
     local = store.load("local", messages=True)
     assert local.drop(columns="run").equals(got.drop(columns="run"))
+
+
+def test_query_answers_are_bounded_and_say_when_they_cut(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sonde.store import queries
+
+    _create(api, "big", ["fc"])
+    bins, steps = 20_000, 30  # a histogram far finer than the Histogram metric allows, stored through the API
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 5, size=(steps, bins)).astype(float)
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    rows = [[0, "train", "fc", "weights", "histogram_edges", edges.tolist()]]
+    rows += [[s, "train", "fc", "weights", "histogram", counts[s].tolist()] for s in range(steps)]
+    assert api.records("big", rows).status_code == 200
+    hist = api("GET", "/api/v1/runs/big/histograms", params={"layer": "fc", "topic": "weights"}).json()
+    assert hist["truncated"] is True
+    assert len(hist["steps"]) == queries.MAX_CELLS // bins  # 25 of the 30 steps, evenly, first and last kept
+    assert hist["steps"][0] == 0 and hist["steps"][-1] == steps - 1
+    merged = len(hist["counts"][0])
+    assert merged <= queries.MAX_BINS and len(hist["edges"]) == merged + 1
+    assert hist["edges"][0] == -1.0 and hist["edges"][-1] == 1.0
+    for step, row in zip(hist["steps"], hist["counts"]):
+        assert sum(row) == counts[step].sum()  # merged bins: adjacent counts summed, none lost
+    assert len(hist["steps"]) * merged <= queries.MAX_CELLS
+    # A heatmap of more layers than it may hold: fewer rows, fewer columns, and the flag.
+    monkeypatch.setattr(queries, "MAX_LAYERS", 3)
+    monkeypatch.setattr(queries, "MAX_CELLS", 12)
+    layers = [f"l{i}" for i in range(5)]
+    _create(api, "wide", layers)
+    assert api.records("wide", [[s, "train", n, "activations", "mean", float(s)] for s in range(10)
+                                for n in layers]).status_code == 200
+    heat = api("GET", "/api/v1/runs/wide/heatmap", params={"topic": "activations", "metric": "mean"}).json()
+    assert heat["truncated"] is True and heat["layers"] == layers[:3] and len(heat["steps"]) == 4
+    assert heat["values"] == [[float(s) for s in heat["steps"]]] * 3
+    monkeypatch.setattr(queries, "MAX_LAYERS", 10)
+    monkeypatch.setattr(queries, "MAX_CELLS", 50)
+    whole = api("GET", "/api/v1/runs/wide/heatmap", params={"topic": "activations", "metric": "mean"}).json()
+    assert whole["truncated"] is False and len(whole["layers"]) == 5 and len(whole["steps"]) == 10
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    config: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        config = {"a": config}
+    return config
+
+
+def test_a_run_config_too_deep_or_too_large_is_a_422(api: Api) -> None:
+    assert _create(api, "ok", [], config=_nested(32)).status_code == 201
+    deep = _create(api, "deep", [], config=_nested(300))
+    assert deep.status_code == 422 and "at most 32 levels" in deep.json()["error"]
+    large = _create(api, "large", [], config={"notes": "x" * (64 << 10)})
+    assert large.status_code == 422 and "at most 65536 bytes" in large.json()["error"]
+    assert [run["name"] for run in api("GET", "/api/v1/runs").json()] == ["ok"]
+    assert api("GET", "/api/v1/runs/ok").json()["config"] == _nested(32)
+
+
+def test_a_stored_config_that_cannot_be_shown_never_breaks_the_listing(api: Api, store: Store,
+                                                                      tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    for name in ("before", "bad", "unreadable"):
+        assert _create(api, name, ["fc"], config={"lr": 0.1}).status_code == 201
+    # Rows written by an older sonde, or by hand: a config nested 300 deep, and one that is not JSON.
+    with sqlite3.connect(tmp_path / "sonde.db") as db:
+        db.execute("UPDATE runs SET config = ? WHERE name = 'bad'", (json.dumps(_nested(300)),))
+        db.execute("UPDATE runs SET config = ? WHERE name = 'unreadable'", ("{not json",))
+    listing = api("GET", "/api/v1/runs")
+    assert listing.status_code == 200
+    by_name = {run["name"]: run for run in listing.json()}
+    assert by_name["before"]["config"] == {"lr": 0.1}
+    for name in ("bad", "unreadable"):
+        assert set(by_name[name]["config"]) == {"error"} and "not shown" in by_name[name]["config"]["error"]
+        one = api("GET", f"/api/v1/runs/{name}")
+        assert one.status_code == 200 and one.json()["config"] == by_name[name]["config"]
+    assert "at most 32 levels" in by_name["bad"]["config"]["error"]

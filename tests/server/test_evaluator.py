@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -313,3 +314,51 @@ def test_saturation_runs_on_the_server_like_delve_defines_it(app: FastAPI, tmp_p
         assert value(store, "0", "intrinsic_dim", step) == k
         assert value(store, "0", "saturation", step) == pytest.approx(k / features.shape[1])
         assert value(store, "0", "cov_trace", step) == pytest.approx(eig.sum(), rel=1e-6)
+
+
+def test_out_of_bound_metric_settings_are_refused_with_a_422_naming_the_bound(app: FastAPI) -> None:
+    client = TestClient(app, base_url=URL)
+    assert client.post("/api/v1/runs", json={"name": "r"}).status_code == 201
+    tiny = np.ones((2, 2), dtype=np.float32)
+    cases = {
+        "histogram": ({"bins": 10_000_000}, "Histogram(bins=) expects an integer from 1 to 4096; got 10000000"),
+        "probe_f1": ({"samples": 10**9}, "ProbeF1(samples=) expects an integer from 8 to 100000"),
+        "snapshot": ({"max_side": 10**6}, "Snapshot(max_side=) expects an integer from 1 to 256"),
+        "saturation": ({"top_k": "all"}, "Saturation(top_k=) expects an integer"),
+        "spectral_norm": ({"colour": 1}, "unexpected keyword argument 'colour'"),
+    }
+    for i, (name, (kwargs, message)) in enumerate(cases.items()):
+        body = encode_payload(f"b{i}", [TensorItem(0, "train", "fc", "activations", tiny, None,
+                                                   [{"name": name, "kwargs": kwargs}])])
+        answer = post(client, body)
+        assert answer.status_code == 422 and message in answer.json()["error"], answer.text
+    many = [{"name": "mean", "kwargs": {}}] * 65
+    answer = post(client, encode_payload("many", [TensorItem(0, "train", "fc", "activations", tiny, None, many)]))
+    assert answer.status_code == 422 and "1 to 64" in answer.json()["error"]
+    assert getattr(app.state, "evaluator", None) is None or evaluator_of(app).processed == 0  # nothing reached it
+    assert app.state.store.load("r").empty
+
+
+def test_an_empty_tensor_is_no_failure_of_any_server_side_metric(caplog: pytest.LogCaptureFixture) -> None:
+    from sonde.metrics import registry
+
+    written: list[Record] = []
+    # cka_matrix compares layers of one pass (one layer here); test_accuracy needs a loader.
+    usable = {n: cls for n, cls in registry().items() if not getattr(cls, "derived", False)
+              and not cls.reads_topics and n not in ("cka_matrix", "test_accuracy")}
+    items: list[Any] = []
+    for topic in sorted({cls.topics[0] if cls.topics else "activations" for cls in usable.values()}):
+        specs = [{"name": n, "kwargs": {}} for n, cls in sorted(usable.items())
+                 if topic in cls.topics or (not cls.topics and topic == "activations")]
+        items += [TensorItem(step, "train", "fc", topic, np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + step,
+                             np.arange(rows) % 2, specs, "Linear") for step, rows in enumerate((4, 0, 4))]
+        items.append(Mark("run_end", specs))
+    evaluator = Evaluator(lambda run, batch_id, records: written.extend(records), workers=1)
+    with caplog.at_level(logging.ERROR, logger="sonde.server"):
+        assert evaluator.submit("r", "b", items) == "queued"
+        assert evaluator.join(60)
+        evaluator.close()
+    assert [r.getMessage() for r in caplog.records] == []
+    means = {r.step: r.value for r in written if r.metric == "mean" and r.topic == "activations"}
+    assert means == {0: 5.5, 2: 7.5}  # the empty step records nothing
+    assert {"histogram", "saturation", "spectral_norm", "snapshot"} <= {r.metric for r in written}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +30,8 @@ from sonde.records import Record
 from sonde.server.api.tensors import ServerMetric
 from sonde.server.app import create_app
 from sonde.server.evaluator import evaluator_of
+from sonde.sinks import outbox as outbox_module
+from sonde.sinks.outbox import Entry
 from sonde.sinks.remote import RemoteSink, encode_records, replay
 
 URL = "http://testserver"
@@ -297,3 +303,133 @@ def test_alert_messages_reach_the_server_store_as_a_local_store_keeps_them(app: 
     assert local.equals(remote)  # the very frame a local StoreSink leaves
     others = app.state.store.load("dead", metrics="zero_frac", messages=True)
     assert len(others) > 0 and (others["message"] == "").all()
+
+
+class SmallDisk:
+    """The spill directory on a filesystem of ``capacity`` bytes: a write past that fails part-way with ENOSPC."""
+
+    def __init__(self, root: Path, capacity: int) -> None:
+        self.root, self.capacity = root, capacity
+        self.refused = 0
+
+    def used(self) -> int:
+        total = 0
+        for path in self.root.rglob("*"):
+            with contextlib.suppress(OSError):  # the sender removes what the server took
+                total += path.stat().st_size if path.is_file() else 0
+        return total
+
+    def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        opened = builtins.open(file, mode, *args, **kwargs)
+        return _CappedFile(opened, self) if "w" in mode or "a" in mode else opened
+
+
+class _CappedFile:
+    def __init__(self, file: Any, disk: SmallDisk) -> None:
+        self._file, self._disk = file, disk
+
+    def write(self, data: bytes) -> int:
+        room = self._disk.capacity - self._disk.used()
+        if len(data) > room:
+            self._file.write(data[:max(room, 0)])
+            self._file.flush()  # what fitted takes the room, as on a real disk
+            self._disk.refused += 1
+            raise OSError(errno.ENOSPC, "No space left on device (test)")
+        written: int = self._file.write(data)
+        return written
+
+    def __enter__(self) -> _CappedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def small_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capacity: int) -> SmallDisk:
+    disk = SmallDisk(tmp_path / "spill", capacity)
+    monkeypatch.setattr(outbox_module, "open", disk.open, raising=False)
+    return disk
+
+
+def test_a_full_spill_disk_keeps_requests_in_memory_and_sends_them_when_the_server_is_back(
+        app: FastAPI, switch: Switch, tmp_path: Path, collect: Collect, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    disk = small_disk(monkeypatch, tmp_path, capacity=60_000)  # the run, its graph and two steps
+    sink = sink_for(switch, tmp_path, batch_records=1, max_delay=0.0)
+    waiting: list[tuple[int, int]] = []
+
+    def during(step: int, p: Any) -> None:
+        if step == 1:
+            p.flush()
+            switch.down = True
+        if step == 12:
+            p.flush()
+            assert sink.outbox is not None
+            waiting.append(sink.outbox.pending())
+            switch.down = False
+
+    train(sink, collect, 16, during=during)
+    in_memory, on_disk = waiting[0]
+    assert disk.refused and on_disk > 0 and in_memory > 0  # the disk filled up; the rest waited in memory
+    assert "keeping requests in memory" in caplog.text
+    assert_exactly_once(app, "r", collect)  # every step arrived once the server was back
+    assert spill_files(tmp_path) == []
+    assert "were lost" not in caplog.text and "DROPPED" not in caplog.text
+
+
+def test_past_the_memory_budget_a_full_disk_drops_requests_counted_and_replay_sends_the_rest(
+        app: FastAPI, switch: Switch, tmp_path: Path, collect: Collect, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    disk = small_disk(monkeypatch, tmp_path, capacity=60_000)
+    switch.down = True  # for the whole run: what neither the disk nor memory holds cannot be kept
+    sink = sink_for(switch, tmp_path, batch_records=1, max_delay=0.0, max_memory_bytes=50_000, drain_timeout=0.0)
+    train(sink, collect, 12)
+    assert "DROPPED" in caplog.text
+    found = re.search(r"(\d+) request\(s\) for server \S+, with (\d+) Records, were lost", caplog.text)
+    assert found is not None, caplog.text
+    lost = int(found[2])
+    assert 0 < lost < len(collect.records)
+    disk.capacity = disk.used()  # the disk is now full to the last byte: replay must still run
+    switch.down = False
+    assert replay(tmp_path / "spill", URL, client=httpx.Client(transport=switch, base_url=URL)) == 0
+    assert len(stored(app.state.store, "r")) + lost == len(collect.records)  # counted, never silently dropped
+    assert not (tmp_path / "spill").exists()  # no session directory left behind
+
+
+def test_requests_the_server_rejects_are_set_aside_from_memory_too(
+        app: FastAPI, switch: Switch, tmp_path: Path, collect: Collect, caplog: pytest.LogCaptureFixture) -> None:
+    delivered: list[int] = []
+
+    def during(step: int, p: Any) -> None:
+        if step == 2:
+            p.flush()
+            delivered.append(len(stored(app.state.store, "r")))
+            app.state.store.delete_run("r")  # deleted on the server while training goes on: 404 from now on
+
+    train(sink_for(switch, tmp_path, batch_records=1, max_delay=0.0), collect, 6, during=during)
+    aside = [Entry.unpack(0, f.read_bytes(), f) for f in sorted((tmp_path / "spill" / "rejected").glob("*.msgpack"))]
+    rows = [row for e in aside if e.kind == "records" for row in msgpack.unpackb(e.body)["records"]]
+    assert delivered[0] + len(rows) == len(collect.records)
+    assert {e.kind for e in aside} >= {"records", "finish"}
+    assert caplog.text.count("; set aside in") == len(aside)
+
+
+def test_a_rejected_request_that_cannot_be_set_aside_is_reported_lost_with_its_count(
+        app: FastAPI, switch: Switch, tmp_path: Path, collect: Collect, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "spill").mkdir()
+    (tmp_path / "spill" / "rejected").write_text("not a directory")
+    delivered: list[int] = []
+
+    def during(step: int, p: Any) -> None:
+        if step == 2:
+            p.flush()
+            delivered.append(len(stored(app.state.store, "r")))
+            app.state.store.delete_run("r")
+
+    train(sink_for(switch, tmp_path, batch_records=1, max_delay=0.0), collect, 6, during=during)
+    assert "; set aside in" not in caplog.text
+    lost = sum(int(n) for n in re.findall(r"could not be set aside .*: its (\d+) Records are lost", caplog.text))
+    assert delivered[0] + lost == len(collect.records)

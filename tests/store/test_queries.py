@@ -99,7 +99,8 @@ def test_heatmap_rows_in_forward_order_cells_at_evenly_picked_steps(any_store: S
     short = any_store.heatmap(run, "weights", "norm", max_steps=5000)
     assert short["steps"] == steps.tolist()
     assert short["values"][1] == pytest.approx(table["block.fc"].tolist())
-    assert any_store.heatmap(run, "weights", "nope") == {"layers": [], "steps": [], "values": []}
+    assert any_store.heatmap(run, "weights", "nope") == {"layers": [], "steps": [], "values": [], "truncated": False}
+    assert short["truncated"] is False
 
 
 def test_heatmap_of_a_step_range_picks_evenly_inside_it(any_store: Store) -> None:
@@ -155,7 +156,8 @@ def test_histograms_over_time(any_store: Store) -> None:
     assert len(out["steps"]) == 10 and out["steps"][0] == 0 and out["steps"][-1] == 495
     for step, row in zip(out["steps"], out["counts"]):
         assert row == counts[step].tolist()
-    assert any_store.histograms(run, "fc1", "inputs") == {"steps": [], "edges": [], "counts": []}
+    assert out["truncated"] is False
+    assert any_store.histograms(run, "fc1", "inputs") == {"steps": [], "edges": [], "counts": [], "truncated": False}
 
 
 def test_available_lists_phase_topic_metric(any_store: Store) -> None:

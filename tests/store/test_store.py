@@ -264,3 +264,14 @@ def test_store_sink(tmp_path: Path) -> None:
     with pytest.raises(RunExistsError):
         StoreSink(path).open(RunInfo("r"))
 
+
+
+def test_a_run_config_beyond_the_bounds_is_refused_before_anything_is_written(store: Store) -> None:
+    deep: dict[str, object] = {"leaf": 1}
+    for _ in range(40):
+        deep = {"a": deep}
+    with pytest.raises(ConfigError, match="at most 32 levels"):
+        store.start_run(RunInfo("deep", config=deep))
+    with pytest.raises(ConfigError, match="at most 65536 bytes"):
+        StoreSink(store).open(RunInfo("large", config={"notes": "x" * 70_000}))  # what a probe's store sink does
+    assert store.run_infos() == []

@@ -1,4 +1,4 @@
-"""Spectral norm and condition number of a weight, as REFERENCES.md defines them.
+"""Spectral norm and condition number of a weight (defined in docs/metrics.md#spectral-norm-and-condition-number).
 
 A weight is read as a matrix (out_features, −1): a Linear weight as is, a convolution's
 (out, in, kh, kw) as (out, in·kh·kw), a 1-D weight as a column.

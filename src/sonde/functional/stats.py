@@ -137,7 +137,7 @@ def merge_summaries(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def summary_stats(s: np.ndarray) -> dict[str, float]:
-    """The tensor statistics of REFERENCES.md from a summary (population variance)."""
+    """The tensor statistics (docs/metrics.md#tensor-statistics) from a summary (population variance)."""
     n, mean, m2, lo, hi, abs_sum, zeros, nans, infs = np.asarray(s, dtype=np.float64).tolist()
     if n == 0:
         return {}

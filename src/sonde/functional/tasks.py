@@ -1,4 +1,4 @@
-"""Task scores of a layer (Vivisect's, to the definitions in REFERENCES.md): host-side, numpy + torch.
+"""Task scores of a layer (Vivisect's, to the definitions in docs/metrics.md#task-scores): host-side, numpy + torch.
 
 * :func:`probe_f1` — a multinomial logistic-regression probe (L2, C=1; binary logistic for two
   classes, as scikit-learn fits it; L-BFGS in numpy) from activations to labels, trained on a stratified 75 %
@@ -92,7 +92,7 @@ def task_samples(activations: Any, labels: Any, pool: str = "flatten") -> tuple[
     if lab.ndim == 1 and pool == "mean" and acts.ndim > 2:
         feats = acts.double().mean(dim=tuple(range(2, acts.ndim)))
     else:
-        feats = acts.reshape(rows, -1).double()
+        feats = acts.reshape(rows, int(np.prod(acts.shape[lab.ndim:]))).double()  # rows may be 0: no -1
     flat = lab.reshape(-1).long()
     keep = flat >= 0
     return feats[keep].numpy(), flat[keep].numpy()

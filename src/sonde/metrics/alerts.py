@@ -16,7 +16,8 @@ comes back):
   backward, then the optimizer), whose tensors hold non-finite values (``nonfinite_frac``), once
   per episode.
 
-Each alert is also logged (logger ``sonde``, WARNING).
+The probe logs each alert (logger ``sonde``, WARNING), unless one of its sinks shows alerts itself
+(the console sink prints an ``ALERT`` line): each alert reaches the user once.
 
 Example:
     >>> from sonde.records import Record
@@ -27,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -38,8 +38,6 @@ from sonde.metrics.base import Capture, Metric
 from sonde.records import Record
 
 __all__ = ["Alerts"]
-
-log = logging.getLogger("sonde")
 
 #: The metrics :meth:`Alerts._check` reads (``nonfinite_frac`` has its own rule); others are skipped.
 _CHECKED = frozenset({"zero_frac", "update_ratio", "saturation"})
@@ -63,6 +61,8 @@ class Alerts(Metric):
     outputs = ("alert",)
     topics: ClassVar[tuple[str, ...]] = ()  # reads Records, captures nothing
     watches: ClassVar[bool] = True
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"dead_frac": (0.0, 1.0), "warmup": (0, 2**31 - 1),
+                                                       "collapse": (0.0, 1.0)}
 
     def __init__(
         self,
@@ -81,6 +81,7 @@ class Alerts(Metric):
                 f"warmup >= 0; got dead_frac={dead_frac!r}, update_ratio={update_ratio!r}, "
                 f"collapse={collapse!r}, warmup={warmup!r}"
             )
+        self.check_settings(dead_frac=dead_frac, warmup=warmup, collapse=collapse)
         self.dead_frac, self.warmup, self.update_ratio = dead_frac, warmup, (low, high)
         self.collapse, self.nonfinite = collapse, nonfinite
         self._lock = threading.Lock()
@@ -135,8 +136,6 @@ class Alerts(Metric):
                 if others > 0:
                     message += f"; {others} later layer(s) followed"
                 out.append(r._replace(metric="alert", value=1.0, message=message))
-        for alert in out:
-            log.warning("sonde: alert (%s): %s", alert.phase, alert.message)
         return out
 
     def _check(self, r: Record) -> str | None:

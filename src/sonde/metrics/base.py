@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import numbers
 import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -205,7 +206,10 @@ class Capture:
 
 def _nan_free(raw: Any) -> bool:
     """Whether raw summary partials say there is no NaN, known without a device sync (on the CPU
-    the count is a host number; on accelerators it is a device tensor, and the answer is no)."""
+    the count is a host number; on accelerators it is a device tensor, and the answer is no).
+    An empty tensor's partials are ``(0.0,)``: nothing in it, so no NaN either."""
+    if len(raw) == 1:
+        return True
     return isinstance(raw[8], float) and raw[8] == 0
 
 
@@ -255,6 +259,10 @@ class Metric:
             step they were computed for). The training thread only runs the cheap ``update``.
             An offloaded ``compute`` must read only ``self.state`` and configuration: it runs on a
             shallow copy, so attributes it sets are not kept.
+        bounds: the inclusive ``(low, high)`` range of each numeric setting (``{"bins": (1, 4096)}``;
+            int bounds ask for an integer). :meth:`check_settings` holds the constructor's
+            arguments and every metric spec that reaches the server to them: one rule for the
+            Python API and the network, so no setting can make a metric's state or its Records huge.
 
     Args:
         every: an int or a schedule ``step -> bool`` overriding the probe's ``every=``: when
@@ -275,6 +283,7 @@ class Metric:
     requires: ClassVar[tuple[str, ...]] = ()
     reads_topics: ClassVar[dict[str, str]] = {}
     offload: ClassVar[bool] = False
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def __init__(
         self,
@@ -292,6 +301,32 @@ class Metric:
         self.state: dict[str, Any] = {}
         self.staged: list[tuple[str, Any]] = []
         self.updates = 0
+
+    @classmethod
+    def check_settings(cls, **settings: Any) -> None:
+        """Raise :class:`~sonde.errors.ConfigError` (a ValueError) for a setting outside :attr:`bounds`.
+
+        Settings without a declared bound, and None (a default such as "all rows"), are left to
+        the constructor. The message names the setting and its bound.
+
+        Example:
+            >>> from sonde.metrics import Histogram
+            >>> Histogram.check_settings(bins=10_000_000)
+            Traceback (most recent call last):
+            ...
+            sonde.errors.ConfigError: Histogram(bins=) expects an integer from 1 to 4096; got 10000000
+        """
+        for name, value in settings.items():
+            bound = cls.bounds.get(name)
+            if bound is None or value is None:
+                continue
+            low, high = bound
+            integral = isinstance(low, int) and isinstance(high, int)
+            kind = numbers.Integral if integral else numbers.Real
+            number: Any = value  # compared exactly (no float() overflow for a huge int); NaN fails
+            if isinstance(value, bool) or not isinstance(value, kind) or not low <= number <= high:
+                raise ConfigError(f"{cls.__name__}({name}=) expects {'an integer' if integral else 'a number'} "
+                                  f"from {low!r} to {high!r}; got {value!r:.80}")
 
     # -- declared state -------------------------------------------------------------------
     def add_state(self, name: str, default: Any, reduce: str | Reduce = "sum") -> None:

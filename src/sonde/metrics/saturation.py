@@ -103,6 +103,8 @@ class Saturation(Metric):
     outputs = ("saturation", "intrinsic_dim", "cov_trace", "cov_logdet", "eigenvalues")
     topics: ClassVar[tuple[str, ...]] = ("activations",)
     offload: ClassVar[bool] = True
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"threshold": (0.0, 1.0), "top_k": (1, 4096),
+                                                       "sketch_size": (2, 8192), "eps": (0.0, 1.0)}
     #: Width from which ``approximate="auto"`` sketches.
     wide: ClassVar[int] = 2048
 
@@ -121,6 +123,7 @@ class Saturation(Metric):
         topics: Sequence[str] | None = None,
         every: int | Schedule | None = None,
     ) -> None:
+        self.check_settings(threshold=threshold, top_k=top_k, sketch_size=sketch_size, eps=eps)
         super().__init__(every=every, compute_every=compute_every, reset=reset)
         if not 0 < threshold <= 1:
             raise ConfigError(f"Saturation(threshold=) expects a share in (0, 1], got {threshold!r}")

@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -64,7 +65,7 @@ def probe_features(tensor: torch.Tensor, pool: str) -> torch.Tensor:
     t = tensor.detach()
     if pool == "mean" and t.ndim > 2:
         return t.mean(dim=tuple(range(2, t.ndim)))
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # not -1: a batch may have 0 rows
 
 
 def _gram(tensor: torch.Tensor, pool: str) -> torch.Tensor:
@@ -125,6 +126,8 @@ class _AgainstReference(_ProbeSetMetric):
 
     def update(self, capture: Capture) -> None:
         self.layer, self.step = capture.layer, capture.step
+        if capture.numel() == 0:
+            return  # an empty batch holds no sample to compare
         self.stage("chunks", self.chunk(capture))
 
     def absorb_staged(self, host: dict[int, np.ndarray]) -> None:
@@ -146,9 +149,9 @@ class CKA(_AgainstReference):
     Args:
         reference: ``"first"`` (the first evaluated step; emits ``cka``) or ``"previous"`` (the
             previous one; emits ``cka_previous``).
-        pool: ``"flatten"`` (default) or ``"mean"`` (average over dims ≥ 2, channel pooling).
-        every, compute_every, reset: as for every metric; the probe set is evaluated at the
-            steps ``compute_every`` (default 100) accepts.
+        **kwargs: ``pool=`` ``"flatten"`` (default) or ``"mean"`` (average over dims ≥ 2, channel
+            pooling); ``every=``, ``compute_every=`` and ``reset=`` as for every metric: the probe
+            set is evaluated at the steps ``compute_every`` (default 100) accepts.
 
     Example:
         ``sonde.probe(model, metrics=[sonde.metrics.CKA(reference="previous")], probe_set=(x, y))``
@@ -176,8 +179,9 @@ class SVCCA(_AgainstReference):
 
     Args:
         keep: share of variance the kept singular directions explain (0.99).
-        reference: ``"first"`` or ``"previous"``.
         pool: ``"mean"`` (default: conv maps channel-pooled) or ``"flatten"``.
+        **kwargs: ``reference=`` ``"first"`` or ``"previous"``; ``every=``, ``compute_every=`` and
+            ``reset=`` as for every metric.
 
     Use many more probe-set samples than kept directions (SVCCA of n samples in ≥ n dimensions
     is trivially 1).
@@ -187,8 +191,10 @@ class SVCCA(_AgainstReference):
     """
 
     name = "svcca"
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"keep": (0.0, 1.0)}
 
     def __init__(self, *, keep: float = 0.99, pool: str = "mean", **kwargs: Any) -> None:
+        self.check_settings(keep=keep)
         if not 0.0 < keep <= 1.0:
             raise ConfigError(f"keep= expects a share of variance in (0, 1], got {keep!r}")
         super().__init__(pool=pool, **kwargs)
@@ -271,6 +277,8 @@ class CKAMatrix(_ProbeSetMetric):
 
     def update(self, capture: Capture) -> None:
         self.layer, self.step = capture.layer, capture.step
+        if capture.numel() == 0:
+            return  # an empty batch holds no sample to compare
         self.stage("all", capture.cached(f"gram:{self.pool}", lambda t: _gram(t, self.pool)))
 
     def absorb_staged(self, host: dict[int, np.ndarray]) -> None:

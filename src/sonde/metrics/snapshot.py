@@ -21,7 +21,7 @@ rows × 2, 2 values rows × 1), decoded by :func:`decode_snapshot`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -82,8 +82,11 @@ class Snapshot(Metric):
     topics = ("activations", "inputs", "output_grads", "weights", "biases", "weight_grads", "bias_grads",
               "weight_updates", "bias_updates")
     offload = True
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"max_side": (1, 256), "max_samples": (1, 1024),
+                                                       "max_values": (1, 65536)}
 
     def __init__(self, max_side: int = 64, max_samples: int = 128, max_values: int = 4096, **kwargs: Any) -> None:
+        self.check_settings(max_side=max_side, max_samples=max_samples, max_values=max_values)
         super().__init__(**kwargs)
         self.max_side = max_side
         self.max_samples = max_samples

@@ -6,8 +6,8 @@ overwritten by that step); the singular values are computed on the probe's backg
 
 ``spectral_norm`` warm-starts its block power iteration from the basis found at the previous
 value, per weight matrix, and iterates until the relative change is below ``tol`` (1e-5 by
-default: on a random 1024×1024 matrix, REFERENCES.md's 1e-4 on a single vector stopped 5e-3
-short of σ₁; a block of 8 with 1e-5 stays within 1e-4). A layer with several weight matrices
+default: on a random 1024×1024 matrix, a single vector stopped at a relative change of 1e-4 was
+5e-3 short of σ₁; a block of 8 with 1e-5 stays within 1e-4). A layer with several weight matrices
 (an LSTM's ``weight_ih_l0`` and ``weight_hh_l0``) reports the largest σ₁ of them;
 ``condition_number`` the largest σmax/σmin.
 
@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from sonde.errors import ConfigError
 from sonde.functional.spectral import as_matrix, condition_number, top_singular_value
 from sonde.metrics.base import Capture, Metric
 from sonde.schedules import Schedule
@@ -57,6 +56,7 @@ class SpectralNorm(Metric):
     name = "spectral_norm"
     topics: ClassVar[tuple[str, ...]] = ("weights",)
     offload: ClassVar[bool] = True
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"tol": (1e-12, 1.0), "max_iter": (1, 10_000), "block": (1, 256)}
 
     def __init__(
         self,
@@ -68,10 +68,8 @@ class SpectralNorm(Metric):
         reset: str = "compute",
         every: int | Schedule | None = None,
     ) -> None:
+        self.check_settings(tol=tol, max_iter=max_iter, block=block)
         super().__init__(every=every, compute_every=compute_every, reset=reset)
-        if not tol > 0 or max_iter < 1 or block < 1:
-            raise ConfigError(f"{type(self).__name__} expects tol > 0, max_iter >= 1 and block >= 1, "
-                              f"got tol={tol!r}, max_iter={max_iter!r}, block={block!r}")
         self.tol, self.max_iter, self.block = tol, max_iter, block
         # Per weight matrix of the layer, the basis of the previous value. Mutated in place by the
         # worker's compute (a snapshot shares this dict), one compute at a time per instance.
@@ -80,8 +78,8 @@ class SpectralNorm(Metric):
         self._index = 0
 
     def update(self, capture: Capture) -> None:
-        if not self.due(capture.step):
-            return  # the weight is read only at the steps that compute a value
+        if not self.due(capture.step) or capture.numel() == 0:
+            return  # the weight is read only at the steps that compute a value; an empty one has no σ
         if capture.step != self._step:
             self._step, self._index = capture.step, 0
         name = f"w{self._index}"

@@ -1,4 +1,4 @@
-"""Tensor statistics of any topic, exactly as REFERENCES.md defines them.
+"""Tensor statistics of any topic, exactly as docs/metrics.md#tensor-statistics defines them.
 
 All nine scalar statistics share one fused device-side reduction per tensor
 (:func:`sonde.functional.summarize`), memoised per step, so asking for all of them costs
@@ -168,16 +168,18 @@ class Histogram(Metric):
     the step where the edges were fixed.
 
     Args:
-        bins: number of bins (default 64).
+        bins: number of bins (default 64; at most 4096).
     """
 
     name = "histogram"
     outputs = ("histogram", "histogram_edges")
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"bins": (1, 4096)}
     topics = STAT_TOPICS
 
     def __init__(self, bins: int = 64, **kwargs: Any) -> None:
+        self.check_settings(bins=bins)
         super().__init__(**kwargs)
-        self.bins = bins
+        self.bins = int(bins)
         self.edges: np.ndarray | None = None
         self._range: tuple[float, float] | None = None  # (edges[0], edges[-1]) as floats, once fixed
         self._device_range: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -131,6 +131,7 @@ class _TaskMetric(_ProbeSetMetric):
 
     probe_set: ClassVar[str] = "optional"
     min_rows: ClassVar[int] = 8
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"samples": (8, 100_000), "seed": (0, 2**32 - 1)}
 
     def __init__(
         self,
@@ -144,8 +145,7 @@ class _TaskMetric(_ProbeSetMetric):
     ) -> None:
         if pool not in POOLS:
             raise ConfigError(f"pool= expects one of {POOLS}, got {pool!r}")
-        if not isinstance(samples, int) or samples < 8:
-            raise ConfigError(f"samples= expects an int >= 8 (reservoir rows per layer), got {samples!r}")
+        self.check_settings(samples=samples, seed=seed)
         super().__init__(pool=pool, every=every, compute_every=compute_every, reset=reset)
         self.samples = samples
         self.seed = seed
@@ -193,6 +193,8 @@ class _TaskMetric(_ProbeSetMetric):
                 self._offer(reservoir, acts, labels)
 
     def _offer(self, reservoir: Reservoir, acts: torch.Tensor, labels: torch.Tensor) -> None:
+        if acts.numel() == 0 or labels.numel() == 0:
+            return  # an empty batch offers no row
         lab = labels.detach()
         if lab.device != acts.device:
             lab = lab.to(acts.device)
@@ -235,7 +237,9 @@ class ProbeF1(_TaskMetric):
         samples: reservoir rows per layer in training-batch mode (default 2000).
         pool: ``"flatten"`` (default) or ``"mean"`` (channel pooling for per-sample labels).
         seed: seed of the split (and of the reservoir).
-        every, compute_every, reset: as for every metric (``compute_every`` defaults to 100).
+        every: as for every metric.
+        compute_every: as for every metric (default 100).
+        reset: as for every metric.
 
     Example:
         ``sonde.probe(model, metrics=[sonde.metrics.ProbeF1(compute_every=200)], probe_set=(x, y))``

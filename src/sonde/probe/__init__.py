@@ -14,6 +14,9 @@ def probe(model: Any, **kwargs: Any) -> Probe:
 
     Args:
         model: a ``torch.nn.Module`` (other frameworks have their own adapters).
+        **kwargs: the keywords below.
+
+    Keyword Args:
         run: run name; default: the model class name made unique in the store.
         store: path of the SQLite store (default ``sonde.db``), a SQLAlchemy URL, or None.
         server: URL of a running ``sonde serve`` (or a ``sonde.sinks.RemoteSink``): Records go there

@@ -18,6 +18,7 @@ from torch import nn
 
 from sonde.errors import ConfigError
 from sonde.probe.core import guarded
+from sonde.probe.kit import check_keywords
 from sonde.probe.torch import TorchProbe
 
 __all__ = ["CallbackProbe"]
@@ -51,10 +52,7 @@ class CallbackProbe:
             raise ConfigError(f"{name} takes the model and the optimizer from the trainer; do not pass "
                               + ", ".join(f"{k}=" for k in given))
         accepted = set(inspect.signature(TorchProbe.__init__).parameters) - {"self", *_FROM_TRAINER}
-        unknown = sorted(set(probe_kwargs) - accepted)
-        if unknown:
-            raise ConfigError(f"{name} got unexpected keyword(s) {', '.join(unknown)}; it takes sonde.probe's: "
-                              + ", ".join(sorted(accepted)))
+        check_keywords(name, probe_kwargs, accepted, " (sonde.probe's)")
         self.probe_kwargs = probe_kwargs
         self.probe: TorchProbe | None = None
         self._warned: set[str] = set()

@@ -1,85 +1,44 @@
 """The framework-independent half of a probe: run, bus, sinks, steps and phases.
 
 A framework adapter (``probe/torch.py`` is the reference) finds layers, installs hooks and
-calls :meth:`Probe.publish`; this class decides which step a capture belongs to, when a step
-is finished, and where the Records go.
+calls :meth:`Probe.publish`, with the adapter kit (:mod:`sonde.probe.kit`) for what every
+adapter does alike; this class holds the step protocol (:meth:`Probe.begin_train_forward`,
+:meth:`Probe.begin_optimizer_step`, :meth:`Probe.optimizer_stepped`, :meth:`Probe.count_steps`):
+which step a capture belongs to, when a step is finished, and where the Records go.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from sonde.bus import Bus
-from sonde.errors import ConfigError, LayerFilterError, ProbeError
-from sonde.metrics.base import Metric
+from sonde.errors import ConfigError, ProbeError
 from sonde.metrics.registry import resolve_metrics
 from sonde.probe.heap import HeapChurnCheck
+from sonde.probe.kit import KEYWORDS, ProbeOptions
 from sonde.records import NETWORK, Record
-from sonde.schedules import Schedule, as_schedule
-from sonde.sinks import LayerInfo, RunInfo, Sink, SinkRunner, resolve_sinks
+from sonde.run_config import check_config
+from sonde.run_info import LayerInfo, RunInfo
+from sonde.run_name import check_run_name
+from sonde.schedules import as_schedule
+from sonde.sinks import SinkRunner, resolve_sinks
 from sonde.topics import STEP_TOPICS, TOPICS
 from sonde.worker import Worker
 
-__all__ = ["Probe", "choose_layers", "deepest_owners", "guarded", "not_a_module", "shared_tensor"]
+if TYPE_CHECKING:
+    from typing import Unpack
+
+__all__ = ["Probe", "guarded", "not_a_module", "shared_tensor"]
 
 log = logging.getLogger("sonde")
-
-
-def choose_layers(named: Sequence[tuple[str, Any, int, bool, bool]], layers: Any, depth: int | None,
-                  model_name: str) -> dict[str, Any]:
-    """The layers to probe, by name, in model order: the one rule of every adapter.
-
-    ``named``: ``(name, layer, level, is_leaf, owns_parameters)`` for every layer, level 1 for the
-    root's children (level 0, the root itself, only where the framework lets it own parameters).
-    ``depth=None``: leaves and layers owning parameters of their own; ``depth=k``: layers k levels
-    down, plus shallower leaves so that no branch is dropped. ``layers`` (names, globs or a
-    callable ``(name, layer) -> bool``) filters those; given without ``depth`` it may name any
-    layer, leaf or not.
-    """
-    if depth is not None and (not isinstance(depth, int) or depth < 1):
-        raise ConfigError(f"depth= expects None or an int >= 1, got {depth!r}")
-    if depth is None and layers is not None:
-        candidates = [(n, m) for n, m, level, _, owns in named if level > 0 or owns]
-    elif depth is None:
-        candidates = [(n, m) for n, m, _, leaf, owns in named if leaf or owns]
-    else:
-        candidates = [(n, m) for n, m, level, leaf, _ in named if level == depth or (level < depth and leaf)]
-    if layers is None:
-        chosen = candidates
-    elif callable(layers):
-        chosen = [(n, m) for n, m in candidates if layers(n, m)]
-    else:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        if not all(isinstance(p, str) for p in patterns):
-            raise ConfigError(f"layers= expects a callable or a list of names/globs, got {layers!r}")
-        chosen = [(n, m) for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        examples = ", ".join(repr(n) for n, _ in candidates[:8]) or "(the model has no submodules)"
-        raise LayerFilterError(f"layer filter {layers!r} (depth={depth}) matched no layer of {model_name}; "
-                               f"names look like {examples}")
-    return dict(chosen)
-
-
-def deepest_owners(layers: dict[str, Any], held: Callable[[Any], Iterable[Any]]) -> dict[str, list[Any]]:
-    """Each parameter (``held(layer)``: all a layer holds, its sublayers' included) goes to the
-    deepest probed layer that holds it; a layer's depth is the dots in its name."""
-    owners: dict[str, list[Any]] = {}
-    taken: set[int] = set()
-    for name in sorted(layers, key=lambda n: -n.count(".")):
-        for param in held(layers[name]):
-            if id(param) not in taken:
-                taken.add(id(param))
-                owners.setdefault(name, []).append(param)
-    return owners
 
 
 def guarded(warned: set[str], where: str, fn: Callable[[], Any]) -> None:
@@ -130,19 +89,41 @@ class Probe:
 
     def __init__(
         self,
+        model: Any,
+        probed: dict[str, Any],
+        shapes: dict[str, dict[str, Sequence[int]]],
+        /,
         *,
-        model_name: str,
-        run: str | None,
-        store: Any,
-        server: str | None,
-        metrics: Sequence[str | Metric] | None,
-        topics: Sequence[str] | None,
-        every: int | Schedule,
-        sinks: Sequence[str | Sink] | None,
-        resume: bool,
-        layers: list[LayerInfo],
-        config: dict[str, Any],
+        optimizer: str | None,
+        config: dict[str, Any] | None = None,
+        **options: Unpack[ProbeOptions],
     ) -> None:
+        """What an adapter hands over once it has chosen its layers (before it hooks anything).
+
+        Args:
+            model: the model (its class name names the run).
+            probed: the probed layers by name (:func:`~sonde.probe.kit.choose_layers`).
+            shapes: each probed layer's parameters: their shapes by name.
+            optimizer: the optimizer's class name (None: none given), for the run's config.
+            config: more of the run's config.
+            **options: :class:`~sonde.probe.kit.ProbeOptions`.
+        """
+        unknown = sorted(set(options) - set(KEYWORDS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) {', '.join(unknown)}; "
+                            f"it takes {', '.join(KEYWORDS)}")
+        model_name = type(model).__name__
+        run, store, server = options.get("run"), options.get("store", "sonde.db"), options.get("server")
+        metrics, topics, sinks = options.get("metrics"), options.get("topics"), options.get("sinks")
+        every = options.get("every", 1)
+        resume = options.get("resume", False)
+        config = {"every": repr(every), "depth": options.get("depth"), "optimizer": optimizer, **(config or {})}
+        check_config(config)  # the bound the store and the server hold a run's config to, before any sink opens
+        if run is not None:
+            check_run_name(run)  # a name the server cannot address would lose every Record sent to it
+        self.layers = probed
+        infos = [LayerInfo(name, type(layer).__name__, {p: list(s) for p, s in shapes.get(name, {}).items()})
+                 for name, layer in probed.items()]
         remote = None
         if server is not None:  # the server stores the Records instead of a local store
             from sonde.sinks.remote import RemoteSink
@@ -173,7 +154,7 @@ class Probe:
             run = f"{model_name.lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run = run
         self.info = RunInfo(
-            name=run, model=model_name, framework=self.framework, config=config, layers=layers, resume=resume
+            name=run, model=model_name, framework=self.framework, config=config, layers=infos, resume=resume
         )
         self._runners: list[SinkRunner] = []
         try:
@@ -185,7 +166,7 @@ class Probe:
                 runner.close("failed")
             raise
         self.bus = Bus(run, self.metrics, topics=TOPICS if topics is None else topics, schedule=self.schedule)
-        self.bus.layer_types = {info.name: info.type for info in layers}
+        self.bus.layer_types = {info.name: info.type for info in infos}
         if any(m.offload for m in self.metrics):
             self.bus.worker = Worker(self._emit, name=f"sonde-worker-{run}")
         self.step = self.info.first_step
@@ -221,9 +202,26 @@ class Probe:
         self._step_started = True
         return new
 
+    #: Whether steps are the optimizer's (set by :meth:`count_steps`); else each train forward is one.
     steps_on_optimizer = False
 
+    def count_steps(self, by_optimizer: bool, *, keyword: str = "optimizer", example: str = "opt",
+                    lost: str = "weights, gradients and updates", passes: str = "training forward passes") -> None:
+        """Steps are the optimizer's when the adapter hooks one (``by_optimizer``); without one each
+        training forward pass is a step, and a warning says what cannot be recorded (``lost``)
+        when the topics ask for updates, and which keyword (``keyword=example``) would give it."""
+        self.steps_on_optimizer = by_optimizer
+        if not by_optimizer and (self.bus.topics & {"weight_updates", "bias_updates"}):
+            log.warning("sonde: no %s= given, so %s are unavailable and steps are counted by %s; pass %s=%s "
+                        "to record them", keyword, lost, passes, keyword, example)
+
+    def begin_optimizer_step(self) -> None:
+        """The optimizer is about to step: the current step has begun, whether or not a train
+        forward of the probed model ran in it (a trainer's closure runs it inside the step)."""
+        self._step_started = True
+
     def optimizer_stepped(self) -> None:
+        """The optimizer stepped: the next train forward starts a new step."""
         self._step_started = True
         self._step_closed = True
 
@@ -244,9 +242,19 @@ class Probe:
         if records:
             with self._emit_lock:
                 if self.bus.watchers:
-                    records = records + self.bus.watch(records)
+                    alerts = self.bus.watch(records)
+                    records = records + alerts
+                    self._log_alerts(alerts)
                 for runner in self._runners:
                     runner.submit(records)
+
+    def _log_alerts(self, alerts: list[Record]) -> None:
+        """Log each alert (logger ``sonde``, WARNING) unless a working sink shows it (the console
+        sink prints an ALERT line): either way the user sees each alert once."""
+        if any(runner.sink.shows_alerts and runner.failed is None for runner in self._runners):
+            return
+        for alert in alerts:
+            log.warning("sonde: alert (%s): %s", alert.phase, alert.message)
 
     def _guard(self, where: str, fn: Callable[[], Any]) -> None:
         guarded(self._warned, where, fn)
@@ -330,6 +338,7 @@ class Probe:
             self.detach()
             if self.bus.worker is not None:
                 self.bus.worker.close(timeout)
+            self.bus.report_failures()  # a metric that kept failing is named again, with its count
             for runner in self._runners:
                 runner.close(status)
             failed = [r.sink.name for r in self._runners if r.failed is not None]

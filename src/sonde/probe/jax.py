@@ -29,8 +29,8 @@ import functools
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -38,16 +38,16 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from sonde.errors import ConfigError, ProbeError
-from sonde.probe.core import Probe, choose_layers, shared_tensor
-from sonde.schedules import Schedule
-from sonde.sinks import LayerInfo, Sink
-from sonde.topics import GRADS_AND_UPDATES, PARAM_TOPICS
+from sonde.probe import kit
+from sonde.probe.core import Probe, shared_tensor
+from sonde.topics import PARAM_TOPICS
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 __all__ = ["JaxProbe", "probe", "select_layers"]
 
 log = logging.getLogger("sonde")
-
-LayerFilter = Sequence[str] | str | Callable[[str, Any], bool] | None
 
 
 def _name(path: tuple[Any, ...]) -> str:
@@ -58,12 +58,12 @@ def _own_params(module: Any) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in vars(module).items() if isinstance(v, nnx.Param)]
 
 
-def select_layers(model: Any, layers: LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
-    """The NNX modules to probe, by dotted path (:func:`~sonde.probe.core.choose_layers`'s rule)."""
+def select_layers(model: Any, layers: kit.LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
+    """The NNX modules to probe, by dotted path (:func:`~sonde.probe.kit.choose_layers`'s rule)."""
     modules = {_name(path): m for path, m in nnx.iter_modules(model) if path}
     named = [(n, m, n.count(".") + 1, not any(o.startswith(n + ".") for o in modules), bool(_own_params(m)))
              for n, m in modules.items()]
-    return choose_layers(named, layers, depth, type(model).__name__)
+    return kit.choose_layers(named, layers, depth, type(model).__name__)
 
 
 def _value(variable: Any) -> Any:
@@ -82,10 +82,11 @@ def _under_grad(model: Any) -> bool:
 
 
 def _first_float(values: Any) -> Any:
-    for leaf in jax.tree.leaves(values):
-        if isinstance(leaf, jax.Array) and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
-            return leaf
-    return None
+    return kit.first_leaf(values, _is_float, jax.tree.leaves)
+
+
+def _is_float(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array) and bool(jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating))
 
 
 _BOOL = jax.ShapeDtypeStruct((), np.bool_)
@@ -109,22 +110,7 @@ class JaxProbe(Probe):
 
     framework = "jax"
 
-    def __init__(
-        self,
-        model: Any,
-        *,
-        optimizer: Any = None,
-        run: str | None = None,
-        store: Any = "sonde.db",
-        server: str | None = None,
-        layers: LayerFilter = None,
-        topics: Sequence[str] | None = None,
-        metrics: Sequence[str | Any] | None = None,
-        every: int | Schedule = 1,
-        depth: int | None = None,
-        sinks: Sequence[str | Sink] | None = None,
-        resume: bool = False,
-    ) -> None:
+    def __init__(self, model: Any, *, optimizer: Any = None, **options: Unpack[kit.ProbeOptions]) -> None:
         if not isinstance(model, nnx.Module):
             raise ProbeError(f"sonde.jax.probe expects a flax.nnx.Module, got {type(model).__module__}."
                              f"{type(model).__name__} (Flax linen modules keep no state to probe; use NNX)")
@@ -134,21 +120,16 @@ class JaxProbe(Probe):
             raise ProbeError(f"{type(model).__name__} is already probed; close that probe first")
         self.model = model
         self.optimizer = optimizer
-        self.layers = select_layers(model, layers, depth)
+        self.layers = select_layers(model, options.get("layers"), options.get("depth"))
         self.owners = self._assign_params()
-        infos = [LayerInfo(name, type(m).__name__, {p: list(_value(v).shape) for p, v in self._params_of(name)})
-                 for name, m in self.layers.items()]
-        super().__init__(model_name=type(model).__name__, run=run, store=store, server=server, metrics=metrics,
-                         topics=topics, every=every, sinks=sinks, resume=resume, layers=infos,
-                         config={"every": repr(every), "depth": depth,
-                                 "optimizer": type(optimizer.tx).__name__ if optimizer is not None else None})
-        self.steps_on_optimizer = optimizer is not None
-        if optimizer is None and (self.bus.topics & {"weight_updates", "bias_updates"}):
-            log.warning("sonde: no optimizer= given, so weights, gradients and updates are unavailable and steps "
-                        "are counted by forward passes; pass optimizer=nnx.Optimizer(...) to record them")
+        super().__init__(model, self.layers,
+                         {name: {p: _value(v).shape for p, v in self._params_of(name)} for name in self.layers},
+                         optimizer=type(optimizer.tx).__name__ if optimizer is not None else None, **options)
+        self.count_steps(optimizer is not None, example="nnx.Optimizer(...)", passes="forward passes")
+        self.param_publisher = kit.ParameterPublisher(self, shared_tensor)
         self._lock = threading.RLock()  # callbacks run on JAX's runtime thread, log() on the caller's
         self._pass: list[tuple[str, str, Any]] = []  # the current forward pass's captures, phase not yet known
-        self._calls: dict[str, int] = {}  # calls per layer in the pass being traced (trace time)
+        self.call_names = kit.CallNames()  # of the layers called in the pass being traced (trace time)
         self._taps: dict[str, Callable[..., Any]] = {}
         self._flag: Any = None  # while the root's forward is traced: whether the host records this pass
         self._passes = 0  # forward passes begun (host)
@@ -180,7 +161,7 @@ class JaxProbe(Probe):
         root_call = type(self.model).__call__
 
         def root(module: Any, *args: Any, **kwargs: Any) -> Any:
-            self._calls.clear()  # trace time (or every eager call): names restart with each pass
+            self.call_names.clear()  # trace time (or every eager call): names restart with each pass
             # the host files the last pass and says whether this one is recorded (every=); a pass under
             # a gradient transform is training, any other an evaluation (recorded whenever it happens)
             begin = functools.partial(self._on_begin, _under_grad(module))
@@ -210,9 +191,7 @@ class JaxProbe(Probe):
     # -- traced: what the callbacks carry --------------------------------------------------------
     def _layer_call(self, name: str, call: Callable[..., Any]) -> Callable[..., Any]:
         def probed_call(module: Any, *args: Any, **kwargs: Any) -> Any:
-            count = self._calls.get(name, 0) + 1
-            self._calls[name] = count
-            layer = name if count == 1 else f"{name}:{count}"
+            layer = self.call_names(name)
             x = _first_float((args, kwargs))
             output = call(module, *args, **kwargs)
             y = _first_float(output)
@@ -305,15 +284,7 @@ class JaxProbe(Probe):
 
             def run() -> None:
                 for path, b, g, a in zip(paths, before, grads, after, strict=True):
-                    layer = self.owners[path]
-                    kind = "biases" if str(path[-1]).startswith("bias") else "weights"
-                    grad_topic, update_topic = GRADS_AND_UPDATES[kind]
-                    if self.wants(kind):
-                        self.publish(layer, kind, shared_tensor(b), phase="train")
-                    if self.wants(grad_topic):
-                        self.publish(layer, grad_topic, shared_tensor(g), phase="train")
-                    if self.wants(update_topic):
-                        self.publish(layer, update_topic, shared_tensor(a), phase="train", minus=shared_tensor(b))
+                    self.param_publisher.publish(self.owners[path], kit.param_topic(_name(path)), b, g, a)
 
             self._guard("update capture", run)
 

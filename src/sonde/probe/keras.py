@@ -25,19 +25,20 @@ steps in one call; the probe then sees each call as one step (the last of the N)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
 import torch
 
-from sonde.errors import ConfigError, GraphError, ProbeError
-from sonde.probe.core import Probe, choose_layers, deepest_owners, shared_tensor
+from sonde.errors import GraphError, ProbeError
+from sonde.probe import kit
+from sonde.probe.core import Probe, shared_tensor
 from sonde.records import NETWORK
-from sonde.schedules import Schedule
-from sonde.sinks import LayerInfo, Sink
-from sonde.topics import GRADS_AND_UPDATES
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 __all__ = ["KerasProbe", "SondeCallback", "select_layers"]
 
@@ -45,8 +46,6 @@ log = logging.getLogger("sonde")
 
 #: The key of the extra output the recording function returns next to Keras's logs.
 _KEY = "__sonde__"
-
-LayerFilter = Sequence[str] | str | Callable[[str, Any], bool] | None
 
 
 def _children(layer: Any) -> list[Any]:
@@ -62,9 +61,9 @@ def _own_variables(layer: Any) -> list[Any]:
     return list(getattr(layer, "_trainable_variables", []))
 
 
-def select_layers(model: Any, layers: LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
+def select_layers(model: Any, layers: kit.LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
     """The Keras layers to probe, by dotted name, in the model's order
-    (:func:`~sonde.probe.core.choose_layers`'s rule)."""
+    (:func:`~sonde.probe.kit.choose_layers`'s rule)."""
     named: list[tuple[str, Any, int, bool, bool]] = []
 
     def walk(layer: Any, prefix: str, level: int) -> None:
@@ -74,15 +73,16 @@ def select_layers(model: Any, layers: LayerFilter = None, depth: int | None = No
             walk(child, name + ".", level + 1)
 
     walk(model, "", 1)
-    return choose_layers(named, layers, depth, type(model).__name__)
+    return kit.choose_layers(named, layers, depth, type(model).__name__)
 
 
 def _first_float(value: Any) -> Any:
-    """The first floating-point tensor in ``value`` (depth-first through lists, tuples and dicts)."""
-    for item in tf.nest.flatten(value):
-        if isinstance(item, (tf.Tensor, tf.Variable)) and item.dtype.is_floating:
-            return item
-    return None
+    """The first floating-point tensor in ``value`` (depth-first, in ``tf.nest``'s order)."""
+    return kit.first_leaf(value, _is_float, tf.nest.flatten)
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, (tf.Tensor, tf.Variable)) and value.dtype.is_floating
 
 
 def _replace(value: Any, old: Any, new: Any) -> Any:
@@ -105,7 +105,7 @@ class _Recorder:
         self.tensors: dict[tuple[str, str], Any] = {}  # (layer, topic) -> tensor, for layer calls
         # (layer, "weights" | "biases", before, gradient, after) for each updated variable
         self.variables: list[tuple[str, str, Any, Any, Any]] = []
-        self.calls: dict[str, int] = {}
+        self.call_names = kit.CallNames()
         self.loss: Any = None
         self.labels: Any = None
         self.outputs: Any = None
@@ -118,9 +118,7 @@ class _Recorder:
             # leave that body; its variables are still recorded through the optimizer
             self.nested.add(name)
             return output
-        count = self.calls.get(name, 0) + 1
-        self.calls[name] = count
-        layer = name if count == 1 else f"{name}:{count}"
+        layer = self.call_names(name)
         x = _first_float(args)
         if x is not None:
             self.tensors[(layer, "inputs")] = x
@@ -146,21 +144,7 @@ class KerasProbe(Probe):
 
     framework = "keras"
 
-    def __init__(
-        self,
-        model: Any,
-        *,
-        run: str | None = None,
-        store: Any = "sonde.db",
-        server: str | None = None,
-        layers: LayerFilter = None,
-        topics: Sequence[str] | None = None,
-        metrics: Sequence[str | Any] | None = None,
-        every: int | Schedule = 1,
-        depth: int | None = None,
-        sinks: Sequence[str | Sink] | None = None,
-        resume: bool = False,
-    ) -> None:
+    def __init__(self, model: Any, **options: Unpack[kit.ProbeOptions]) -> None:
         if not isinstance(model, keras.Model):
             raise ProbeError(f"sonde.keras expects a keras.Model, got {type(model).__module__}.{type(model).__name__}")
         if keras.backend.backend() != "tensorflow":
@@ -169,15 +153,13 @@ class KerasProbe(Probe):
         if getattr(model, "_sonde_probe", None) is not None:
             raise ProbeError(f"{model.name} is already probed; close that probe first")
         self.model = model
-        self.layers = select_layers(model, layers, depth)
-        self.variables = deepest_owners(self.layers, lambda layer: layer.trainable_variables)
-        infos = [LayerInfo(name, type(layer).__name__, {v.name: list(v.shape) for v in self.variables.get(name, [])})
-                 for name, layer in self.layers.items()]
-        super().__init__(model_name=type(model).__name__, run=run, store=store, server=server, metrics=metrics,
-                         topics=topics, every=every, sinks=sinks, resume=resume, layers=infos,
-                         config={"every": repr(every), "depth": depth,
-                                 "optimizer": type(model.optimizer).__name__ if model.optimizer else None})
-        self.steps_on_optimizer = True
+        self.layers = select_layers(model, options.get("layers"), options.get("depth"))
+        self.variables = kit.deepest_owners(self.layers, lambda layer: layer.trainable_variables)
+        super().__init__(model, self.layers,
+                         {name: {v.name: v.shape for v in variables} for name, variables in self.variables.items()},
+                         optimizer=type(model.optimizer).__name__ if model.optimizer else None, **options)
+        self.count_steps(True)
+        self.param_publisher = kit.ParameterPublisher(self, shared_tensor)
         self._recorder = _Recorder()
         self._restore: list[Callable[[], None]] = []
         self._plain_train: Any = None
@@ -276,8 +258,7 @@ class KerasProbe(Probe):
             pairs = list(grads_and_vars)
             if not recorder.active:
                 return apply_gradients(pairs)
-            noted = [(owner[id(v)], "biases" if v.name.startswith("bias") else "weights", v,
-                      tf.identity(v.value), tf.convert_to_tensor(g))
+            noted = [(owner[id(v)], kit.param_topic(v.name), v, tf.identity(v.value), tf.convert_to_tensor(g))
                      for g, v in pairs if id(v) in owner and g is not None]
             result = apply_gradients(pairs)
             # after - before is taken by the metrics' own pass (minus=), never materialised here
@@ -353,13 +334,7 @@ class KerasProbe(Probe):
                 self.publish(layer, topic, shared_tensor(tensor), phase=phase)
         plan = self._recorder.plans[phase == "train"]
         for (layer, kind), (before, grad, after) in zip(plan, noted["variables"], strict=True):
-            grads, updates = GRADS_AND_UPDATES[kind]
-            if self.wants(kind, phase):
-                self.publish(layer, kind, shared_tensor(before), phase=phase)
-            if self.wants(grads, phase):
-                self.publish(layer, grads, shared_tensor(grad), phase=phase)
-            if self.wants(updates, phase):
-                self.publish(layer, updates, shared_tensor(after), phase=phase, minus=shared_tensor(before))
+            self.param_publisher.publish(layer, kind, before, grad, after, phase=phase)
         step = {k: shared_tensor(v) for k, v in noted["step"].items()}
         loss, outputs = step.get("loss"), step.get("outputs")
         if loss is not None and self.wants("loss", phase):
@@ -395,11 +370,7 @@ class SondeCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     def __init__(self, **probe_kwargs: Any) -> None:
         super().__init__()
-        accepted = {"run", "store", "server", "layers", "topics", "metrics", "every", "depth", "sinks", "resume"}
-        unknown = sorted(set(probe_kwargs) - accepted)
-        if unknown:
-            raise ConfigError(f"SondeCallback got unexpected keyword(s) {', '.join(unknown)}; it takes "
-                              + ", ".join(sorted(accepted)) + " (the optimizer is the model's)")
+        kit.check_keywords("SondeCallback", probe_kwargs, kit.KEYWORDS, " (the optimizer is the model's)")
         self.probe_kwargs = probe_kwargs
         self.probe: KerasProbe | None = None
 

@@ -11,7 +11,8 @@ Steps are ``trainer.step`` calls (each training forward pass without ``trainer=`
 outside ``autograd.record()`` (or under ``autograd.predict_mode()``) is ``eval``, filed at the
 step whose weights it used. Layer names are the children's keys joined with dots
 (``features.0``, ``encoder.fc``); the default selection, ``layers=`` and ``depth=`` follow the
-PyTorch rules. Parameters whose name ends in ``bias`` are biases, all others weights.
+PyTorch rules. Parameters whose own name (after the block's prefix: ``dense0_bias``,
+``lstm0_l0_i2h_bias``) starts with ``bias`` are biases, all others weights.
 
 A hybridized block runs as one cached graph: its children's ``forward`` never runs, so only the
 blocks that are not inside a hybridized parent are recorded. Probe before ``hybridize()`` (the
@@ -21,24 +22,23 @@ probe says so when it finds hybridized blocks).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import mxnet as mx
 import torch
 from mxnet import autograd, gluon
 
 from sonde.errors import ConfigError, ProbeError
-from sonde.probe.core import Probe, choose_layers, deepest_owners
-from sonde.schedules import Schedule
-from sonde.sinks import LayerInfo, Sink
-from sonde.topics import GRADS_AND_UPDATES
+from sonde.probe import kit
+from sonde.probe.core import Probe
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 __all__ = ["MXNetProbe", "probe", "select_layers"]
 
 log = logging.getLogger("sonde")
-
-LayerFilter = Sequence[str] | str | Callable[[str, Any], bool] | None
 
 
 def _walk(block: Any, prefix: str = "", level: int = 1) -> list[tuple[str, Any, int]]:
@@ -50,21 +50,20 @@ def _walk(block: Any, prefix: str = "", level: int = 1) -> list[tuple[str, Any, 
     return out
 
 
-def select_layers(block: Any, layers: LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
-    """The Gluon blocks to probe, by dotted name (:func:`~sonde.probe.core.choose_layers`'s rule)."""
+def select_layers(block: Any, layers: kit.LayerFilter = None, depth: int | None = None) -> dict[str, Any]:
+    """The Gluon blocks to probe, by dotted name (:func:`~sonde.probe.kit.choose_layers`'s rule)."""
     named = [(n, b, level, not b._children, bool(b._reg_params)) for n, b, level in _walk(block)]
-    return choose_layers(named, layers, depth, type(block).__name__)
+    return kit.choose_layers(named, layers, depth, type(block).__name__)
 
 
 def _first_array(value: Any) -> Any:
-    if isinstance(value, mx.nd.NDArray):
-        return value
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            found = _first_array(item)
-            if found is not None:
-                return found
-    return None
+    return kit.first_leaf(value, lambda leaf: isinstance(leaf, mx.nd.NDArray))
+
+
+def _own_name(param: Any) -> str:
+    """What :func:`~sonde.probe.kit.param_topic` reads: MXNet names a parameter
+    ``<block prefix>_<name>`` (``dense0_bias``, ``lstm0_l0_i2h_bias``): the part after the last ``_``."""
+    return str(param.name).rsplit("_", 1)[-1]
 
 
 def _to_torch(array: Any) -> torch.Tensor:
@@ -96,22 +95,7 @@ class MXNetProbe(Probe):
 
     framework = "mxnet"
 
-    def __init__(
-        self,
-        block: Any,
-        *,
-        trainer: Any = None,
-        run: str | None = None,
-        store: Any = "sonde.db",
-        server: str | None = None,
-        layers: LayerFilter = None,
-        topics: Sequence[str] | None = None,
-        metrics: Sequence[str | Any] | None = None,
-        every: int | Schedule = 1,
-        depth: int | None = None,
-        sinks: Sequence[str | Sink] | None = None,
-        resume: bool = False,
-    ) -> None:
+    def __init__(self, block: Any, *, trainer: Any = None, **options: Unpack[kit.ProbeOptions]) -> None:
         if not isinstance(block, gluon.Block):
             raise ProbeError(f"sonde.mxnet.probe expects a gluon.Block, got {type(block).__module__}."
                              f"{type(block).__name__}")
@@ -121,25 +105,18 @@ class MXNetProbe(Probe):
             raise ProbeError(f"{type(block).__name__} is already probed; close that probe first")
         self.block = block
         self.trainer = trainer
-        self.layers = select_layers(block, layers, depth)
-        self.params = deepest_owners(self.layers, lambda block: block.collect_params().values())
-        infos = [LayerInfo(name, type(b).__name__, {p.name: list(p.shape) for p in self.params.get(name, [])})
-                 for name, b in self.layers.items()]
-        super().__init__(model_name=type(block).__name__, run=run, store=store, server=server, metrics=metrics,
-                         topics=topics, every=every, sinks=sinks, resume=resume, layers=infos,
-                         config={"every": repr(every), "depth": depth,
-                                 "optimizer": type(trainer._optimizer).__name__ if trainer is not None else None})
-        self.steps_on_optimizer = trainer is not None
-        if trainer is None and (self.bus.topics & {"weight_updates", "bias_updates"}):
-            log.warning("sonde: no trainer= given, so weights, gradients and updates are unavailable and steps are "
-                        "counted by training forward passes; pass trainer=gluon.Trainer(...) to record them")
+        self.layers = select_layers(block, options.get("layers"), options.get("depth"))
+        self.params = kit.deepest_owners(self.layers, lambda block: block.collect_params().values())
+        super().__init__(block, self.layers, {name: {p.name: p.shape for p in ps} for name, ps in self.params.items()},
+                         optimizer=type(trainer._optimizer).__name__ if trainer is not None else None, **options)
+        self.count_steps(trainer is not None, keyword="trainer", example="gluon.Trainer(...)")
         hybrid = [n for n, b in [("(root)", block), *self.layers.items()] if getattr(b, "_active", False)]
         if hybrid:
             log.warning("sonde: %s hybridized: a hybridized block runs as one cached graph, so the blocks inside "
                         "it are not recorded; probe before calling hybridize()", ", ".join(hybrid))
-        self._calls: dict[str, int] = {}
+        self.call_names = kit.CallNames()
+        self.param_publisher = kit.ParameterPublisher(self, _to_torch)
         self._phase = "train"
-        self._before: list[tuple[str, str, Any, Any]] = []
         self._attach()
 
     # -- attaching ---------------------------------------------------------------------------------
@@ -165,7 +142,7 @@ class MXNetProbe(Probe):
 
     def _begin_pass(self) -> None:
         """The root's forward starts: layer names restart, and a training pass may start a step."""
-        self._calls.clear()
+        self.call_names.clear()
         self._phase = _autograd_phase()
         if self._phase == "train":
             self.begin_train_forward()
@@ -179,9 +156,7 @@ class MXNetProbe(Probe):
         def probed_forward(*args: Any, **kwargs: Any) -> Any:
             if self.block is self.layers.get(name):
                 self._guard("step bookkeeping", self._begin_pass)
-            count = self._calls.get(name, 0) + 1
-            self._calls[name] = count
-            layer = name if count == 1 else f"{name}:{count}"
+            layer = self.call_names(name)
             phase = _autograd_phase()
             x = _first_array(args)
             if x is not None and self.wants("inputs", phase):
@@ -198,11 +173,7 @@ class MXNetProbe(Probe):
             step = self.step
             tapped = _Tap(lambda dy: self._guard("output_grads capture", lambda: self.publish(
                 layer, "output_grads", _to_torch(dy), phase="train", step=step)))(y)
-            if output is y:
-                return tapped
-            items = list(output)
-            items[next(i for i, item in enumerate(items) if item is y)] = tapped
-            return type(output)(items)
+            return kit.replace_leaf(output, y, tapped)
 
         return probed_forward
 
@@ -217,24 +188,16 @@ class MXNetProbe(Probe):
         return probed_step
 
     def _before_update(self) -> None:
-        self._step_started = True
-        self._before.clear()
-        for layer, params in self.params.items():
-            for param in params:
-                kind = "biases" if param.name.endswith("bias") else "weights"
-                grad_topic, update_topic = GRADS_AND_UPDATES[kind]
-                data = param.data()
-                if self.wants(kind):
-                    self.publish(layer, kind, _to_torch(data), phase="train")
-                if param.grad_req != "null" and self.wants(grad_topic):
-                    self.publish(layer, grad_topic, _to_torch(param.grad()), phase="train")
-                if self.wants(update_topic):
-                    self._before.append((layer, update_topic, param, data.copy()))
+        self.begin_optimizer_step()
+        self.param_publisher.before_step(
+            ((layer, _own_name(param), param) for layer, params in self.params.items() for param in params),
+            value=lambda param: param.data(),
+            grad=lambda param: param.grad() if param.grad_req != "null" else None,
+            updated=lambda param: True,
+        )
 
     def _after_update(self) -> None:
-        for layer, topic, param, before in self._before:
-            self.publish(layer, topic, _to_torch(param.data()), phase="train", minus=_to_torch(before))
-        self._before.clear()
+        self.param_publisher.after_step(lambda param: param.data())
 
     def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
         if isinstance(value, (int, float)):

@@ -28,7 +28,6 @@ block's weights merge into one set of statistics).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import weakref
@@ -46,10 +45,11 @@ from sonde.metrics.base import Metric
 from sonde.metrics.registry import resolve_metrics
 from sonde.metrics.tasks import StepLabels
 from sonde.metrics.test_accuracy import TestAccuracy
-from sonde.probe.core import Probe, choose_layers, not_a_module
+from sonde.probe import kit
+from sonde.probe.core import Probe, not_a_module
 from sonde.records import NETWORK, Record
 from sonde.schedules import Schedule
-from sonde.sinks import LayerInfo, Sink
+from sonde.sinks import Sink
 from sonde.topics import GRADS_AND_UPDATES
 from sonde.worker import Worker
 
@@ -58,34 +58,25 @@ __all__ = ["TorchProbe", "first_float_tensor", "select_layers", "unwrap_optimize
 log = logging.getLogger("sonde")
 
 ROOT = "(root)"
-LayerFilter = Callable[[str, nn.Module], bool] | Sequence[str] | str | None
 
 
 def first_float_tensor(value: Any) -> torch.Tensor | None:
-    """The first floating-point tensor in ``value``, depth-first through containers."""
-    if isinstance(value, torch.Tensor):
-        return value if value.is_floating_point() else None
-    if isinstance(value, dict):
-        items: Any = value.values()
-    elif isinstance(value, (list, tuple)):
-        items = value
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        items = (getattr(value, f.name) for f in dataclasses.fields(value))
-    else:
-        return None
-    for item in items:
-        found = first_float_tensor(item)
-        if found is not None:
-            return found
-    return None
+    """The first floating-point tensor in ``value``, depth-first through containers
+    (:func:`~sonde.probe.kit.first_leaf`)."""
+    found: torch.Tensor | None = kit.first_leaf(value, _is_float_tensor)
+    return found
 
 
-def select_layers(model: nn.Module, layers: LayerFilter = None, depth: int | None = None) -> dict[str, nn.Module]:
-    """The modules to probe, by name, in registration order (:func:`~sonde.probe.core.choose_layers`'s
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def select_layers(model: nn.Module, layers: kit.LayerFilter = None, depth: int | None = None) -> dict[str, nn.Module]:
+    """The modules to probe, by name, in registration order (:func:`~sonde.probe.kit.choose_layers`'s
     rule; the root, ``(root)``, only when it holds parameters of its own)."""
     named = [(name or ROOT, m, 0 if not name else name.count(".") + 1, _is_leaf(m), _owns_params(m))
              for name, m in model.named_modules()]
-    return choose_layers(named, layers, depth, type(model).__name__)
+    return kit.choose_layers(named, layers, depth, type(model).__name__)
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -94,10 +85,6 @@ def _is_leaf(module: nn.Module) -> bool:
 
 def _owns_params(module: nn.Module) -> bool:
     return next(module.parameters(recurse=False), None) is not None
-
-
-def _param_topic(param_name: str) -> str:
-    return "biases" if param_name.rsplit(".", 1)[-1].startswith("bias") else "weights"
 
 
 def _probe_set_parts(probe_set: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -179,7 +166,7 @@ class TorchProbe(Probe):
         store: Any = "sonde.db",
         server: str | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-        layers: LayerFilter = None,
+        layers: kit.LayerFilter = None,
         topics: Sequence[str] | None = None,
         metrics: Sequence[str | Metric] | None = None,
         every: int | Schedule = 1,
@@ -200,22 +187,16 @@ class TorchProbe(Probe):
         self.optimizer = optimizer
         self.layers = select_layers(model, layers, depth)
         self.params = self._assign_params()
-        infos = [
-            LayerInfo(name, type(module).__name__, {p: list(t.shape) for p, t in self.params.get(name, [])})
-            for name, module in self.layers.items()
-        ]
-        config: dict[str, Any] = {
-            "every": repr(every), "depth": depth, "optimizer": type(optimizer).__name__ if optimizer else None,
-        }
         self._probe_inputs, self._probe_labels = _probe_set_parts(probe_set)
         main, on_probe_set, self.test_evaluators = _split_metrics(
             metrics, self._probe_inputs is not None, self._probe_labels is not None
         )
-        if self._probe_inputs is not None:
-            config["probe_set"] = list(self._probe_inputs.shape)
         super().__init__(
-            model_name=type(model).__name__, run=run, store=store, server=server, metrics=main, topics=topics,
-            every=every, sinks=sinks, resume=resume, layers=infos, config=config,
+            model, self.layers, {name: {p: t.shape for p, t in params} for name, params in self.params.items()},
+            optimizer=type(optimizer).__name__ if optimizer else None,
+            config={} if self._probe_inputs is None else {"probe_set": list(self._probe_inputs.shape)},
+            run=run, store=store, server=server, layers=layers, topics=topics, metrics=main, every=every, depth=depth,
+            sinks=sinks, resume=resume,
         )
         self.step_labels = StepLabels()  # labels logged in the current train step (task metrics pair them)
         for metric in self.metrics:
@@ -230,17 +211,12 @@ class TorchProbe(Probe):
             self.probe_bus.worker = self.bus.worker
         self._pass_mode: str | None = None  # "probe" or "test" while a side pass runs
         self._pass_labels: torch.Tensor | None = None
-        self.steps_on_optimizer = optimizer is not None
-        if optimizer is None and (self.bus.topics & {"weight_updates", "bias_updates"}):
-            log.warning(
-                "sonde: no optimizer= given, so weight_updates and bias_updates are unavailable and steps "
-                "are counted by training-mode forward passes; pass optimizer=opt to record updates"
-            )
+        self.count_steps(optimizer is not None, lost="weight_updates and bias_updates",
+                         passes="training-mode forward passes")
         self._handles: list[Any] = []
-        self._calls: dict[str, int] = {}
+        self.call_names = kit.CallNames()
         self._names: dict[int, list[str]] = {}
-        self._before: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
-        self._buffers: dict[int, torch.Tensor] = {}
+        self.param_publisher = kit.ParameterPublisher(self)
         self._attach()
 
     # -- attaching ---------------------------------------------------------------------------
@@ -276,7 +252,7 @@ class TorchProbe(Probe):
             for layer, params in self.params.items():
                 for param_name, param in params:
                     if param.requires_grad:
-                        topic = GRADS_AND_UPDATES[_param_topic(param_name)][0]
+                        topic = GRADS_AND_UPDATES[kit.param_topic(param_name)][0]
                         self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(layer, topic)))
 
     def detach(self) -> None:
@@ -284,8 +260,10 @@ class TorchProbe(Probe):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._before.clear()
-        self._buffers.clear()
+        self.param_publisher.clear()
+        probe_bus = getattr(self, "probe_bus", None)
+        if probe_bus is not None:
+            probe_bus.report_failures()  # the probe-set pass's metrics (the main bus reports at close)
         if getattr(self.model, "_sonde_probe", None) is not None:
             del self.model._sonde_probe
 
@@ -303,28 +281,15 @@ class TorchProbe(Probe):
     def _publish_params(self, grads: bool, phase: str = "train", snapshot: bool = False) -> None:
         """Publish weights and biases (and their gradients); with ``snapshot``, also keep each
         parameter's value before the optimizer step for its update, copied in the same pass."""
-        self._before.clear()
-        want_updates = {"weights": snapshot and self.wants("weight_updates"),
-                        "biases": snapshot and self.wants("bias_updates")}
         in_optimizer = (
             {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-            if snapshot and self.optimizer is not None else set()
+            if snapshot and self.optimizer is not None else None
         )
-        for layer, params in self.params.items():
-            for param_name, param in params:
-                topic = _param_topic(param_name)
-                grad_topic, update_topic = GRADS_AND_UPDATES[topic]
-                value = param.detach()
-                before = None
-                if want_updates[topic] and id(param) in in_optimizer:
-                    before = self._buffer_for(param)
-                    self._before.append((layer, update_topic, param, before))
-                if self.wants(topic):
-                    self.publish(layer, topic, value, phase=phase, copy_to=before)
-                elif before is not None:
-                    before.copy_(value)
-                if grads and param.grad is not None and self.wants(grad_topic):
-                    self.publish(layer, grad_topic, param.grad, phase=phase)
+        self.param_publisher.before_step(
+            ((layer, name, param) for layer, params in self.params.items() for name, param in params),
+            value=torch.Tensor.detach, grad=(lambda p: p.grad) if grads else None,
+            updated=None if in_optimizer is None else (lambda p: id(p) in in_optimizer), phase=phase,
+        )
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_root_start(self, module: nn.Module, args: Any) -> None:
@@ -339,7 +304,7 @@ class TorchProbe(Probe):
         calls it at each batch start; the forward pre-hook calling it again before any layer ran changes nothing.
         """
         def run() -> None:
-            self._calls.clear()
+            self.call_names.clear()
             if self._pass_mode is not None:
                 return  # the forward of a side pass, nested in a training forward's pre-hook
             if self.current_phase() == "train":
@@ -348,7 +313,7 @@ class TorchProbe(Probe):
                     self._publish_params(grads=False)
                 if new_step:
                     self._side_passes(self.step)
-                    self._calls.clear()
+                    self.call_names.clear()
 
         self._guard("step bookkeeping", run)
 
@@ -416,14 +381,9 @@ class TorchProbe(Probe):
         finally:
             self.step_labels.clear()
 
-    def _layer_call(self, name: str, module: nn.Module) -> str:
-        count = self._calls.get(name, 0) + 1
-        self._calls[name] = count
-        return name if count == 1 else f"{name}:{count}"
-
     def _pre_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
         def hook(module: nn.Module, args: Any) -> None:
-            call = self._layer_call(name, module)
+            call = self.call_names(name)
             self._names.setdefault(id(module), []).append(call)
             if self._pass_mode is not None:
                 return
@@ -473,7 +433,7 @@ class TorchProbe(Probe):
 
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         def run() -> None:
-            self._step_started = True
+            self.begin_optimizer_step()
             with torch.no_grad():
                 self._publish_params(grads=True, snapshot=True)
 
@@ -499,23 +459,10 @@ class TorchProbe(Probe):
             return args, {**kwargs, "closure": closure_then_capture}
         return (args[0], closure_then_capture, *args[2:]), kwargs
 
-    def _buffer_for(self, param: torch.Tensor) -> torch.Tensor:
-        """A buffer for the parameter's value before the step, kept across steps (reallocating
-        costs page faults)."""
-        buffer = self._buffers.get(id(param))
-        if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
-            buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
-            self._buffers[id(param)] = buffer
-        return buffer
-
     def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         def run() -> None:
             with torch.no_grad():
-                for layer, topic, param, before in self._before:
-                    # after − before, read by the fused pass without materialising it (a metric that
-                    # wants the tensor itself gets it computed into the buffer in place).
-                    self.publish(layer, topic, param.detach(), phase="train", minus=before)
-            self._before.clear()
+                self.param_publisher.after_step(torch.Tensor.detach)
 
         self._guard("weight update capture", run)
         self.optimizer_stepped()

@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from sonde.records import Record
-from sonde.server.api.common import check_text
+from sonde.server.api.common import MSGPACK_TYPES, check_text, require_type
 from sonde.server.api.records import decode_batch
 from sonde.sinks.remote import encode_records
 
@@ -236,6 +236,7 @@ def create_aggregator_app(frontend_url: str, *, token: str | None = None, evalua
         "application/msgpack": {"schema": {"type": "string", "format": "binary"}}}}})
     async def records(run: str, request: Request) -> Response:
         """Take a batch of Records (the frontend's format, 6- or 7-element rows); answered once stored."""
+        require_type(request, MSGPACK_TYPES, "a batch of Records")
         try:
             check_text(run, "run name")
         except ValueError as exc:

@@ -1,4 +1,4 @@
-"""The FastAPI app behind ``sonde serve``: REST API, token and size guard, JSON errors, dashboard.
+"""The FastAPI app behind ``sonde serve``: REST API, the guard (host, origin, token, size), JSON errors, dashboard.
 
 :func:`create_app` builds the app of the ``all`` and ``frontend`` roles: the store, the REST API
 under ``/api/v1`` (OpenAPI at ``/openapi.json``), ``/login`` for browsers when a token is set,
@@ -24,7 +24,7 @@ import inspect
 import ipaddress
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +37,7 @@ from starlette.routing import Match, Mount
 
 from sonde.errors import ConfigError, RunExistsError, StoreError
 from sonde.server.api import PREFIX, api_router
-from sonde.server.api.security import COOKIE, Guard, login_response
+from sonde.server.api.security import Guard, check_origins, login_response, token_cookie
 from sonde.store import Store, open_store
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_PORTS", "ROLES", "create_app", "serve"]
@@ -88,6 +88,10 @@ def _install_errors(app: FastAPI) -> None:
             return JSONResponse({"error": str(exc)}, status_code=409)
         if isinstance(exc, ConfigError):
             return JSONResponse({"error": str(exc)}, status_code=400)
+        read_only = getattr(getattr(request.app.state, "store", None), "read_only", False)
+        if read_only and request.method not in ("GET", "HEAD"):
+            # A store opened read-only serves reads only; a client must not retry its writes.
+            return JSONResponse({"error": str(exc)}, status_code=405, headers={"Allow": "GET, HEAD"})
         log.error("store error on %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"error": f"the store failed: {exc}"}, status_code=500)
 
@@ -118,6 +122,7 @@ def create_app(
     frontend_url: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     ui: bool = True,
+    allow_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The app of the ``all`` or ``frontend`` role: REST API over ``store``, and the dashboard.
 
@@ -130,6 +135,9 @@ def create_app(
         frontend_url: this frontend's public URL, for roles that call back (kept on ``app.state``).
         max_body: largest request body in bytes (413 above it).
         ui: mount the NiceGUI dashboard when ``sonde.server.ui`` is importable.
+        allow_origins: origins besides the server's own (``https://sonde.example.com``) whose pages
+            may write and open the dashboard's websocket: where a reverse proxy that does not pass
+            the ``Host`` header on serves the dashboard (see ``sonde.server.api.security``).
 
     Raises:
         ConfigError: an unknown role, or one that has its own app.
@@ -143,6 +151,7 @@ def create_app(
         raise ConfigError(f"create_app builds the 'all' and 'frontend' roles; got {role!r}{hint}")
     if token is not None and not token:
         raise ConfigError("token must be a non-empty string or None")
+    allow_origins = check_origins(allow_origins)
     opened = store if isinstance(store, Store) else open_store(store)
 
     @asynccontextmanager
@@ -166,7 +175,8 @@ def create_app(
         if status == 303:
             response = RedirectResponse(parts["location"], status_code=303)
             if parts["cookie"] is not None:
-                response.set_cookie(COOKIE, parts["cookie"], httponly=True, samesite="strict")
+                cookie = token_cookie(parts["cookie"], secure=request.url.scheme == "https")
+                response.headers.append("set-cookie", cookie)
             return response
         return HTMLResponse(parts["html"], status_code=status)
 
@@ -187,7 +197,7 @@ def create_app(
     if ui:
         _attach_ui(app, opened)
     _install_errors(app)
-    app.add_middleware(Guard, token=token, max_body=max_body)
+    app.add_middleware(Guard, token=token, max_body=max_body, allow_origins=allow_origins)
     return app
 
 
@@ -218,13 +228,14 @@ def serve(
     token: str | None = None,
     evaluator_url: str | None = None,
     frontend_url: str | None = None,
+    allow_origins: Sequence[str] = (),
 ) -> None:
     """Run one role of the server with uvicorn until interrupted (what ``sonde serve`` does).
 
     Binding anything but a loopback address needs a token (``token`` or ``SONDE_TOKEN``).
 
     Raises:
-        ConfigError: an unknown role, or a non-loopback host without a token.
+        ConfigError: an unknown role, a non-loopback host without a token, or a malformed origin.
 
     Example:
         >>> serve(store="runs/sonde.db")                     # doctest: +SKIP
@@ -235,6 +246,7 @@ def serve(
     if role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}; got {role!r}")
     token = token or os.environ.get("SONDE_TOKEN") or None
+    allow_origins = check_origins(allow_origins)
     if not _loopback(host) and token is None:
         raise ConfigError(
             f"binding {host} exposes the server beyond this machine; give it a token with --token <secret> "
@@ -245,7 +257,7 @@ def serve(
     frontend_url = frontend_url or f"http://127.0.0.1:{DEFAULT_PORTS['frontend']}"
     app: Any
     if role in ("all", "frontend"):
-        app = create_app(store, role=role, token=token,
+        app = create_app(store, role=role, token=token, allow_origins=allow_origins,
                          evaluator_url=None if role == "all" else evaluator_url, frontend_url=frontend_url)
     else:
         # The aggregator and the evaluator hand their results to the frontend, which owns the store.

@@ -117,7 +117,7 @@ class Evaluator:
         self._pending: dict[tuple[str, ...], int] = {}
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
-        self._failed: set[str] = set()
+        self._failed: dict[str, tuple[int, str]] = {}  # per metric name: failures and the last error
         self.processed = 0
         self._threads = [threading.Thread(target=self._loop, args=(q,), name=f"sonde-evaluator-{i}", daemon=True)
                          for i, q in enumerate(self._queues)]
@@ -168,6 +168,10 @@ class Evaluator:
             q.put(_STOP)
         for thread in self._threads:
             thread.join(timeout)
+        for name, (count, last) in self._failed.items():
+            if count > 1:
+                log.error("sonde evaluator: metric %r failed %d times (last: %s); its values are missing there",
+                          name, count, last)
 
     def _loop(self, q: queue.Queue[Any]) -> None:
         while True:
@@ -243,8 +247,11 @@ class Evaluator:
             self.write(run, batch_id, records)
 
     def _failure(self, name: str, layer: str, topic: str, exc: Exception) -> None:
-        if name not in self._failed:
-            self._failed.add(name)
+        """Log a metric's first failure; count the later ones (logged with their count at :meth:`close`)."""
+        with self._lock:
+            count, _ = self._failed.get(name, (0, ""))
+            self._failed[name] = (count + 1, f"{type(exc).__name__}: {exc} on {layer}/{topic}")
+        if count == 0:
             log.error("sonde evaluator: metric %r failed on %s/%s (%s: %s); its values are missing",
                       name, layer, topic, type(exc).__name__, exc)
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from sonde.errors import ConfigError
-from sonde.sinks.base import LayerInfo, RunInfo, Sink, SinkRunner
+from sonde.run_info import LayerInfo, RunInfo
+from sonde.sinks.base import Sink, SinkRunner
 
 __all__ = ["LayerInfo", "RemoteSink", "RunInfo", "Sink", "SinkRunner", "VideoSink", "registry", "resolve_sinks"]
 

@@ -11,36 +11,18 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from sonde.records import Record
+from sonde.run_info import LayerInfo, RunInfo  # re-exported: sinks are written against them
 
-__all__ = ["RunInfo", "Sink", "SinkRunner"]
+__all__ = ["HEARTBEAT_EVERY", "LayerInfo", "RunInfo", "Sink", "SinkRunner"]
 
 log = logging.getLogger("sonde")
 
-
-@dataclass
-class LayerInfo:
-    """A probed layer as the store keeps it."""
-
-    name: str
-    type: str
-    param_shapes: dict[str, list[int]] = field(default_factory=dict)
-
-
-@dataclass
-class RunInfo:
-    """What sinks learn about a run when it opens."""
-
-    name: str
-    model: str = ""
-    framework: str = ""
-    config: dict[str, Any] = field(default_factory=dict)
-    layers: list[LayerInfo] = field(default_factory=list)
-    resume: bool = False
-    first_step: int = 0
+#: Seconds between the heartbeats a writing sink (store, remote) gives its open run, even while
+#: training writes nothing; readers show a run silent for ``sonde.store.status.STALL_AFTER`` as stalled.
+HEARTBEAT_EVERY = 5.0
 
 
 class Sink:
@@ -58,6 +40,9 @@ class Sink:
     """
 
     name = "sink"
+    #: Whether the sink shows each alert to the user itself (the console sink prints it): the probe
+    #: then does not log alerts too, so each alert is seen once.
+    shows_alerts = False
 
     def open(self, run: RunInfo) -> None:
         """Prepare for a run; raise here for anything that makes the sink unusable."""

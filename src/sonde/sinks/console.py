@@ -17,7 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from sonde.records import NETWORK, Record
-from sonde.sinks.base import RunInfo, Sink
+from sonde.run_info import RunInfo
+from sonde.sinks.base import Sink
 
 __all__ = ["ConsoleSink"]
 
@@ -65,6 +66,7 @@ class ConsoleSink(Sink):
     """
 
     name = "console"
+    shows_alerts = True  # its ALERT line replaces the probe's log line
     #: Seconds between two plain log lines when not on a terminal.
     log_interval = 2.0
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from sonde.errors import StoreError
 from sonde.records import Record
-from sonde.sinks.base import RunInfo, Sink
+from sonde.run_info import RunInfo
+from sonde.sinks.base import Sink
 
 __all__ = ["COLUMNS", "CsvSink", "format_value"]
 

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 from urllib.parse import quote
 
 import httpx
@@ -76,6 +76,7 @@ class Entry:
     file: Path | None = None
     retry_at: float = 0.0  # a deferred tensors request waits until then; the Records behind it go on
     tries: int = 0
+    error: str = ""  # why the server rejected it
 
     _ROUTES: ClassVar[dict[str, tuple[str, str, str]]] = {
         "run": ("POST", "", "application/json"),
@@ -107,11 +108,16 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_durably(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a half-written file must not keep the space a full disk needs
+        raise
     _fsync_dir(path.parent)
 
 
@@ -132,13 +138,20 @@ class Outbox:
     ``max_memory_bytes`` wait, requests wait in memory; otherwise they are written, fsync'ed, to
     the session directory, and from then on everything goes there (order is kept: memory is
     used only while the spill is empty). A request leaves the spill after the server's 2xx; a
-    4xx that retrying cannot fix moves it to ``<spill_dir>/rejected/`` and is logged.
+    4xx that retrying cannot fix is written to ``<spill_dir>/rejected/`` and logged.
+
+    A disk that refuses a write (full, read-only) loses nothing: requests stay in memory, in
+    order, up to ``max_memory_bytes``, and go out when the server answers. Only past that budget
+    are requests dropped, which is logged at once and counted again at :meth:`close` (``lost``).
 
     Args:
         server: base URL of ``sonde serve`` (any role that takes these requests).
         spill_dir: parent directory of the session directories.
         client: an ``httpx.Client`` to send with (tests pass one bound to an in-process app).
         adopt: send first the sessions of dead processes for the same server found in ``spill_dir``.
+        session: send the requests of this abandoned session directory where they lie, instead of
+            starting a new session (:func:`replay`: nothing is written before the first answer);
+            ConfigError when a live process holds it.
     """
 
     def __init__(
@@ -152,6 +165,7 @@ class Outbox:
         client: httpx.Client | None = None,
         adopt: bool = True,
         start: bool = True,
+        session: Path | None = None,
     ) -> None:
         self.server = normal_url(server)
         self.root = Path(spill_dir).expanduser().resolve()
@@ -162,8 +176,6 @@ class Outbox:
         )
         if client is not None and token:
             self.client.headers.update(headers)
-        self._own_client = client is None  # a client passed in stays open for its owner
-        self.dir = self._new_session()
         self.runs: dict[str, RunState] = {}
         self._memory: deque[Entry] = deque()
         self._memory_bytes = 0
@@ -174,8 +186,18 @@ class Outbox:
         self._down = False
         self.sent = 0
         self.rejected = 0
+        self.lost = 0  # requests dropped: the disk refused them and the memory budget was used up
+        self.lost_records = 0
         self.feeders: list[Callable[[], None]] = []  # called by the sender thread before each pick
         self._reported: set[str] = set()
+        self._meta_saved = False  # meta.msgpack is written with the first request that reaches the disk
+        self._own_client = client is None  # a client passed in stays open for its owner
+        try:
+            self.dir = self._new_session() if session is None else self._take_session(session)
+        except ConfigError:
+            if self._own_client:
+                self.client.close()
+            raise
         if adopt:
             self._adopt_orphans()
         self._thread = threading.Thread(target=self._loop, name="sonde-remote", daemon=True)
@@ -184,20 +206,34 @@ class Outbox:
 
     # -- spill directory -------------------------------------------------------------------
     def _new_session(self) -> Path:
+        path = self.root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            path = self.root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             path.mkdir(parents=True)  # parents: another session may have just removed an empty root
-            self._lock_file = open(path / "lock", "wb")  # held for the session's life
+            self._lock_file: BinaryIO = open(path / "lock", "wb")  # held for the session's life
             if fcntl is not None:
                 fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _write_durably(path / "meta.msgpack", msgpack.packb({"server": self.server}))
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                (path / "lock").unlink()
+                path.rmdir()
             raise ConfigError(
                 f"cannot create the spill directory for remote Records under '{self.root}' ({exc}); "
                 "pass spill_dir= a writable directory"
             ) from exc
         return path
+
+    def _take_session(self, session: Path) -> Path:
+        lock = _claim(session)
+        if lock is None:
+            raise ConfigError(f"the spill session {session} belongs to a running probe; it sends it itself")
+        self._lock_file = lock
+        self._meta_saved = (session / "meta.msgpack").exists()
+        self.runs.update(_read_runs(session))
+        for entry in _read_requests(session):
+            self._disk.append(entry)
+            self._seq = max(self._seq, entry.seq)
+        return session
 
     def _adopt_orphans(self) -> None:
         for other in sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.dir and p.name != "rejected"):
@@ -205,21 +241,54 @@ class Outbox:
             if adopted:
                 log.warning("sonde: replaying %d spilled request(s) of an earlier session from %s", adopted, other)
 
+    def _save_meta(self) -> None:
+        if not self._meta_saved:
+            _write_durably(self.dir / "meta.msgpack", msgpack.packb({"server": self.server}))
+            self._meta_saved = True
+
     def _save_runs(self) -> None:
         state = {k: {"name": v.name, "offset": v.offset} for k, v in self.runs.items()}
         _write_durably(self.dir / "runs.msgpack", msgpack.packb(state, use_bin_type=True))
 
-    def _spill_locked(self, entry: Entry) -> None:
+    def _spill_locked(self, entry: Entry) -> bool:
+        """Write ``entry`` to the session directory and queue it there; False (and nothing changed) if refused."""
         path = self.dir / f"{entry.seq:012d}-{entry.kind}.msgpack"
-        _write_durably(path, entry.pack())
+        try:
+            self._save_meta()
+            _write_durably(path, entry.pack())
+        except OSError as exc:
+            self._report("spill", "sonde: cannot write the spill in %s (%s); keeping requests in memory "
+                         "(up to %d MiB) until the server takes them", self.dir, exc, self.max_memory_bytes >> 20)
+            return False
         entry.file = path
         self._disk.append(entry)
+        return True
 
-    def _spill_memory_locked(self) -> None:
+    def _spill_memory_locked(self) -> bool:
+        """Move the requests waiting in memory to disk, oldest first; False when the disk refused one.
+
+        What the disk refused stays in memory, and so must everything after it (the order is kept).
+        """
         while self._memory:
-            entry = self._memory.popleft()
+            entry = self._memory[0]  # written before it leaves memory: a failed write loses nothing
+            if not self._spill_locked(entry):
+                return False
+            self._memory.popleft()
             self._memory_bytes -= len(entry.body)
-            self._spill_locked(entry)
+        return True
+
+    def _keep_in_memory_locked(self, entry: Entry) -> None:
+        """Hold ``entry`` in memory while the disk refuses writes; past the budget, drop it, loudly."""
+        if self._memory_bytes + len(entry.body) > self.max_memory_bytes and entry.kind not in ("run", "finish"):
+            self.lost += 1  # a run's creation and end are tiny and everything else depends on them: kept
+            self.lost_records += entry.count if entry.kind == "records" else 0
+            self._report("lost", "sonde: the spill in %s cannot be written and %d MiB of requests already wait in "
+                         "memory: requests of run %r are being DROPPED until the disk or the server takes them "
+                         "(free space there, or raise max_memory_bytes=); the count is logged at the end",
+                         self.dir, self.max_memory_bytes >> 20, entry.run)
+            return
+        self._memory.append(entry)
+        self._memory_bytes += len(entry.body)
 
     # -- queueing --------------------------------------------------------------------------
     def put(self, kind: str, run: str, body: bytes, *, batch_id: str = "", count: int = 0,
@@ -229,14 +298,8 @@ class Outbox:
             self._seq += 1
             entry = Entry(self._seq, kind, run, body, batch_id, count, relative, attempted)
             if self._disk or self._down or self._memory_bytes + len(body) > self.max_memory_bytes:
-                self._spill_memory_locked()
-                try:
-                    self._spill_locked(entry)
-                except OSError as exc:
-                    self._report("spill", "sonde: cannot write the spill in %s (%s); keeping requests in memory",
-                                 self.dir, exc)
-                    self._memory.append(entry)
-                    self._memory_bytes += len(body)
+                if not (self._spill_memory_locked() and self._spill_locked(entry)):
+                    self._keep_in_memory_locked(entry)
             else:
                 self._memory.append(entry)
                 self._memory_bytes += len(body)
@@ -264,7 +327,10 @@ class Outbox:
         return True
 
     def close(self, timeout: float) -> int:
-        """Drain for at most ``timeout`` seconds, stop the thread, spill what is left; returns that count."""
+        """Drain for at most ``timeout`` seconds, stop the thread, spill what is left; returns the count on disk.
+
+        What neither the server nor the disk took is lost with the process: counted in ``lost`` and logged.
+        """
         self.drain(timeout)
         with self._cond:
             self._stop = True
@@ -273,11 +339,25 @@ class Outbox:
             self._thread.join(max(5.0, timeout))
         with self._cond:
             self._spill_memory_locked()
+            for entry in self._memory:
+                self.lost += 1
+                self.lost_records += entry.count if entry.kind == "records" else 0
+            self._memory.clear()
+            self._memory_bytes = 0
             left = len(self._disk)
+        if self.lost:
+            log.error("sonde: %d request(s) for server %s, with %d Records, were lost: the server did not take "
+                      "them and the spill in %s could not be written (disk full or read-only)", self.lost,
+                      self.server, self.lost_records, self.dir)
         if left == 0:
             self._remove_session()
         else:
-            self._save_runs()
+            try:
+                self._save_runs()
+            except OSError as exc:
+                log.error("sonde: cannot write %s (%s): the spilled requests are kept, but not what the server "
+                          "said about their runs (a renamed run's name, a resumed run's first step)",
+                          self.dir / "runs.msgpack", exc)
         self._lock_file.close()  # releases the flock: a later session may adopt this one
         if self._own_client:
             self.client.close()
@@ -332,12 +412,11 @@ class Outbox:
                 else:
                     self._memory.remove(entry)
                     self._memory_bytes -= len(entry.body)
-                if entry.file is not None:
-                    if outcome == "rejected":
-                        self._set_aside(entry)
-                    else:
-                        with contextlib.suppress(OSError):
-                            entry.file.unlink()
+                if outcome == "rejected":
+                    self._set_aside(entry)
+                elif entry.file is not None:
+                    with contextlib.suppress(OSError):
+                        entry.file.unlink()
                 if outcome == "ok":
                     self.sent += 1
                 self._cond.notify_all()
@@ -354,11 +433,22 @@ class Outbox:
         return None
 
     def _set_aside(self, entry: Entry) -> None:
-        assert entry.file is not None
+        """Keep a request the server rejected in ``<spill_dir>/rejected/``, from disk or memory; log where it went."""
         aside = self.root / "rejected"
-        with contextlib.suppress(OSError):
+        target = aside / f"{self.dir.name}-{entry.seq:012d}-{entry.kind}.msgpack"
+        try:
             aside.mkdir(exist_ok=True)
-            os.replace(entry.file, aside / f"{self.dir.name}-{entry.file.name}")
+            if entry.file is not None:
+                os.replace(entry.file, target)
+            else:
+                _write_durably(target, entry.pack())
+        except OSError as exc:
+            what = f"its {entry.count} Records are" if entry.kind == "records" else "it is"
+            log.error("sonde: server %s rejected a %s request of run %r (%s) and it could not be set aside in %s "
+                      "(%s): %s lost", self.server, entry.kind, entry.run, entry.error, aside, exc, what)
+            return
+        log.error("sonde: server %s rejected a %s request of run %r (%s); set aside in %s", self.server,
+                  entry.kind, entry.run, entry.error, target)
 
     def _report(self, key: str, message: str, *args: Any) -> None:
         if key not in self._reported:
@@ -418,8 +508,7 @@ class Outbox:
                          status, response.text[:200], self.dir)
             return "retry"
         self.rejected += 1
-        log.error("sonde: server %s rejected a %s request of run %r (%d: %s); set aside in %s", self.server,
-                  entry.kind, entry.run, status, response.text[:300], self.root / "rejected")
+        entry.error = f"{status}: {response.text[:300]}"  # logged with where the request was set aside
         return "rejected"
 
     def _run_created(self, entry: Entry, response: httpx.Response) -> str:
@@ -447,56 +536,109 @@ class Outbox:
         return self._send(entry)
 
 
+def _claim(session: Path) -> BinaryIO | None:
+    """The flock'ed lock file of an abandoned session; None when a live process holds it (or there is none)."""
+    try:
+        lock = open(session / "lock", "ab")  # held by the caller until it is done with the session
+    except OSError:
+        return None
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            return None
+    return lock
+
+
+def _server_of(session: Path) -> str | None:
+    """The server a session's requests were meant for (its ``meta.msgpack``), None when unknown."""
+    try:
+        return normal_url(str(msgpack.unpackb((session / "meta.msgpack").read_bytes(), raw=False)["server"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_runs(session: Path) -> dict[str, RunState]:
+    """What the server said about the session's runs (``runs.msgpack``); empty when unknown."""
+    try:
+        state = msgpack.unpackb((session / "runs.msgpack").read_bytes(), raw=False)
+        return {run: RunState(s["name"], s["offset"]) for run, s in state.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _request_files(session: Path) -> list[Path]:
+    return sorted(session.glob("[0-9]*-*.msgpack"))
+
+
+def _read_requests(session: Path) -> list[Entry]:
+    """The session's requests, oldest first; an unreadable file is logged and left in place."""
+    entries = []
+    for path in _request_files(session):
+        try:
+            entries.append(Entry.unpack(int(path.name.split("-", 1)[0]), path.read_bytes(), path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("sonde: unreadable spill file %s (%s); left in place", path, exc)
+    return entries
+
+
+def _clear(session: Path) -> None:
+    """Remove what an abandoned session keeps besides its requests, then the session if it is empty."""
+    for leftover in session.iterdir():
+        if leftover.name.startswith(("lock", "meta", "runs", ".tmp-")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    with contextlib.suppress(OSError):
+        session.rmdir()
+
+
 def adopt_session(session: Path, *, into: Outbox, server: str | None) -> int:
     """Move the requests of an abandoned session (its process gone) into ``into``; returns how many.
 
     Sessions of another server are left alone unless ``server`` is None. A session whose lock is
-    held belongs to a live process and is skipped.
+    held belongs to a live process and is skipped. A session the disk cannot take in (``into``
+    cannot write its own files) stays where it is, for later.
     """
-    try:
-        lock = open(session / "lock", "ab")
-    except OSError:
+    lock = _claim(session)
+    if lock is None:
         return 0
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return 0
-        try:
-            meta = msgpack.unpackb((session / "meta.msgpack").read_bytes(), raw=False)
-        except (OSError, ValueError):
-            meta = {}
-        if server is not None and normal_url(str(meta.get("server", ""))) != normal_url(server):
+        if not _request_files(session):
+            _clear(session)  # nothing to send, whichever server it was for
             return 0
-        with contextlib.suppress(OSError, ValueError):
-            state = msgpack.unpackb((session / "runs.msgpack").read_bytes(), raw=False)
-            for run, s in state.items():
-                into.runs.setdefault(run, RunState(s["name"], s["offset"]))
-        files = sorted(session.glob("[0-9]*-*.msgpack"))
+        if server is not None and _server_of(session) != normal_url(server):
+            return 0
+        entries = _read_requests(session)
+        moved = 0
         with into._cond:
-            for path in files:
+            try:
+                into._save_meta()
+            except OSError as exc:
+                log.error("sonde: cannot take in the spilled requests of %s (%s); they stay there", session, exc)
+                return 0
+            for run, state in _read_runs(session).items():
+                into.runs.setdefault(run, state)
+            for entry in entries:
+                assert entry.file is not None
+                target = into.dir / f"{into._seq + 1:012d}-{entry.kind}.msgpack"
                 try:
-                    entry = Entry.unpack(0, path.read_bytes(), path)
-                except (OSError, ValueError, KeyError) as exc:
-                    log.error("sonde: unreadable spill file %s (%s); left in place", path, exc)
-                    continue
+                    os.replace(entry.file, target)
+                except OSError as exc:  # the rest stays, in order, for a later session
+                    log.error("sonde: cannot move %s to %s (%s); it and the requests after it stay there",
+                              entry.file, target, exc)
+                    break
                 into._seq += 1
-                entry.seq = into._seq
-                target = into.dir / f"{entry.seq:012d}-{entry.kind}.msgpack"
-                os.replace(path, target)
-                entry.file = target
+                entry.seq, entry.file = into._seq, target
                 into._disk.append(entry)
+                moved += 1
             _fsync_dir(into.dir)
             if into.runs:
-                into._save_runs()
-        for leftover in session.iterdir():
-            if leftover.name.startswith(("lock", "meta", "runs", ".tmp-")):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-        with contextlib.suppress(OSError):
-            session.rmdir()
-        return len(files)
+                with contextlib.suppress(OSError):  # written again at close, or reported there
+                    into._save_runs()
+        if moved == len(entries):
+            _clear(session)
+        return moved
     finally:
         lock.close()
 
@@ -506,7 +648,8 @@ def replay(spill_dir: str | Path = DEFAULT_SPILL_DIR, server: str | None = None,
     """Send the requests spilled by earlier remote probes; returns how many are still left.
 
     Every abandoned session under ``spill_dir`` goes to the server it was meant for, or to
-    ``server`` when given. Sessions of running probes are left to them.
+    ``server`` when given, oldest session first; each is sent from where it lies, so a full disk
+    does not stop a replay. Sessions of running probes are left to them.
 
     Example:
         >>> replay("sonde-spill")                                  # doctest: +SKIP
@@ -515,18 +658,26 @@ def replay(spill_dir: str | Path = DEFAULT_SPILL_DIR, server: str | None = None,
     root = Path(spill_dir).expanduser()
     if not root.is_dir():
         raise ConfigError(f"no spill directory at '{root}'")
-    targets: set[str] = set()
-    for session in root.iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            targets.add(normal_url(msgpack.unpackb((session / "meta.msgpack").read_bytes(), raw=False)["server"]))
+    deadline = time.monotonic() + timeout
+    token = token or os.environ.get("SONDE_TOKEN")
     left = 0
-    for target in sorted({server} if server else targets):
-        outbox = Outbox(target, root, token=token or os.environ.get("SONDE_TOKEN"), client=client, adopt=False,
-                        start=False)
-        for session in sorted(p for p in root.iterdir() if p.is_dir() and p != outbox.dir and p.name != "rejected"):
-            adopt_session(session, into=outbox, server=None if server else target)
+    stuck: set[str] = set()  # servers that did not take a whole session: later sessions wait (order is kept)
+    for session in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "rejected"):
+        waiting = len(_request_files(session))
+        target = normal_url(server) if server else _server_of(session)
+        if target is None or target in stuck:
+            if target is None and waiting:
+                log.error("sonde: %s holds %d spilled request(s) but does not say for which server; pass the "
+                          "server (sonde replay --server URL)", session, waiting)
+            left += waiting
+            continue
+        try:
+            outbox = Outbox(target, root, token=token, client=client, adopt=False, start=False, session=session)
+        except ConfigError:  # a running probe's session: that probe sends it
+            continue
         outbox._thread.start()
-        left += outbox.close(timeout)
+        still = outbox.close(max(0.0, deadline - time.monotonic()))
+        if still:
+            stuck.add(target)
+        left += still
     return left
-
-

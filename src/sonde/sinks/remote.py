@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgpack
@@ -39,8 +40,9 @@ import numpy as np
 
 from sonde.errors import ConfigError, RunExistsError, StoreError
 from sonde.records import Record
-from sonde.sinks.base import RunInfo, Sink
-from sonde.sinks.outbox import DEFAULT_SPILL_DIR, RETRY_STATUS, Entry, Outbox, RunState, normal_url, replay
+from sonde.run_info import RunInfo
+from sonde.sinks.base import HEARTBEAT_EVERY, Sink
+from sonde.sinks.outbox import API, DEFAULT_SPILL_DIR, RETRY_STATUS, Entry, Outbox, RunState, normal_url, replay
 
 __all__ = ["RemoteSink", "encode_records", "replay"]
 
@@ -95,8 +97,12 @@ class RemoteSink(Sink):
         max_delay: ... or this many seconds after its first Record arrived.
         timeout: seconds for one request.
         drain_timeout: at close, how long to try to send what is left before leaving it on disk.
-        max_memory_bytes: queued request bytes kept in memory before spilling to disk.
+        max_memory_bytes: queued request bytes kept in memory before spilling to disk, and the most
+            held there while the disk refuses writes (beyond it requests are dropped, counted and logged).
         client: an ``httpx.Client`` to use (for tests against an in-process app).
+        heartbeat: seconds between the run's heartbeats (``POST /api/v1/runs/{run}/heartbeat``, sent
+            while the server answers, never queued), so that a run whose steps take minutes is not
+            shown as ``stalled`` (default :data:`~sonde.sinks.base.HEARTBEAT_EVERY`).
 
     Example:
         >>> sink = RemoteSink("http://127.0.0.1:8080", spill_dir="/tmp/spill")   # doctest: +SKIP
@@ -117,6 +123,7 @@ class RemoteSink(Sink):
         drain_timeout: float = 10.0,
         max_memory_bytes: int = 64 << 20,
         client: httpx.Client | None = None,
+        heartbeat: float | None = None,
     ) -> None:
         if not isinstance(server, str) or not server.startswith(("http://", "https://")):
             raise ConfigError(f"server= expects an http(s) URL such as 'http://127.0.0.1:8080', got {server!r}")
@@ -129,6 +136,8 @@ class RemoteSink(Sink):
         self.drain_timeout = drain_timeout
         self.max_memory_bytes = max_memory_bytes
         self._client = client
+        self.heartbeat = HEARTBEAT_EVERY if heartbeat is None else heartbeat
+        self._next_beat = 0.0
         self.outbox: Outbox | None = None
         self.run: str | None = None
         self.relative = False
@@ -141,7 +150,7 @@ class RemoteSink(Sink):
         """Start the session (adopting abandoned spills) and create ``run`` on the server, or queue that."""
         self.outbox = outbox = Outbox(self.server, self.spill_dir, token=self.token, timeout=self.timeout,
                                       max_memory_bytes=self.max_memory_bytes, client=self._client)
-        outbox.feeders.extend([*self.feeders, self._cut_if_stale])
+        outbox.feeders.extend([*self.feeders, self._cut_if_stale, self._beat_if_due])
         self.run = run.name
         spec = {"name": run.name, "model": run.model, "framework": run.framework,
                 "config": json.loads(json.dumps(run.config, default=str)),
@@ -189,6 +198,20 @@ class RemoteSink(Sink):
         with self._lock:
             if self._batch.records and time.monotonic() - self._batch.since >= self.max_delay:
                 self._cut_locked()
+
+    def _beat_if_due(self) -> None:
+        """Tell the server the run is alive, every ``heartbeat`` seconds (on the sender thread, between requests)."""
+        outbox, run, now = self.outbox, self.run, time.monotonic()
+        if outbox is None or run is None or outbox.down or now < self._next_beat:
+            return
+        state = outbox.runs.get(run)
+        if state is None:  # the server has not created the run yet
+            return
+        self._next_beat = now + self.heartbeat
+        try:
+            outbox.client.post(f"{API}/runs/{quote(state.name, safe='')}/heartbeat", json={})
+        except httpx.HTTPError:
+            pass  # a missed beat costs nothing; the queued requests find out whether the server is away
 
     def _cut_locked(self) -> None:
         records, self._batch = self._batch.records, _Batching()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sonde.errors import SondeError
 from sonde.records import Record
-from sonde.sinks.base import RunInfo, Sink
+from sonde.run_info import RunInfo
+from sonde.sinks.base import HEARTBEAT_EVERY, Sink
 from sonde.store import Store, open_store
 
 __all__ = ["StoreSink"]
+
+log = logging.getLogger("sonde")
 
 
 class StoreSink(Sink):
@@ -25,10 +30,14 @@ class StoreSink(Sink):
     most ``max_delay`` seconds: SQLite's cost is per commit (one index page per series touched),
     so per-step commits of a large model would halve the throughput.
 
+    While the run is open, a daemon thread stamps its heartbeat every ``heartbeat`` seconds, so
+    a run whose steps take minutes is not shown as ``stalled``, and one whose process was killed is.
+
     Args:
         store: file path, ``sqlite:``/``postgresql`` URL, or an open Store.
         batch_records: write to the store once this many records are waiting.
         max_delay: and at the latest this many seconds after the first of them arrived.
+        heartbeat: seconds between heartbeats (default :data:`~sonde.sinks.base.HEARTBEAT_EVERY`).
 
     Example:
         >>> sink = StoreSink("runs/sonde.db")
@@ -40,10 +49,12 @@ class StoreSink(Sink):
     name = "store"
 
     def __init__(self, store: str | Path | Store = "sonde.db", *, batch_records: int = 10_000,
-                 max_delay: float = 1.0) -> None:
+                 max_delay: float = 1.0, heartbeat: float | None = None) -> None:
         self.target = store
         self.batch_records = batch_records
         self.max_delay = max_delay
+        self.heartbeat = HEARTBEAT_EVERY if heartbeat is None else heartbeat
+        self._beating: tuple[threading.Event, threading.Thread] | None = None
         self.store: Store | None = None
         self.run: str | None = None
         self._buffer: list[Record] = []
@@ -56,17 +67,26 @@ class StoreSink(Sink):
         self.store = self.target if isinstance(self.target, Store) else open_store(self.target)
         run.first_step = self.store.start_run(run, resume=run.resume)
         self.run = run.name
+        stop = threading.Event()
+        beater = threading.Thread(target=self._beat, args=(self.store, run.name, stop), name="sonde-heartbeat",
+                                  daemon=True)
+        self._beating = (stop, beater)
+        beater.start()
 
     def write(self, records: Sequence[Record]) -> None:
-        self._raise_pending()
-        with self._lock:
-            self._buffer.extend(records)
-            if len(self._buffer) >= self.batch_records:
-                self._drain_locked()
-            elif self._timer is None and self._buffer:
-                self._timer = threading.Timer(self.max_delay, self._drain_on_timer)
-                self._timer.daemon = True
-                self._timer.start()
+        try:
+            self._raise_pending()
+            with self._lock:
+                self._buffer.extend(records)
+                if len(self._buffer) >= self.batch_records:
+                    self._drain_locked()
+                elif self._timer is None and self._buffer:
+                    self._timer = threading.Timer(self.max_delay, self._drain_on_timer)
+                    self._timer.daemon = True
+                    self._timer.start()
+        except BaseException:
+            self._stop_beating()  # the runner disables a sink that raises: its run has no live writer now
+            raise
 
     def graph(self, graph: dict[str, Any]) -> None:
         """Store the run's topology (``Store.put_graph``); the API and the dashboard serve it from there."""
@@ -84,6 +104,7 @@ class StoreSink(Sink):
         """Write what is waiting, mark the run ``finished`` or ``failed``, release a store opened here."""
         if self.store is None or self.run is None:
             return
+        self._stop_beating()  # no beat after the run's end
         try:
             self.flush()
             self.store.finish_run(self.run, status)
@@ -102,6 +123,26 @@ class StoreSink(Sink):
             raise RuntimeError("StoreSink.write() before open()")
         batch, self._buffer = self._buffer, []
         self.store.write(self.run, batch)
+
+    def _stop_beating(self) -> None:
+        if self._beating is not None:
+            stop, beater = self._beating
+            self._beating = None
+            stop.set()
+            if beater is not threading.current_thread():
+                beater.join()
+
+    def _beat(self, store: Store, run: str, stop: threading.Event) -> None:
+        failed = False
+        while not stop.wait(self.heartbeat) and self._error is None:
+            try:
+                store.heartbeat(run)
+                failed = False
+            except SondeError as exc:  # a busy or vanished database: say so once, keep trying
+                if not failed:
+                    log.warning("sonde: cannot stamp the heartbeat of run %r (%s); it may be shown as stalled", run,
+                                exc)
+                failed = True
 
     def _drain_on_timer(self) -> None:
         with self._lock:

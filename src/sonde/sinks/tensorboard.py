@@ -24,7 +24,8 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from sonde.errors import StoreError
 from sonde.records import Record, tag
-from sonde.sinks.base import RunInfo, Sink
+from sonde.run_info import RunInfo
+from sonde.sinks.base import Sink
 
 __all__ = ["TensorBoardSink", "histogram_proto", "text_value"]
 

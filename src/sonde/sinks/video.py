@@ -30,7 +30,8 @@ import numpy as np
 from sonde.errors import ConfigError
 from sonde.metrics.snapshot import HEATMAP, PROJECTION, decode_snapshot
 from sonde.records import Record
-from sonde.sinks.base import RunInfo, Sink
+from sonde.run_info import RunInfo
+from sonde.sinks.base import Sink
 
 __all__ = ["VideoSink", "add_parser", "record_from_store", "run"]
 

@@ -10,6 +10,10 @@ chart. They are the code behind :meth:`Store.series`, :meth:`Store.heatmap` and
 * A **heatmap** and a **histogram view** show at most ``max_steps`` columns: recorded steps picked
   evenly across the run, each column one step's values (an index lookup per cell, never a scan of
   every record of a 200-layer run).
+* Whatever the data holds, a heatmap or a histogram view holds at most :data:`MAX_CELLS` values:
+  a heatmap at most :data:`MAX_LAYERS` rows, a histogram at most :data:`MAX_BINS` bins per step
+  (finer ones are merged, adjacent bins summed), and fewer step columns than asked for where the
+  rows or bins are many. Such an answer says ``"truncated": True``; every answer carries the flag.
 
 Example:
     >>> with engine.connect() as conn:                                   # doctest: +SKIP
@@ -28,9 +32,15 @@ from sqlalchemy import Connection, Integer, func, literal_column, select
 from sonde.store.schema import layers, records
 from sonde.store.schema import series as series_table
 
-__all__ = ["evenly", "heatmap", "histograms", "series"]
+__all__ = ["MAX_BINS", "MAX_CELLS", "MAX_LAYERS", "evenly", "heatmap", "histograms", "series"]
 
 _FLOAT64 = np.dtype("<f8")
+#: The most values (rows × step columns, or steps × bins) one heatmap or histogram view holds.
+MAX_CELLS = 500_000
+#: The most layers (rows) one heatmap holds; the rest, last in forward order, are left out.
+MAX_LAYERS = 10_000
+#: The most bins per step a histogram view holds; finer histograms are merged (the Histogram metric's own bound).
+MAX_BINS = 4096
 
 
 def evenly(items: Sequence[Any], limit: int) -> list[Any]:
@@ -108,7 +118,7 @@ def _steps(conn: Connection, sid: int, start: int | None = None, end: int | None
 def heatmap(
     conn: Connection, run_id: int, topic: str, metric: str, phase: str, max_steps: int,
     start: int | None = None, end: int | None = None,
-) -> dict[str, list[Any]]:
+) -> dict[str, Any]:
     """One metric of one topic for every layer that has it: layers as rows, steps as columns.
 
     The columns are at most ``max_steps`` recorded steps, picked evenly over the run or over the
@@ -122,8 +132,13 @@ def heatmap(
             series_table.c.topic == topic, series_table.c.metric == metric))}
     order = _ordered_layers(conn, run_id, set(ids))
     if not order:
-        return {"layers": [], "steps": [], "values": []}
+        return {"layers": [], "steps": [], "values": [], "truncated": False}
+    truncated = len(order) > MAX_LAYERS
+    order = order[:MAX_LAYERS]
     steps = evenly(_steps(conn, ids[order[0]], start, end), max_steps)
+    columns = max(1, MAX_CELLS // len(order))
+    if len(steps) > columns:
+        steps, truncated = evenly(steps, columns), True
     column = {s: i for i, s in enumerate(steps)}
     row_of = {ids[name]: i for i, name in enumerate(order)}
     grid: list[list[float | None]] = [[None] * len(steps) for _ in order]
@@ -131,34 +146,69 @@ def heatmap(
              .where(records.c.series_id.in_(list(row_of)), records.c.step.in_(steps)))
     for sid, step, value in conn.execute(query) if steps else ():
         grid[row_of[int(sid)]][column[int(step)]] = None if value is None else float(value)
-    return {"layers": order, "steps": steps, "values": grid}
+    return {"layers": order, "steps": steps, "values": grid, "truncated": truncated}
 
 
 def histograms(
     conn: Connection, run_id: int, layer: str, topic: str, phase: str, max_steps: int,
-) -> dict[str, list[Any]]:
+) -> dict[str, Any]:
     """The ``histogram`` counts of one layer's topic over training, at most ``max_steps`` steps.
 
-    Returns ``{"steps", "edges", "counts"}``: the steps picked evenly over the run, the bin edges
-    (the latest ``histogram_edges`` record; the metric fixes them once), one list of counts per step.
+    Returns ``{"steps", "edges", "counts", "truncated"}``: the steps picked evenly over the run, the
+    bin edges (the latest ``histogram_edges`` record; the metric fixes them once), one list of counts
+    per step. Histograms of more than :data:`MAX_BINS` bins come merged to at most that many (edges
+    to match), and fewer steps than ``max_steps`` come back where steps × bins would pass
+    :data:`MAX_CELLS`; ``truncated`` says so.
     """
     counts_id = _series_id(conn, run_id, phase, layer, topic, "histogram")
     edges_id = _series_id(conn, run_id, phase, layer, topic, "histogram_edges")
     steps = [] if counts_id is None else evenly(_steps(conn, counts_id), max_steps)
+    truncated = False
+    if steps:  # the widest stored histogram of those steps, read from the blobs' lengths alone
+        widest = conn.execute(select(func.max(func.length(records.c.array))).where(
+            records.c.series_id == counts_id, records.c.step.in_(steps))).scalar()
+        columns = max(1, MAX_CELLS // max(1, int(widest or 0) // _FLOAT64.itemsize))
+        if len(steps) > columns:
+            steps, truncated = evenly(steps, columns), True
     edges: list[float] = []
     if edges_id is not None:
         blob = conn.execute(select(records.c.array).where(records.c.series_id == edges_id, records.c.array.is_not(None))
                             .order_by(records.c.step.desc(), records.c.id.desc()).limit(1)).scalar()
-        edges = [] if blob is None else np.frombuffer(blob, dtype=_FLOAT64).tolist()
+        if blob is not None:
+            edges_array = np.frombuffer(blob, dtype=_FLOAT64)
+            edges = _merged_edges(edges_array, len(edges_array) - 1).tolist()
     by_step: dict[int, list[float]] = {}
     if steps:
         query = (select(records.c.step, records.c.array)
                  .where(records.c.series_id == counts_id, records.c.step.in_(steps), records.c.array.is_not(None))
                  .order_by(records.c.id))
         for step, blob in conn.execute(query):
-            by_step[int(step)] = np.frombuffer(blob, dtype=_FLOAT64).tolist()
+            counts = np.frombuffer(blob, dtype=_FLOAT64)
+            truncated = truncated or len(counts) > MAX_BINS
+            by_step[int(step)] = _merged_counts(counts).tolist()
     return {"steps": [s for s in steps if s in by_step], "edges": edges,
-            "counts": [by_step[s] for s in steps if s in by_step]}
+            "counts": [by_step[s] for s in steps if s in by_step], "truncated": truncated}
+
+
+def _merge_factor(bins: int) -> int:
+    """How many adjacent bins make one so that ``bins`` bins become at most :data:`MAX_BINS`."""
+    return max(1, -(-bins // MAX_BINS))
+
+
+def _merged_counts(counts: np.ndarray) -> np.ndarray:
+    """``counts`` with each run of :func:`_merge_factor` adjacent bins summed (the last run may be shorter)."""
+    factor = _merge_factor(len(counts))
+    if factor == 1:
+        return counts
+    return np.add.reduceat(counts, np.arange(0, len(counts), factor))
+
+
+def _merged_edges(edges: np.ndarray, bins: int) -> np.ndarray:
+    """The edges of :func:`_merged_counts`'s bins: every ``factor``-th edge, and the last."""
+    factor = _merge_factor(bins)
+    if factor == 1 or bins < 1:
+        return edges
+    return edges[np.r_[np.arange(0, bins, factor), bins]]
 
 
 def _ordered_layers(conn: Connection, run_id: int, names: set[str]) -> list[str]:

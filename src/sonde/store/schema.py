@@ -6,7 +6,7 @@ understand. The schema is never created directly: :func:`migrate` reads the vers
 it, each in its own transaction together with the row that records it. Applying twice is a
 no-op, and a database written by an older sonde is brought up to date when it is opened.
 
-Timestamps (``started_at``, ``updated_at``, ``ended_at``, ``applied_at``) are UTC seconds since
+Timestamps (``started_at``, ``updated_at``, ``heartbeat_at``, ``ended_at``, ``applied_at``) are UTC seconds since
 the epoch, as floats: one portable type, ordered and cheap to compare.
 
 Example:
@@ -45,6 +45,7 @@ from sqlalchemy import (
 
 __all__ = [
     "MIGRATIONS",
+    "OLDEST_READABLE",
     "SCHEMA_VERSION",
     "batches",
     "graphs",
@@ -52,6 +53,7 @@ __all__ = [
     "messages",
     "metadata",
     "migrate",
+    "readable_version",
     "records",
     "runs",
     "schema_version",
@@ -81,6 +83,9 @@ runs = Table(
     Column("ended_at", Double, nullable=True),
     # Kept up to date by every write, so that listing runs and resuming one never scans records.
     Column("last_step", Integer, nullable=True),
+    # The writer's last sign of life: every write and, while the run is open, a beat every few
+    # seconds. A running run whose heartbeat is old is shown as stalled (sonde.store.status).
+    Column("heartbeat_at", Double, nullable=True),
 )
 
 layers = Table(
@@ -199,8 +204,21 @@ def _migration_4(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE records DROP COLUMN {name}")
 
 
+def _migration_5(conn: Connection) -> None:
+    """Add the runs' heartbeat (the writer's last sign of life), first set to their last update."""
+    if "heartbeat_at" not in {c["name"] for c in inspect(conn).get_columns("runs")}:
+        kind = Double().compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE runs ADD COLUMN heartbeat_at {kind}")
+    conn.execute(runs.update().where(runs.c.heartbeat_at.is_(None)).values(heartbeat_at=runs.c.updated_at))
+
+
 #: Numbered migrations; the position in the list plus one is the version each one produces.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
+                                                  _migration_5]
+
+#: The oldest schema a read-only store can be read at (version 5 only added ``runs.heartbeat_at``,
+#: which reads fall back from to ``updated_at``); an older one must be opened writable once to migrate.
+OLDEST_READABLE = 4
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -211,6 +229,26 @@ def current_version(conn: Connection) -> int:
     if not conn.dialect.has_table(conn, schema_version.name):
         return 0
     return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
+
+
+def readable_version(engine: Engine) -> int:
+    """The schema version of a database that is only read (not migrated), after checking it can be read.
+
+    Raises:
+        RuntimeError: no sonde schema there, one older than :data:`OLDEST_READABLE`, or a newer one.
+    """
+    with engine.connect() as conn, conn.begin():
+        version = current_version(conn)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"the store has schema version {version} but this sonde knows only up to "
+                           f"{SCHEMA_VERSION}; upgrade sonde to read it")
+    if version == 0:
+        raise RuntimeError("it holds no sonde tables (no schema_version), and it is read-only so none can be "
+                           "created; pass the path of a store sonde recorded")
+    if version < OLDEST_READABLE:
+        raise RuntimeError(f"it was written by an older sonde (schema version {version}) and is read-only, so it "
+                           f"cannot be brought up to version {SCHEMA_VERSION}; open it once where it can be written")
+    return version
 
 
 def migrate(engine: Engine) -> int:

@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -47,11 +46,10 @@ class StoreViews:
 
     if TYPE_CHECKING:
         where: str
-        _lock: threading.RLock
 
         def _read(self, fn: Callable[[Connection], _T]) -> _T: ...
         def _run_id(self, conn: Connection, run: str) -> int: ...
-        def _write_conn(self) -> Connection: ...
+        def _write(self, fn: Callable[[Connection], _T]) -> _T: ...
 
     def put_graph(self, run: str, graph: dict[str, Any]) -> None:
         """Store ``run``'s topology (any JSON object, e.g. ``sonde.graph(...).to_json()``), replacing any.
@@ -65,11 +63,13 @@ class StoreViews:
             text = json.dumps(graph, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"the graph of run '{run}' is not JSON-serialisable: {exc}") from exc
+        def put(conn: Connection) -> None:
+            run_id = self._run_id(conn, run)
+            conn.execute(graphs.delete().where(graphs.c.run_id == run_id))
+            conn.execute(graphs.insert().values(run_id=run_id, graph=text, updated_at=time.time()))
+
         try:
-            with self._lock, self._write_conn() as conn, conn.begin():
-                run_id = self._run_id(conn, run)
-                conn.execute(graphs.delete().where(graphs.c.run_id == run_id))
-                conn.execute(graphs.insert().values(run_id=run_id, graph=text, updated_at=time.time()))
+            self._write(put)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot store the graph of run '{run}' in {self.where}: {exc}") from exc
 
@@ -120,12 +120,14 @@ class StoreViews:
             conn, self._run_id(conn, run), layer, topic, metric, phase, max_points, start, end))
 
     def heatmap(self, run: str, topic: str, metric: str, phase: str = "train", max_steps: int = 400,
-                start: int | None = None, end: int | None = None) -> dict[str, list[Any]]:
-        """Every layer's value of one topic's metric: ``{"layers", "steps", "values"}`` (rows in forward order).
+                start: int | None = None, end: int | None = None) -> dict[str, Any]:
+        """Every layer's value of one topic's metric: ``{"layers", "steps", "values", "truncated"}`` (rows in
+        forward order).
 
         At most ``max_steps`` recorded steps, picked evenly over the run, or over the steps
         ``start..end`` (inclusive; either may be None for open) when given, e.g. the range a
-        dashboard zoomed into; a missing or NaN cell is None.
+        dashboard zoomed into; a missing or NaN cell is None. At most :data:`~sonde.store.queries.MAX_CELLS`
+        values come back (fewer columns, at most ``MAX_LAYERS`` rows); ``truncated`` says when that cut it.
 
         Raises:
             ConfigError: no run has that name, ``max_steps`` is not in 1..5000, or ``start``/``end``
@@ -167,8 +169,11 @@ class StoreViews:
         return self._read(lambda conn: matrix_query(conn, self._run_id(conn, run), topic, prefix, phase, step))
 
     def histograms(self, run: str, layer: str, topic: str, phase: str = "train",
-                   max_steps: int = 200) -> dict[str, list[Any]]:
-        """One layer's ``histogram`` counts over training: ``{"steps", "edges", "counts"}``.
+                   max_steps: int = 200) -> dict[str, Any]:
+        """One layer's ``histogram`` counts over training: ``{"steps", "edges", "counts", "truncated"}``.
+
+        At most ``MAX_BINS`` bins per step (finer histograms merged) and at most ``MAX_CELLS`` values
+        (fewer steps); ``truncated`` says when that cut it (see :mod:`sonde.store.queries`).
 
         Raises:
             ConfigError: no run has that name, or ``max_steps`` is not in 1..5000.

@@ -21,11 +21,14 @@ from sonde.store import Store
 
 __all__ = [
     "MAX_NAME",
+    "MSGPACK_TYPES",
+    "TENSOR_TYPES",
     "RunName",
     "Text",
     "check_text",
     "fail",
     "need_run",
+    "require_type",
     "safe_floats",
     "storable_text",
     "store_of",
@@ -35,9 +38,27 @@ __all__ = [
 MAX_NAME = 1000
 
 
+#: The Content-Types a msgpack body (a batch of Records) may come as; the first is what sonde sends.
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+#: The Content-Types a safetensors body (shipped tensors) may come as.
+TENSOR_TYPES = ("application/octet-stream",)
+
+
 def fail(status: int, message: str) -> NoReturn:
     """Raise the HTTP error ``status`` whose JSON body is ``{"error": message}``."""
     raise HTTPException(status_code=status, detail=message)
+
+
+def require_type(request: Request, accepted: tuple[str, ...], what: str) -> None:
+    """415 unless the request's Content-Type is one of ``accepted`` (parameters such as charset aside).
+
+    A binary route takes only its own type, so a page of another site can never reach it with a
+    type it may send without asking (``text/plain``, form types).
+    """
+    given = request.headers.get("content-type", "")
+    if given.split(";")[0].strip().lower() not in accepted:
+        also = f" ({', '.join(accepted[1:])} also accepted)" if len(accepted) > 1 else ""
+        fail(415, f"{what} must be sent with Content-Type {accepted[0]}{also}; got {given[:80] or 'none'!r}")
 
 
 def check_text(value: str, what: str = "text") -> str:

@@ -3,6 +3,9 @@
 Example:
     PUT /api/v1/runs/mlp/graph {"nodes": [...], "edges": [...]}  → 200 {"stored": "mlp"}
     GET /api/v1/runs/mlp/graph                                   → the same object
+
+A graph is checked against the format ``sonde.graph`` writes (:func:`sonde.graph.validate.validate_graph`)
+before it is stored: a malformed one answers 422 naming what was expected.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 
-from sonde.errors import ConfigError
+from sonde.errors import ConfigError, GraphError
+from sonde.graph.validate import validate_graph
 from sonde.server.api.common import RunName, fail, need_run, store_of
 
 __all__ = ["router"]
@@ -21,11 +25,11 @@ router = APIRouter(tags=["graph"])
 
 @router.put("/runs/{run}/graph")
 def put_graph(run: RunName, graph: Annotated[dict[str, Any], Body()], request: Request) -> dict[str, str]:
-    """Store (replace) the run's graph: any JSON object."""
+    """Store (replace) the run's graph (``Graph.to_dict()``'s JSON; 422 naming the problem when malformed)."""
     store = store_of(request)
     try:
-        store.put_graph(need_run(store, run), graph)
-    except ConfigError as exc:
+        store.put_graph(need_run(store, run), validate_graph(graph))
+    except (ConfigError, GraphError) as exc:
         fail(422, str(exc))
     return {"stored": run}
 

@@ -3,6 +3,13 @@
 All of them read the store in SQL and return at most the number of points asked for, so a
 100,000-step run answers as fast as a short one. NaN and ±inf come back as null (JSON has neither).
 
+Every answer is bounded, whatever the run holds. A limit a request passes (``max_points`` over
+100,000, ``max_steps`` over 5,000) is a 422. A heatmap or histogram view holds at most 500,000
+values (:data:`~sonde.store.queries.MAX_CELLS`): at most 10,000 layers, at most 4,096 bins per
+step (finer histograms come merged), and fewer step columns than asked for where the layers or
+bins are many; such an answer carries ``"truncated": true`` (every heatmap and histogram answer
+carries the flag).
+
 Example:
     GET /api/v1/runs/mlp/series?layer=fc1&topic=weights&metric=norm&max_points=500
     → {"step": [0, 200, ...], "value": [...], "min": [...], "max": [...]}
@@ -63,8 +70,8 @@ def get_series(
 def get_heatmap(
     run: RunName, request: Request, topic: Name, metric: Name, phase: Phase = "train",
     max_steps: Annotated[int, Query(ge=1, le=5000)] = 400, start: Step = None, end: Step = None,
-) -> dict[str, list[Any]]:
-    """Layers × steps of one topic's metric: ``{"layers", "steps", "values"}`` (rows in forward order).
+) -> dict[str, Any]:
+    """Layers × steps of one topic's metric: ``{"layers", "steps", "values", "truncated"}`` (rows in forward order).
 
     At most ``max_steps`` step columns, picked evenly over the run or over ``start..end``
     (inclusive; a zoomed view asks for its range in detail).
@@ -72,17 +79,18 @@ def get_heatmap(
     _texts(topic=topic, metric=metric, phase=phase)
     store = store_of(request)
     out = store.heatmap(need_run(store, run), topic, metric, phase, max_steps, start, end)
-    return {"layers": out["layers"], "steps": out["steps"], "values": [safe_floats(row) for row in out["values"]]}
+    return {"layers": out["layers"], "steps": out["steps"], "values": [safe_floats(row) for row in out["values"]],
+            "truncated": out["truncated"]}
 
 
 @router.get("/runs/{run}/histograms")
 def get_histograms(
     run: RunName, request: Request, layer: Name, topic: Name, phase: Phase = "train",
     max_steps: Annotated[int, Query(ge=1, le=5000)] = 200,
-) -> dict[str, list[Any]]:
-    """One layer's histogram counts over training: ``{"steps", "edges", "counts"}``."""
+) -> dict[str, Any]:
+    """One layer's histogram counts over training: ``{"steps", "edges", "counts", "truncated"}``."""
     _texts(layer=layer, topic=topic, phase=phase)
     store = store_of(request)
     out = store.histograms(need_run(store, run), layer, topic, phase, max_steps)
     return {"steps": out["steps"], "edges": safe_floats(out["edges"]),
-            "counts": [safe_floats(c) for c in out["counts"]]}
+            "counts": [safe_floats(c) for c in out["counts"]], "truncated": out["truncated"]}

@@ -1,6 +1,6 @@
 """Record ingest: msgpack batches, idempotent by batch id.
 
-Body (``Content-Type: application/msgpack``)::
+Body (``Content-Type: application/msgpack``; any other type answers 415)::
 
     {"batch_id": "<uuid>", "records": [[step, phase, layer, topic, metric, value], ...]}
 
@@ -30,7 +30,16 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from sonde.records import Record
-from sonde.server.api.common import MAX_NAME, RunName, fail, need_run, storable_text, store_of
+from sonde.server.api.common import (
+    MAX_NAME,
+    MSGPACK_TYPES,
+    RunName,
+    fail,
+    need_run,
+    require_type,
+    storable_text,
+    store_of,
+)
 from sonde.store.engine import paused_gc
 
 __all__ = ["MAX_MESSAGE", "decode_batch", "router"]
@@ -168,6 +177,7 @@ async def ingest_records(run: RunName, request: Request) -> dict[str, Any]:
     Each row is ``[step, phase, layer, topic, metric, value]``, or ``[..., value, message]`` for a
     Record with a readable text (an ``alert``); the message is stored beside the Record.
     """
+    require_type(request, MSGPACK_TYPES, "a batch of Records")
     store = store_of(request)
     await run_in_threadpool(need_run, store, run)
     batch_id, batch = await run_in_threadpool(decode_batch, await request.body(), run)

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from sonde.errors import RunExistsError
+from sonde.run_config import check_config
+from sonde.run_info import LayerInfo, RunInfo
+from sonde.run_name import check_run_name
 from sonde.server.api.common import MAX_NAME, RunName, Text, fail, need_run, store_of
-from sonde.sinks.base import LayerInfo, RunInfo
 
 __all__ = ["FinishIn", "LayerIn", "RunCreated", "RunIn", "router"]
 
@@ -35,10 +37,12 @@ class LayerIn(BaseModel):
 class RunIn(BaseModel):
     """A run to create, or with ``resume`` to reopen."""
 
-    name: Annotated[Text, Field(min_length=1, max_length=MAX_NAME, pattern=r"^[^/]+$")]
+    #: One segment of a URL path (:mod:`sonde.run_name`: no '/', not '.' or '..'); 422 otherwise.
+    name: Annotated[Text, Field(min_length=1, max_length=MAX_NAME), AfterValidator(check_run_name)]
     model: Annotated[Text, Field(max_length=MAX_NAME)] = ""
     framework: Annotated[Text, Field(max_length=MAX_NAME)] = ""
-    config: dict[str, Any] = {}
+    #: Any JSON object, at most 32 levels deep and 64 KiB as JSON (:mod:`sonde.run_config`); 422 otherwise.
+    config: Annotated[dict[str, Any], AfterValidator(check_config)] = {}
     layers: Annotated[list[LayerIn], Field(max_length=100_000)] = []
     resume: bool = False
 
@@ -105,3 +109,15 @@ def finish_run(run: RunName, body: FinishIn, request: Request) -> dict[str, str]
     store = store_of(request)
     store.finish_run(need_run(store, run), body.status)
     return {"name": run, "status": body.status}
+
+
+@router.post("/runs/{run}/heartbeat")
+def heartbeat(run: RunName, request: Request) -> dict[str, str]:
+    """Stamp the run's heartbeat: its (remote) writer is alive, even when it has sent nothing for a while.
+
+    A remote probe beats every few seconds while its run is open; a running run silent for longer
+    than the server's ``stall_after`` is listed as ``stalled`` (see :mod:`sonde.store.status`).
+    """
+    store = store_of(request)
+    store.heartbeat(need_run(store, run))
+    return {"name": run}

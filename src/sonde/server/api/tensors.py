@@ -45,7 +45,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 import numpy as np
@@ -59,7 +59,7 @@ from starlette.concurrency import run_in_threadpool
 from sonde.errors import ConfigError
 from sonde.metrics.base import Capture, Metric
 from sonde.metrics.registry import registry
-from sonde.server.api.common import MAX_NAME, RunName, check_text
+from sonde.server.api.common import MAX_NAME, TENSOR_TYPES, RunName, check_text, require_type
 
 if TYPE_CHECKING:
     from sonde.sinks.base import Sink
@@ -71,6 +71,8 @@ log = logging.getLogger("sonde")
 
 #: Most items (tensors) in one payload.
 MAX_ITEMS = 10_000
+#: Most metric specs one item may list.
+MAX_SPECS = 64
 MAX_STEP = 2**31 - 1
 #: The marks a payload item may carry, by the boundary (``Metric.boundary``) they announce.
 MARKS = {"epoch": "epoch_end", "run": "run_end"}
@@ -179,10 +181,13 @@ def decode_payload(body: bytes) -> tuple[str, list[TensorItem | Mark]]:
 
 def _decode_specs(i: int, entry: dict[str, Any]) -> list[dict[str, Any]]:
     specs = entry.get("metrics")
-    if not isinstance(specs, list) or not specs:
-        raise ValueError(f"item {i}: metrics must be a non-empty list of {{name, kwargs}}; got {specs!r:.80}")
+    if not isinstance(specs, list) or not 1 <= len(specs) <= MAX_SPECS:
+        raise ValueError(f"item {i}: metrics must be a list of 1 to {MAX_SPECS} {{name, kwargs}}; got {specs!r:.80}")
     for spec in specs:
-        metric_from_spec(spec)  # raises for unknown names and bad arguments
+        try:
+            metric_from_spec(spec)  # raises for unknown names and bad or out-of-bound arguments
+        except ValueError as exc:
+            raise ValueError(f"item {i}: {exc}") from None
     return specs
 
 
@@ -213,8 +218,10 @@ def metric_from_spec(spec: Any) -> Metric:
         raise ValueError(f"unknown metric {spec['name']!r:.80}; registered metrics are: {', '.join(sorted(table))}")
     if getattr(cls, "derived", False) or cls.reads_topics:
         raise ValueError(f"metric {spec['name']!r} is computed from other metrics' Records, not from tensors")
+    kwargs = spec.get("kwargs", {})
+    cls.check_settings(**kwargs)  # the bounds the metric declares, before anything is built
     try:
-        return cls(**spec.get("kwargs", {}))
+        return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metric {spec['name']!r} cannot be built with {spec.get('kwargs')!r:.200}: {exc}") from exc
 
@@ -305,17 +312,20 @@ class ServerMetric(Metric):
     """
 
     name = "server"
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"sample": (1, 1 << 20)}
 
     def __init__(self, metric: str, *, sample: int | None = 1024, every: Any = None, **kwargs: Any) -> None:
         super().__init__(every=every)
         spec = {"name": metric, "kwargs": kwargs}
         try:
             json.dumps(kwargs)
-            inner = metric_from_spec(spec)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"ServerMetric({metric!r}, ...): {exc}; arguments must be JSON values") from exc
-        if sample is not None and (not isinstance(sample, int) or sample < 1):
-            raise ConfigError(f"sample= expects a positive int or None, got {sample!r}")
+        try:
+            inner = metric_from_spec(spec)
+        except ValueError as exc:
+            raise ConfigError(f"ServerMetric({metric!r}, ...): {exc}") from exc
+        self.check_settings(sample=sample)  # None ships every row
         self.spec = spec
         self.sample = sample
         self.topics = type(inner).topics  # type: ignore[misc]
@@ -387,6 +397,7 @@ async def ingest_tensors(run: RunName, request: Request) -> JSONResponse:
     """Queue shipped tensors for server-side metrics (safetensors); 202 at once, 503 when the queue is full."""
     from sonde.server.evaluator import evaluator_of
 
+    require_type(request, TENSOR_TYPES, "a safetensors payload")
     body = await request.body()
     state = request.app.state
     forward_to = getattr(state, "evaluator_url", None) if getattr(state, "role", "all") != "evaluator" else None

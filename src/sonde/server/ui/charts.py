@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sonde.server.ui.data import finite
+from sonde.server.ui.markup import js_texts
 
 __all__ = ["PALETTE", "VIRIDIS", "heatmap_options", "histogram_options", "lines_options"]
 
@@ -38,10 +39,11 @@ _EXP_LABEL = "(v) => (Math.abs(v) < 1e-9 ? '1' : '1e' + v.toFixed(1))"
 
 
 def _heat_tip(layers: Sequence[str], steps: Sequence[Any], log: bool) -> str:
-    # The row and column names travel once, inside the formatter, not in each of ~40,000 cells.
+    # The row and column names travel once, inside the formatter, not in each of ~40,000 cells;
+    # escaped, since the formatter's string is HTML (a layer may be named '<img onerror=...>').
     value = "Math.pow(10, p.data[2])" if log else "Number(p.data[2])"
     return (
-        f"(p) => {{ const L = {json.dumps(list(layers))}, S = {json.dumps([str(s) for s in steps])}; "
+        f"(p) => {{ const L = {js_texts(layers)}, S = {js_texts(steps)}; "
         "const where = `layer <b>${L[p.data[1]]}</b><br/>step ${S[p.data[0]]}`; "
         "return p.seriesIndex === 1 ? `${p.marker} ${where}: NaN / Inf or missing` "
         f": `${{p.marker}} ${{where}}: <b>${{{value}.toPrecision(4)}}</b>`; }}"

@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import math
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from sonde.server.ui.data import LOG_METRICS, Choices
 from sonde.server.ui.graph_script import GRAPH_HEAD
 from sonde.server.ui.graph_view import GraphView, draw, ramp
 from sonde.server.ui.layout import UIState, frame
+from sonde.server.ui.markup import escape
 from sonde.server.ui.source import off_loop
 
 __all__ = ["build_graph_page", "register_graph_page"]
@@ -153,14 +153,14 @@ async def build_graph_page(state: UIState, name: str) -> None:
             lines = []
             if node in values:
                 many = len(rows.get(node, [])) > 1
-                lines.append(f"<span class='sg-k'>{html.escape(colour.topic)} · {html.escape(colour.metric)} at step "
+                lines.append(f"<span class='sg-k'>{escape(colour.topic)} · {escape(colour.metric)} at step "
                              f"{step}:</span> <b>{values[node]:.4g}</b>"
                              + (f" ({colour.how} of {len(rows[node])} layers)" if many else ""))
             known = [(k, v[node]) for k, v in latest.items() if node in v][:_LATEST_LIMIT]
             if known:
                 lines.append("<span class='sg-k'>latest:</span> " + " · ".join(
-                    f"{html.escape(t)}/{html.escape(m)} {v:.3g}" for (t, m), v in known))
-            lines += [f"<span class='sg-bad'>⚠ {html.escape(text)}</span>" for text in alerts.get(node, [])[-3:]]
+                    f"{escape(t)}/{escape(m)} {v:.3g}" for (t, m), v in known))
+            lines += [f"<span class='sg-bad'>⚠ {escape(text)}</span>" for text in alerts.get(node, [])[-3:]]
             tips[node] = view.tooltip(node, lines)
         step_label.text = f"step {step:,}" if step is not None else "no steps yet"
         legend_low.text, legend_high.text = (f"{low:.3g}", f"{high:.3g}") if values else ("", "")
@@ -205,7 +205,11 @@ async def build_graph_page(state: UIState, name: str) -> None:
             summary.text = ("no graph stored for this run yet: the probe builds it at the first training step "
                             "(or the model could not be traced; the training log says why)")
             return
-        holder["view"] = await off_loop(GraphView, stored)
+        try:
+            holder["view"] = await off_loop(GraphView, stored)
+        except Exception as exc:  # noqa: BLE001 - a malformed stored graph is said, never a traceback
+            summary.text = f"the stored graph of this run cannot be drawn ({type(exc).__name__}: {str(exc)[:200]})"
+            return
         await load(follow=True)
         send(layout=True)
 

@@ -82,7 +82,9 @@ window.sondeGraph = window.sondeGraph || (() => {
       const node = e.target.closest && e.target.closest('[data-node]');
       const tip = root.querySelector('.sg-tip');
       if (!node || st.drag) { tip.style.display = 'none'; return; }
-      tip.innerHTML = st.tips[node.dataset.node] || node.dataset.node;
+      // The server's cards are escaped HTML; a node without one shows its name as plain text.
+      const card = st.tips[node.dataset.node];
+      if (card) tip.innerHTML = card; else tip.textContent = node.dataset.node;
       tip.style.display = 'block';
       const r = root.getBoundingClientRect();
       let x = e.clientX - r.left + 14, y = e.clientY - r.top + 14;

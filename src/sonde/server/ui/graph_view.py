@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any
 
 from sonde.graph.model import Graph, Node
 from sonde.graph.render import _colour, _count, _is_dark, _layers, _shapes
+from sonde.graph.validate import validate_graph
+from sonde.server.ui.markup import css_token, escape
 
 __all__ = ["Drawing", "GraphView", "base_name", "draw", "ramp"]
 
@@ -83,7 +84,9 @@ class GraphView:
     """
 
     def __init__(self, graph: Graph | Mapping[str, Any], *, max_nodes: int = 60) -> None:
-        full = graph if isinstance(graph, Graph) else Graph.from_dict(dict(graph))
+        # A stored document is checked first (the API checks what it stores, other writers may not):
+        # a malformed one fails here with a message, not a loop on a parent cycle or a crafted kind drawn.
+        full = graph if isinstance(graph, Graph) else Graph.from_dict(validate_graph(graph))
         self.graph = full.prune()
         # Trivial layers pruned from the picture (flatten, dropout) still count in their box's colour.
         self._parent = {n.name: n.parent for n in full.nodes}
@@ -263,17 +266,17 @@ class GraphView:
         """A box's hover card as HTML: name, class, shapes, parameters, then ``lines`` (metrics, alerts)."""
         node = self.graph[name]
         inner = sum(1 for n in self.graph.leaves() if self._inside(n.name, name)) if name in self.collapsed else 0
-        rows = [f"<b>{html.escape(name)}</b> <span class='sg-op'>{html.escape(node.op)}</span>"]
+        rows = [f"<b>{escape(name)}</b> <span class='sg-op'>{escape(node.op)}</span>"]
         if node.output_shapes:
-            rows.append(f"output {html.escape(_shapes(node))}")
+            rows.append(f"output {escape(_shapes(node))}")
         if node.params:
-            rows.append("params " + html.escape(", ".join(f"{k} {list(v)}" for k, v in node.params.items())))
+            rows.append("params " + escape(", ".join(f"{k} {list(v)}" for k, v in node.params.items())))
         if node.num_params:
             rows.append(f"{_count(node.num_params)} parameters" + (" inside" if inner else ""))
         if inner:
             rows.append(f"{inner} nodes inside · click to expand")
         elif node.parent is not None:
-            rows.append(f"in {html.escape(node.parent)} · click to collapse it")
+            rows.append(f"in {escape(node.parent)} · click to collapse it")
         return "<br>".join(rows + [str(line) for line in lines])
 
 
@@ -365,8 +368,8 @@ def draw(graph: Graph, fills: Mapping[str, str] | None = None, *, containers: Se
         for i, corners in enumerate(pieces[b] for b in sorted(pieces)):
             x0, y0 = min(x for x, _ in corners) - grow, min(y for _, y in corners) - grow - 12
             x1, y1 = max(x for x, _ in corners) + BOX_W + grow, max(y for _, y in corners) + BOX_H + grow
-            title = html.escape(module) + (" ▾" if i == 0 else " (cont.)")
-            parts.append(f'<g class="sg-frame" data-frame="{html.escape(module)}"><rect x="{x0:.0f}" y="{y0:.0f}" '
+            title = escape(module) + (" ▾" if i == 0 else " (cont.)")
+            parts.append(f'<g class="sg-frame" data-frame="{escape(module)}"><rect x="{x0:.0f}" y="{y0:.0f}" '
                          f'width="{x1 - x0:.0f}" height="{y1 - y0:.0f}" rx="8"/>'
                          f'<text x="{x0 + 6:.0f}" y="{y0 + 12:.0f}">{title}</text></g>')
     parts.append('</g><g class="sg-edges">')
@@ -384,11 +387,11 @@ def draw(graph: Graph, fills: Mapping[str, str] | None = None, *, containers: Se
         extra = ' data-box="1"' if name in boxed else ""
         plain = _PLAIN.get(node.kind, "#ffffff")
         parts.append(
-            f'<g class="sg-node sg-{node.kind}" data-node="{html.escape(name)}" data-plain="{plain}"{extra} '
+            f'<g class="sg-node sg-{css_token(node.kind)}" data-node="{escape(name)}" data-plain="{plain}"{extra} '
             f'transform="translate({x:.0f},{y:.0f})">'
             f'<rect class="sg-rect" width="{BOX_W}" height="{BOX_H}" rx="6" fill="{fill}"/>'
-            f'<text class="sg-name" x="8" y="16" fill="{ink}">{html.escape(label)}</text>'
-            f'<text class="sg-sub" x="8" y="31" fill="{ink}">{html.escape(_subtitle(node))}</text>'
+            f'<text class="sg-name" x="8" y="16" fill="{ink}">{escape(label)}</text>'
+            f'<text class="sg-sub" x="8" y="31" fill="{ink}">{escape(_subtitle(node))}</text>'
             + (f'<text class="sg-plus" x="{BOX_W - 14}" y="16" fill="{ink}">+</text>' if name in boxed else "")
             + f'<g class="sg-alert" visibility="hidden"><circle cx="{BOX_W}" cy="0" r="9"/>'
             f'<text x="{BOX_W}" y="4">!</text></g></g>')

@@ -23,7 +23,7 @@ __all__ = ["COOKIE", "UIState", "ago", "frame", "gate", "stamp", "status_color"]
 
 #: The cookie that carries the dashboard token (set by the token form, sent with every page load).
 COOKIE = "sonde_token"
-_STATUS_COLORS = {"running": "blue-7", "finished": "green-7", "failed": "red-7"}
+_STATUS_COLORS = {"running": "blue-7", "stalled": "orange-8", "finished": "green-7", "failed": "red-7"}
 
 _CSS = """
 body { background: #f6f7f9; }

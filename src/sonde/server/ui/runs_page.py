@@ -1,5 +1,8 @@
 """The runs page (``/``): every run in the store, refreshed every second over the websocket.
 
+A run's status is ``running``, ``finished``, ``failed``, or ``stalled``: running, but its writer
+has given no sign of life (heartbeat) for a while, e.g. a killed process (``sonde.store.status``).
+
 Example:
     >>> row = table_row({"name": "mlp", "model": "Sequential", "framework": "torch", "status": "running",
     ...                  "steps": 12, "started_at": 0.0, "updated_at": 0.0, "ended_at": None}, now=5.0)
@@ -37,6 +40,7 @@ def table_row(run: dict[str, Any], *, now: float | None = None, alerts: int = 0)
         "name": run["name"], "href": f"/run/{quote(run['name'], safe='')}", "model": run["model"] or "–",
         "framework": run["framework"] or "–", "status": run["status"], "color": status_color(run["status"]),
         "steps": run["steps"], "started": stamp(run["started_at"]), "updated": ago(run["updated_at"], now=now),
+        "alive": ago(run.get("heartbeat_at"), now=now),
     }
 
 
@@ -65,7 +69,8 @@ async def build_runs_page(state: UIState) -> None:
                 <q-td :props="props"><q-badge v-if="props.value > 0" color="red-7" rounded
                    :label="props.value + (props.value === 1 ? ' alert' : ' alerts')" /></q-td>""")
             table.add_slot("body-cell-status", """
-                <q-td :props="props"><q-badge :color="props.row.color" :label="props.value" rounded /></q-td>""")
+                <q-td :props="props"><q-badge :color="props.row.color" :label="props.value" rounded
+                   :title="'last sign of life ' + props.row.alive" /></q-td>""")
             table.add_slot("no-data", """
                 <div class="full-width text-center q-pa-lg text-grey-7">No runs yet. Train with
                 <code>sonde.probe(model, run="my-run")</code> or run <code>sonde demo</code>.</div>""")
@@ -93,7 +98,9 @@ async def build_runs_page(state: UIState) -> None:
         table.rows = [table_row(r, alerts=counts.get(r["name"], 0)) for r in runs]
         table.update()
         running = sum(r["status"] == "running" for r in runs)
-        summary.text = f"{len(runs)} run{'s' * (len(runs) != 1)} · {running} running · updates live"
+        stalled = sum(r["status"] == "stalled" for r in runs)  # running, but no sign of life for a while
+        summary.text = (f"{len(runs)} run{'s' * (len(runs) != 1)} · {running} running"
+                        f"{f' · {stalled} stalled' if stalled else ''} · updates live")
 
     await refresh()
     ui.timer(1.0, refresh, immediate=False)

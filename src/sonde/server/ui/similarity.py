@@ -15,12 +15,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sonde.server.ui.charts import VIRIDIS
 from sonde.server.ui.data import finite
+from sonde.server.ui.markup import js_texts
 
 __all__ = ["CKA_PREFIX", "CKA_TOPIC", "matrix_options", "matrix_phases", "matrix_size", "matrix_step"]
 
@@ -97,7 +97,7 @@ def matrix_options(
     step = data.get("step")
     longest = max((len(n) for n in names), default=4)
     margin = min(14 + 7 * longest, 220)
-    tip = (f"(p) => {{ const L = {json.dumps(names)}; "
+    tip = (f"(p) => {{ const L = {js_texts(names)}; "  # escaped: the tooltip is HTML
            "const where = `<b>${L[p.data[1]]}</b> vs <b>${L[p.data[0]]}</b>`; "
            "return p.seriesIndex === 1 ? `${where}: not recorded` "
            ": `${where}: <b>${Number(p.data[2]).toFixed(4)}</b>`; }")

@@ -54,7 +54,8 @@ class Source:
         self.store = store
 
     async def runs(self) -> list[dict[str, Any]]:
-        """Every run: name, model, framework, status, steps, started_at, updated_at, ended_at (UTC seconds)."""
+        """Every run: name, model, framework, status, steps, started_at, updated_at, ended_at, heartbeat_at (UTC
+        seconds); ``status`` is ``stalled`` for a running run whose writer went silent (see ``sonde.store.status``)."""
         return await off_loop(self._runs)
 
     def _runs(self) -> list[dict[str, Any]]:
@@ -65,7 +66,7 @@ class Source:
                 "name": str(row.name), "model": str(row.model), "framework": str(row.framework),
                 "status": str(row.status), "steps": int(row.steps),  # type: ignore[arg-type]
                 "started_at": _time(row.started_at), "updated_at": _time(row.updated_at),
-                "ended_at": _time(row.ended_at),
+                "ended_at": _time(row.ended_at), "heartbeat_at": _time(row.heartbeat_at),
             })
         return out
 
