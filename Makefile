@@ -2,15 +2,27 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.sonde-installed
+DEMO_STAMP := $(VENV)/.sonde-demo
+STAMP := $(VENV)/.sonde-test
 
-.PHONY: demo test test-mxnet lint typecheck docs bench install clean chromium
+.PHONY: demo test test-mxnet lint imports typecheck docs bench install clean chromium
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# `make demo` installs only what the demo needs (the core and the 'demo' extra); `make test` the test stack.
+# torch first and exactly: a range would pull a CUDA build of several GB.
+TORCH_STAMP := $(VENV)/.torch
+
+$(TORCH_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	touch $(TORCH_STAMP)
+
+$(DEMO_STAMP): pyproject.toml | $(TORCH_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+$(STAMP): pyproject.toml | $(TORCH_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
@@ -27,7 +39,7 @@ $(MXSTAMP): pyproject.toml
 test-mxnet: $(MXSTAMP)
 	$(MXVENV)/bin/python -m pytest -q tests/mxnet_env
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/sonde demo
 
 lint: $(STAMP)
@@ -35,6 +47,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+# The architecture's import rules (the [tool.importlinter] contracts in pyproject.toml).
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 # The documentation site (mkdocs.yml, docs/): a strict build fails on any warning, such as a broken
 # link or a docstring that does not parse.
@@ -48,7 +64,7 @@ chromium:
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }; } || \
 	  echo "make: could not install Debian's chromium; browser tests will be skipped with a reason"
 
-test: $(STAMP) lint typecheck docs chromium
+test: $(STAMP) lint imports typecheck docs chromium
 	$(PY) -m pytest -q
 	$(MAKE) test-mxnet
 

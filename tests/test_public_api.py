@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import types
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,17 @@ def test_top_level_exports() -> None:
     )
     for name in sonde.__all__:
         assert getattr(sonde, name) is not None
+
+
+def test_every_public_name_of_the_package_is_exported_and_documented() -> None:
+    # Built from the package itself (as httpx's test does), so a new public name cannot slip in unseen.
+    public = {
+        name for name, value in vars(sonde).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(sonde.__all__)
+    reference = (Path(__file__).parents[1] / "docs" / "reference" / "sonde.md").read_text()
+    assert "::: sonde\n" in reference  # the reference renders every name of sonde.__all__
 
 
 def test_probe_signature_follows_the_design() -> None:

@@ -6,8 +6,6 @@ Example:
     ['ConfigError', 'Graph', 'GraphError']
 """
 
-from __future__ import annotations
-
 from sonde.errors import (
     ConfigError,
     GraphError,

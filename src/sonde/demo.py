@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import sonde
+from sonde.extras import require
 from sonde.metrics import DEFAULT_METRICS, Alerts
 from sonde.sinks.console import ConsoleSink
 from sonde.sinks.csv import CsvSink
@@ -46,9 +47,7 @@ class DemoResult:
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Digits 8×8 images scaled to [0, 1]: a fixed 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    data = require("sklearn.datasets", "demo", "the demo's digits data").load_digits()
     x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
     y = torch.tensor(data.target, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))

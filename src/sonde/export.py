@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from sonde.errors import ConfigError
+from sonde.extras import require
 from sonde.load import load
 from sonde.store import Store, open_store
 
@@ -52,6 +53,7 @@ def export_table(store: str | Path | Store, run: str, path: str | Path) -> pd.Da
     if target.suffix == ".csv":
         df.to_csv(target, index=False)
     else:
+        require("pyarrow", "export", "a Parquet export")
         df.to_parquet(target, index=False)
     return df
 
@@ -104,11 +106,16 @@ def cka_matrix_at_last_step(df: pd.DataFrame, layers: list[str], phase: str = "t
     return step, order, values
 
 
-def _matrix_png(names: list[str], values: np.ndarray, title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg canvas (no screen), or the error naming the extra to install."""
+    require("matplotlib", "export", "the HTML report").use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _matrix_png(names: list[str], values: np.ndarray, title: str) -> str:
+    plt = _pyplot()
 
     side = min(2.0 + 0.32 * len(names), 14.0)
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
@@ -129,17 +136,12 @@ def _matrix_png(names: list[str], values: np.ndarray, title: str) -> str:
 def _png(fig: Any) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=96, bbox_inches="tight", metadata={"Software": None})
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _heatmap_png(names: list[str], steps: list[int], values: np.ndarray, title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     finite = values[np.isfinite(values)]
     log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
@@ -157,10 +159,7 @@ def _heatmap_png(names: list[str], steps: list[int], values: np.ndarray, title: 
 
 
 def _lines_png(series: Series, title: str, log: bool) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(10, 3.2))
     for label, (steps, values) in series.items():

@@ -9,7 +9,7 @@ import pytest
 
 from sonde.server.ui.charts import heatmap_options, histogram_options, lines_options
 from sonde.server.ui.data import Choices, heatmap_budget, pick_changing, pick_layers, splice, splice_heatmap
-from sonde.server.ui.panel import category_window, step_columns, step_extent, zoom_window
+from sonde.server.ui.live_chart import category_window, step_columns, step_extent, zoom_window
 from sonde.server.ui.run_page import layer_label
 
 TRIPLES = [

@@ -10,7 +10,7 @@ import pytest
 from sonde.errors import ConfigError, StoreError
 from sonde.load import load
 from sonde.records import Record
-from sonde.sinks.base import RunInfo
+from sonde.run_info import RunInfo
 from sonde.store import open_store
 
 

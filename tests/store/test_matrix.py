@@ -10,7 +10,7 @@ import pytest
 
 from sonde.errors import ConfigError
 from sonde.records import Record
-from sonde.sinks.base import LayerInfo, RunInfo
+from sonde.run_info import LayerInfo, RunInfo
 from sonde.store import Store
 
 LAYERS = ["conv1", "relu", "fc", "out"]  # forward order; deliberately not alphabetical

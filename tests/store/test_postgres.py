@@ -8,7 +8,7 @@ from sqlalchemy import inspect
 
 from sonde.errors import RunExistsError
 from sonde.records import Record
-from sonde.sinks.base import LayerInfo, RunInfo
+from sonde.run_info import LayerInfo, RunInfo
 from sonde.store import open_store
 from sonde.store.schema import SCHEMA_VERSION
 

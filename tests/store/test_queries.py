@@ -16,7 +16,7 @@ from sqlalchemy import inspect
 
 from sonde.errors import ConfigError, StoreError
 from sonde.records import Record
-from sonde.sinks.base import LayerInfo, RunInfo
+from sonde.run_info import LayerInfo, RunInfo
 from sonde.store import Store, open_store
 
 

@@ -26,7 +26,7 @@ import sonde
 from sonde.cli import main
 from sonde.errors import StoreError
 from sonde.records import Record
-from sonde.sinks.base import LayerInfo, RunInfo
+from sonde.run_info import LayerInfo, RunInfo
 from sonde.sinks.store import StoreSink
 from sonde.store import open_store
 from sonde.store.schema import SCHEMA_VERSION

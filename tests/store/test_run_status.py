@@ -22,7 +22,7 @@ from sqlalchemy import update
 import sonde
 from sonde.errors import ConfigError
 from sonde.records import Record
-from sonde.sinks.base import RunInfo
+from sonde.run_info import RunInfo
 from sonde.sinks.store import StoreSink
 from sonde.store import Store, open_store
 from sonde.store.schema import SCHEMA_VERSION, runs

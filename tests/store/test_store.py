@@ -13,7 +13,7 @@ from sqlalchemy import inspect
 
 from sonde.errors import ConfigError, RunExistsError, StoreError
 from sonde.records import Record
-from sonde.sinks.base import LayerInfo, RunInfo
+from sonde.run_info import LayerInfo, RunInfo
 from sonde.sinks.store import StoreSink
 from sonde.store import Store, open_store
 from sonde.store.schema import SCHEMA_VERSION

@@ -78,8 +78,8 @@ def test_writes_from_sink_heartbeat_api_and_workers_all_run_on_the_writer_thread
     created = _post(app, "POST", "/api/v1/runs", json={"name": "remote", "layers": [{"name": "fc1", "type": "L"}]})
     assert created.status_code == 201, created.text
     for step in range(3):
-        record = [step, "train", "fc1", "weights", "norm", 1.0]
-        body = msgpack.packb({"batch_id": str(uuid.uuid4()), "records": [record]})
+        rows = [[step, "train", "fc1", "weights", "norm", 1.0]]
+        body = msgpack.packb({"batch_id": str(uuid.uuid4()), "records": rows})
         response = _post(app, "POST", "/api/v1/runs/remote/records", content=body,
                          headers={"content-type": "application/msgpack"})
         assert response.status_code == 200, response.text

@@ -1,6 +1,9 @@
 """Pictures of a :class:`~sonde.graph.model.Graph`: a text tree and a layered SVG.
 
 Both read only the graph (or its JSON), so a stored run's graph is drawn the same way offline.
+The pieces they are made of (:func:`leaf_ranks`, :func:`viridis`, :func:`is_dark`,
+:func:`format_count`, :func:`format_shapes`) are public: the dashboard's interactive graph view
+draws its boxes with them, so both pictures agree.
 """
 
 from __future__ import annotations
@@ -11,10 +14,25 @@ from collections.abc import Mapping
 
 from sonde.graph.model import Graph, Node
 
-__all__ = ["format_tree", "readable_view", "to_svg"]
+__all__ = [
+    "format_count",
+    "format_shapes",
+    "format_tree",
+    "is_dark",
+    "leaf_ranks",
+    "readable_view",
+    "to_svg",
+    "viridis",
+]
 
 
-def _count(n: int) -> str:
+def format_count(n: int) -> str:
+    """A parameter count as a box label shows it: ``950``, ``12.3k``, ``1.2M``.
+
+    Example:
+        >>> format_count(950), format_count(12_345), format_count(1_234_567)
+        ('950', '12.3k', '1.2M')
+    """
     if n >= 1_000_000:
         return f"{n / 1e6:.1f}M"
     if n >= 10_000:
@@ -22,7 +40,13 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _shapes(node: Node) -> str:
+def format_shapes(node: Node) -> str:
+    """A node's output shapes as text (the first three; the count of the rest), ``""`` when unknown.
+
+    Example:
+        >>> format_shapes(Node("fc", kind="module", op="Linear", output_shapes=[[2, 8]]))
+        '[2, 8]'
+    """
     if not node.output_shapes:
         return ""
     text = ", ".join("[" + ", ".join(map(str, s)) + "]" for s in node.output_shapes[:3])
@@ -48,12 +72,12 @@ def format_tree(graph: Graph) -> str:
     rows = []
     for node in graph.nodes:
         indent = "  " * (graph.depth(node.name) - 1)
-        params = _count(node.num_params * node.repeat) if node.num_params else ""
+        params = format_count(node.num_params * node.repeat) if node.num_params else ""
         dtype = f" {node.dtypes[0]}" if node.dtypes and node.dtypes[0] != "float32" else ""
-        rows.append((indent + _label(node), node.op, _shapes(node) + dtype, params))
+        rows.append((indent + _label(node), node.op, format_shapes(node) + dtype, params))
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
     header = (f"{graph.model or 'model'}: {len(graph.nodes)} nodes, {len(graph.edges)} edges, "
-              f"{_count(total)} parameters (traced on {graph.device or '?'})")
+              f"{format_count(total)} parameters (traced on {graph.device or '?'})")
     lines = [header]
     for name, op, shapes, params in rows:
         lines.append(f"{name:<{widths[0]}}  {op:<{widths[1]}}  {shapes:<{widths[2]}}  {params}".rstrip())
@@ -71,8 +95,15 @@ def readable_view(graph: Graph, max_nodes: int = 80) -> Graph:
     return view
 
 
-def _layers(graph: Graph) -> dict[str, int]:
-    """Longest-path layer of every leaf (inputs at 0), in topological order of the edges."""
+def leaf_ranks(graph: Graph) -> dict[str, int]:
+    """The column of every leaf in a left-to-right drawing: its longest path from an input (inputs at 0).
+
+    Example:
+        >>> g = Graph([Node("input", kind="input", op="Tensor"), Node("fc", kind="module", op="Linear"),
+        ...            Node("output", kind="output", op="Tensor")], [("input", "fc"), ("fc", "output")])
+        >>> leaf_ranks(g)
+        {'input': 0, 'fc': 1, 'output': 2}
+    """
     leaves = [n.name for n in graph.leaves()]
     succ: dict[str, list[str]] = {n: [] for n in leaves}
     indegree = dict.fromkeys(leaves, 0)
@@ -92,8 +123,15 @@ def _layers(graph: Graph) -> dict[str, int]:
     return layer
 
 
-def _colour(value: float, low: float, high: float) -> str:
-    """Viridis-like ramp from dark blue (low) to yellow (high)."""
+def viridis(value: float, low: float, high: float) -> str:
+    """The fill of ``value`` on a viridis-like ramp from dark blue (``low``) to yellow (``high``), as ``#rrggbb``.
+
+    A value that is not finite, or a scale with no width, takes the middle of the ramp.
+
+    Example:
+        >>> viridis(0.0, 0.0, 1.0), viridis(1.0, 0.0, 1.0)
+        ('#440154', '#fde725')
+    """
     t = 0.5 if high <= low or not math.isfinite(value) else (value - low) / (high - low)
     stops = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
     pos = min(max(t, 0.0), 1.0) * (len(stops) - 1)
@@ -116,7 +154,7 @@ def to_svg(graph: Graph, values: Mapping[str, float] | None = None, *, width: in
     Example:
         >>> svg = to_svg(readable_view(sonde.graph(model, x)))   # doctest: +SKIP
     """
-    layer = _layers(graph)
+    layer = leaf_ranks(graph)
     columns: dict[int, list[str]] = {}
     for name, col in layer.items():
         columns.setdefault(col, []).append(name)
@@ -146,10 +184,11 @@ def to_svg(graph: Graph, values: Mapping[str, float] | None = None, *, width: in
     for name, (x, y) in pos.items():
         node = graph[name]
         value = (values or {}).get(name)
-        fill = _colour(value, low, high) if value is not None else {
+        fill = viridis(value, low, high) if value is not None else {
             "input": "#e8f0fe", "output": "#e8f0fe", "function": "#f5f5f5"}.get(node.kind, "#fff4e0")
-        text = "#ffffff" if value is not None and _is_dark(fill) else "#222222"
-        tip = html.escape(f"{node.name} ({node.op}) {_shapes(node)}" + (f" = {value:.4g}" if value is not None else ""))
+        text = "#ffffff" if value is not None and is_dark(fill) else "#222222"
+        shown = f" = {value:.4g}" if value is not None else ""
+        tip = html.escape(f"{node.name} ({node.op}) {format_shapes(node)}" + shown)
         label = html.escape(_label(node) if len(_label(node)) <= 24 else "…" + _label(node)[-23:])
         parts.append(f'<g><title>{tip}</title><rect x="{x:.0f}" y="{y:.0f}" width="{width}" height="{height}" rx="5" '
                      f'fill="{fill}" stroke="#999"/>'
@@ -160,6 +199,12 @@ def to_svg(graph: Graph, values: Mapping[str, float] | None = None, *, width: in
     return "".join(parts)
 
 
-def _is_dark(colour: str) -> bool:
+def is_dark(colour: str) -> bool:
+    """Whether ``#rrggbb`` is dark enough that text on it should be white (perceived luminance < 50%).
+
+    Example:
+        >>> is_dark("#440154"), is_dark("#fde725")
+        (True, False)
+    """
     r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
     return 0.299 * r + 0.587 * g + 0.114 * b < 128

@@ -67,10 +67,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # ServerMetric lives with the tensor payload it ships (sonde.server.api.tensors); importing it
-    # lazily keeps the server's dependencies out of `import sonde`.
+    # ServerMetric ships tensors through sonde.wire (safetensors, httpx); importing it lazily keeps
+    # those out of `import sonde` for the probes that never use a server.
     if name == "ServerMetric":
-        from sonde.server.api.tensors import ServerMetric
+        from sonde.metrics.server import ServerMetric
 
         return ServerMetric
     raise AttributeError(f"module 'sonde.metrics' has no attribute {name!r}")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import numbers
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,6 +41,7 @@ import torch
 from sonde import functional as F
 from sonde.errors import ConfigError
 from sonde.functional import native
+from sonde.records import Record
 from sonde.schedules import Schedule, as_schedule
 
 __all__ = ["RESET_POLICIES", "Capture", "Metric", "Reduce"]
@@ -259,6 +260,16 @@ class Metric:
             step they were computed for). The training thread only runs the cheap ``update``.
             An offloaded ``compute`` must read only ``self.state`` and configuration: it runs on a
             shallow copy, so attributes it sets are not kept.
+        derived: a metric of Records: it captures nothing and, at each flush, :meth:`derive` computes
+            its value from the values the step's other metrics computed (its ``requires``), on the
+            same layer (``update_ratio`` from two ``norm`` values).
+        watches: a watcher of Records: one instance (never cloned per layer) reads every Record
+            the run emits through :meth:`watch` and adds Records of its own (``alerts``).
+        probe_set: ``"required"`` when the metric compares activations on a fixed probe set
+            (``sonde.probe(..., probe_set=...)``), ``"optional"`` when it uses one if given (task
+            scores, with labels), None (default) when it reads the training captures.
+        uses_step_labels: the probe hands the metric, as ``step_labels``, the labels logged in the
+            current train step (``p.log(labels=y)``), so that it can pair them with activations.
         bounds: the inclusive ``(low, high)`` range of each numeric setting (``{"bins": (1, 4096)}``;
             int bounds ask for an integer). :meth:`check_settings` holds the constructor's
             arguments and every metric spec that reaches the server to them: one rule for the
@@ -283,6 +294,10 @@ class Metric:
     requires: ClassVar[tuple[str, ...]] = ()
     reads_topics: ClassVar[dict[str, str]] = {}
     offload: ClassVar[bool] = False
+    derived: ClassVar[bool] = False
+    watches: ClassVar[bool] = False
+    probe_set: ClassVar[str | None] = None
+    uses_step_labels: ClassVar[bool] = False
     bounds: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def __init__(
@@ -396,10 +411,20 @@ class Metric:
         """Return ``{metric name: float or 1-D numpy array}`` from the host state."""
         raise NotImplementedError
 
+    def derive(self, values: dict[tuple[str, str, str], Any], layer: str, topic: str) -> dict[str, Any]:
+        """For a ``derived`` metric: its values at ``layer``/``topic`` from the step's computed
+        ``values`` (keyed ``(layer, topic, metric name)``); empty when its inputs are missing."""
+        return {}
+
+    def watch(self, records: Sequence[Record]) -> list[Record]:
+        """For a watcher (``watches``): the Records it adds after reading ``records`` (one batch,
+        in the order they were computed)."""
+        return []
+
     def boundary(self, kind: str) -> None:
         """The run reached the end of an epoch (``"epoch"``, after that step's flush) or ended
         (``"run"``, after the last flush). Called once per configured metric, not per instance:
-        for metrics whose state lives elsewhere (:class:`~sonde.server.api.tensors.ServerMetric`)."""
+        for metrics whose state lives elsewhere (:class:`~sonde.metrics.ServerMetric`)."""
 
     def emits(self) -> tuple[str, ...]:
         return self.outputs or (self.name,)

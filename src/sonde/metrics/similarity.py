@@ -83,7 +83,7 @@ class _ProbeSetMetric(Metric):
     topics = ("activations",)
     offload: ClassVar[bool] = True
     #: "required": needs ``probe_set=``; "optional": uses it when given (task scores).
-    probe_set: ClassVar[str] = "required"
+    probe_set: ClassVar[str | None] = "required"
     default_compute_every: ClassVar[int] = 100
 
     def __init__(

@@ -129,7 +129,8 @@ def _merge_reservoirs(current: Reservoir, value: Reservoir) -> Reservoir:
 class _TaskMetric(_ProbeSetMetric):
     """Shared machinery: pairing activations with labels, the reservoir, the offloaded fit."""
 
-    probe_set: ClassVar[str] = "optional"
+    probe_set: ClassVar[str | None] = "optional"
+    uses_step_labels: ClassVar[bool] = True
     min_rows: ClassVar[int] = 8
     bounds: ClassVar[dict[str, tuple[float, float]]] = {"samples": (8, 100_000), "seed": (0, 2**32 - 1)}
 

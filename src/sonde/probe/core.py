@@ -139,7 +139,7 @@ class Probe:
         if remote is not None:
             sink_list.insert(0, remote)
         if any(m.name == "server" for m in self.metrics):  # ServerMetric: tensors shipped to the evaluator
-            from sonde.server.api.tensors import bind_server_metrics
+            from sonde.sinks.remote import bind_server_metrics  # httpx and the outbox only for remote probes
 
             bind_server_metrics(self.metrics, sink_list)
         if store is not None:

@@ -119,7 +119,7 @@ def _split_metrics(
     tests = [m for m in resolved if isinstance(m, TestAccuracy)]
     on_probe_set: list[Metric] = []
     for m in resolved:
-        use = getattr(m, "probe_set", None)
+        use = m.probe_set
         if use == "required" and not has_probe_set:
             raise ConfigError(
                 f"metric {m.name!r} compares activations on a fixed probe set; pass probe_set=inputs "
@@ -200,8 +200,8 @@ class TorchProbe(Probe):
         )
         self.step_labels = StepLabels()  # labels logged in the current train step (task metrics pair them)
         for metric in self.metrics:
-            if hasattr(metric, "step_labels"):
-                metric.step_labels = self.step_labels
+            if metric.uses_step_labels:
+                metric.step_labels = self.step_labels  # type: ignore[attr-defined]
         self.probe_bus: Bus | None = None
         if on_probe_set:
             self.probe_bus = Bus(self.run, on_probe_set, topics=["activations"], schedule=self.schedule)

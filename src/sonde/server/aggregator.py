@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 from fastapi import FastAPI, Request
@@ -39,7 +38,12 @@ from starlette.concurrency import run_in_threadpool
 from sonde.records import Record
 from sonde.server.api.common import MSGPACK_TYPES, check_text, require_type
 from sonde.server.api.records import decode_batch
-from sonde.sinks.remote import encode_records
+from sonde.server.api.security import Guard
+from sonde.server.evaluator import install_json_errors
+from sonde.wire.client import AsyncWireClient
+from sonde.wire.records import encode_records
+from sonde.wire.retry import retryable
+from sonde.wire.routes import PREFIX
 
 __all__ = ["Aggregator", "ForwardError", "create_aggregator_app", "group_id"]
 
@@ -90,6 +94,7 @@ class Aggregator:
         self.group_delay = group_delay
         self.max_group_records = max_group_records
         self.client = client
+        self._wire: AsyncWireClient | None = None
         self.forwarded = 0
         self._groups: dict[tuple[str, int], _Group] = {}
         self._shape: dict[str, frozenset[tuple[str, str, str, str]]] = {}
@@ -98,11 +103,11 @@ class Aggregator:
         self._failed: OrderedDict[tuple[str, str, int], tuple[str, str, bytes]] = OrderedDict()
         self._tasks: set[asyncio.Future[None]] = set()
 
-    def _client(self) -> httpx.AsyncClient:
-        if self.client is None:
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            self.client = httpx.AsyncClient(base_url=self.frontend_url, headers=headers, timeout=30.0)
-        return self.client
+    def _client(self) -> AsyncWireClient:
+        if self._wire is None:
+            self._wire = AsyncWireClient(self.frontend_url, token=self.token, timeout=30.0, client=self.client)
+            self.client = self._wire.http
+        return self._wire
 
     async def ingest(self, run: str, batch_id: str, records: list[Record]) -> dict[str, Any]:
         """Group one incoming batch; returns once the frontend stored all of it (ForwardError if not)."""
@@ -185,14 +190,12 @@ class Aggregator:
 
     async def _post(self, run: str, body: bytes) -> None:
         try:
-            response = await self._client().post(f"/api/v1/runs/{quote(run, safe='')}/records", content=body,
-                                                 headers={"Content-Type": "application/msgpack"})
+            response = await self._client().send("records", run, body)
         except httpx.TransportError as exc:
             raise ForwardError(503, f"the frontend at {self.frontend_url} is unreachable "
                                     f"({type(exc).__name__}); retry later") from exc
         if response.status_code >= 300:
-            retry = response.status_code >= 500 or response.status_code in (408, 429)
-            raise ForwardError(503 if retry else response.status_code,
+            raise ForwardError(503 if retryable(response.status_code) else response.status_code,
                                f"the frontend at {self.frontend_url} answered {response.status_code}: "
                                f"{response.text[:300]}")
         self.forwarded += 1
@@ -218,9 +221,6 @@ def create_aggregator_app(frontend_url: str, *, token: str | None = None, evalua
     Example:
         >>> create_aggregator_app("http://127.0.0.1:8080", evaluator_url="http://127.0.0.1:8081")  # doctest: +SKIP
     """
-    from sonde.server.api.security import Guard
-    from sonde.server.evaluator import install_json_errors
-
     aggregator = Aggregator(frontend_url, token=token, group_delay=group_delay)
     tensors_to = (evaluator_url or frontend_url).rstrip("/")
 
@@ -232,7 +232,7 @@ def create_aggregator_app(frontend_url: str, *, token: str | None = None, evalua
     app = FastAPI(title="sonde aggregator", version="1", lifespan=lifespan)
     app.state.role, app.state.token, app.state.aggregator = "aggregator", token, aggregator
 
-    @app.post("/api/v1/runs/{run}/records", openapi_extra={"requestBody": {"required": True, "content": {
+    @app.post(PREFIX + "/runs/{run}/records", openapi_extra={"requestBody": {"required": True, "content": {
         "application/msgpack": {"schema": {"type": "string", "format": "binary"}}}}})
     async def records(run: str, request: Request) -> Response:
         """Take a batch of Records (the frontend's format, 6- or 7-element rows); answered once stored."""
@@ -248,18 +248,18 @@ def create_aggregator_app(frontend_url: str, *, token: str | None = None, evalua
             return JSONResponse({"error": str(exc)}, status_code=exc.status,
                                 headers={"Retry-After": "1"} if exc.status == 503 else None)
 
-    @app.post("/api/v1/runs/{run}/finish")
+    @app.post(PREFIX + "/runs/{run}/finish")
     async def finish(run: str, request: Request) -> Response:
         """Send the run's open groups, then pass the finish on."""
         await aggregator.flush_run(run)
         return await _proxy(aggregator, frontend_url, request)
 
-    @app.post("/api/v1/runs/{run}/tensors")
+    @app.post(PREFIX + "/runs/{run}/tensors")
     async def tensors(run: str, request: Request) -> Response:
         """Pass shipped tensors on to the evaluator (or the frontend without one)."""
         return await _proxy(aggregator, tensors_to, request)
 
-    @app.api_route("/api/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    @app.api_route(PREFIX + "/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
     async def passthrough(path: str, request: Request) -> Response:
         """Everything else (run creation, graphs, reads) goes to the frontend as is."""
         return await _proxy(aggregator, frontend_url, request)
@@ -270,13 +270,11 @@ def create_aggregator_app(frontend_url: str, *, token: str | None = None, evalua
 
 
 async def _proxy(aggregator: Aggregator, base: str, request: Request) -> Response:
-    headers = {"Content-Type": request.headers.get("content-type", "application/octet-stream")}
-    if aggregator.token:
-        headers["Authorization"] = f"Bearer {aggregator.token}"
     url = base.rstrip("/") + request.url.path
     try:
-        response = await aggregator._client().request(request.method, url, content=await request.body(),
-                                                      params=request.query_params, headers=headers)
+        response = await aggregator._client().relay(
+            request.method, url, await request.body(), params=request.query_params,
+            content_type=request.headers.get("content-type", "application/octet-stream"))
     except httpx.TransportError as exc:
         return JSONResponse({"error": f"{base} is unreachable ({type(exc).__name__}); retry later"},
                             status_code=503, headers={"Retry-After": "1"})

@@ -38,6 +38,7 @@ from starlette.routing import Match, Mount
 from sonde.errors import ConfigError, RunExistsError, StoreError
 from sonde.server.api import PREFIX, api_router
 from sonde.server.api.security import Guard, check_origins, login_response, token_cookie
+from sonde.server.evaluator import evaluator_of
 from sonde.store import Store, open_store
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_PORTS", "ROLES", "create_app", "serve"]
@@ -167,6 +168,7 @@ def create_app(
     app.state.token = token
     app.state.evaluator_url = evaluator_url
     app.state.frontend_url = frontend_url
+    app.state.evaluator_of = evaluator_of  # role all: the tensors route starts the evaluator on first use
     app.include_router(api_router())
 
     @app.get("/login", include_in_schema=False)

@@ -1,11 +1,13 @@
 """The evaluator role: server-side metrics on shipped tensors, in a worker pool.
 
-Tensors arrive through ``POST /api/v1/runs/{run}/tensors`` (see :mod:`sonde.server.api.tensors`);
+Tensors arrive through ``POST /api/v1/runs/{run}/tensors`` (see :mod:`sonde.wire.tensors`);
 ingest only decodes and queues them (202 at once; 503 when the queue is full, so a slow task
 never delays ingest). Each worker owns a shard of the (run, phase, layer, topic, metric)
-series, so one series' steps run in order on one metric instance, exactly as the probe's bus
-would run them: ``update`` with a :class:`~sonde.metrics.base.Capture`, then ``compute`` at the
-steps its ``compute_every`` accepts, then ``reset`` as its ``reset=`` says. Marks the probe sends
+series, so one series' steps run in order on one metric instance, on the probe's own
+:class:`~sonde.metrics.engine.MetricEngine`: ``update`` with a :class:`~sonde.metrics.base.Capture`,
+then ``compute`` at the steps its ``compute_every`` accepts, then ``reset`` as its ``reset=`` says;
+the Records go through the run's alerts (:class:`~sonde.metrics.Alerts`, one set per run) as a
+probe's do, so a server-side metric raises alerts too. Marks the probe sends
 in order with the tensors end an epoch (``reset="epoch"`` metrics compute and start afresh) or
 the run (every state not computed yet is computed at its last step, as the probe does at close,
 and the run's instances are freed). The Records go to the store (role ``all``) or to the
@@ -30,8 +32,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote
+from typing import Any, Literal, cast
 
 import httpx
 import numpy as np
@@ -41,12 +42,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sonde.bus import to_host
+from sonde.errors import ConfigError
+from sonde.metrics.alerts import Alerts
 from sonde.metrics.base import Capture, Metric
+from sonde.metrics.engine import MetricEngine
+from sonde.metrics.server import metric_from_spec
 from sonde.records import Record
-from sonde.server.api.tensors import Mark, TensorItem, metric_from_spec
-from sonde.sinks.remote import encode_records
+from sonde.server.api.security import Guard
+from sonde.server.api.tensors import router
 from sonde.store import Store, open_store
+from sonde.wire.client import WireClient
+from sonde.wire.records import encode_records
+from sonde.wire.retry import Backoff, retryable
+from sonde.wire.routes import PREFIX
+from sonde.wire.tensors import Mark, TensorItem
 
 __all__ = ["Evaluator", "create_evaluator_app", "evaluator_of", "http_writer", "store_writer"]
 
@@ -69,28 +78,24 @@ def store_writer(store: Store) -> Writer:
 
 def http_writer(frontend_url: str, *, token: str | None = None, patience: float = 60.0) -> Writer:
     """POST Records to the frontend's records endpoint, retrying for ``patience`` s while it is away."""
-    headers = {"Content-Type": "application/msgpack"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    client = httpx.Client(base_url=frontend_url.rstrip("/"), headers=headers, timeout=30.0)
+    client = WireClient(frontend_url, token=token, timeout=30.0, connect_timeout=30.0)
 
     def write(run: str, batch_id: str, records: Sequence[Record]) -> None:
         body = encode_records(batch_id, records)
-        deadline, wait = time.monotonic() + patience, 0.1
+        deadline, wait = time.monotonic() + patience, Backoff(0.1, 2.0)
         while True:
             try:
-                response = client.post(f"/api/v1/runs/{quote(run, safe='')}/records", content=body)
+                response = client.send("records", run, body)
                 if response.status_code < 300:
                     return
-                if response.status_code < 500 and response.status_code not in (408, 429):
+                if not retryable(response.status_code):
                     raise RuntimeError(f"the frontend refused them ({response.status_code}: {response.text[:200]})")
                 problem = f"{response.status_code}"
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the frontend {frontend_url} did not take them for {patience:.0f} s ({problem})")
-            time.sleep(wait)
-            wait = min(wait * 2, 2.0)
+            time.sleep(wait.next())
 
     return write
 
@@ -102,6 +107,7 @@ class Evaluator:
         write: ``write(run, batch_id, records)``: where the Records go.
         workers: threads; each owns a shard of the series.
         max_queue: items waiting per worker before ``submit`` answers ``"full"``.
+        alerts: watch each run's Records with :class:`~sonde.metrics.Alerts` (its default rules).
 
     Example:
         >>> ev = Evaluator(store_writer(store))                  # doctest: +SKIP
@@ -109,11 +115,14 @@ class Evaluator:
         'queued'
     """
 
-    def __init__(self, write: Writer, *, workers: int = 2, max_queue: int = 256) -> None:
+    def __init__(self, write: Writer, *, workers: int = 2, max_queue: int = 256, alerts: bool = True) -> None:
         self.write = write
+        self.alerts = alerts
         self._queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=max_queue) for _ in range(max(1, workers))]
-        self._instances: dict[tuple[str, ...], Metric] = {}
-        # Instances updated since their last compute: key -> step of the last update.
+        # One engine per (run, shard): each worker runs its own series of the run on it.
+        self._engines: dict[tuple[str, int], MetricEngine] = {}
+        self._watchers: dict[str, list[Metric]] = {}  # per run: alerts over its server-side Records
+        # (run, phase, layer, topic, spec) -> step of the instance's last update.
         self._pending: dict[tuple[str, ...], int] = {}
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
@@ -123,6 +132,25 @@ class Evaluator:
                          for i, q in enumerate(self._queues)]
         for thread in self._threads:
             thread.start()
+
+    @property
+    def _instances(self) -> dict[tuple[str, ...], Metric]:
+        """Every live metric instance by (run, phase, layer, topic, spec)."""
+        with self._lock:
+            engines = list(self._engines.items())
+        return {(run, *cast("tuple[str, ...]", key)): metrics[0] for (run, _), engine in engines
+                for key, metrics in list(engine.instances.items())}
+
+    def _engine(self, run: str, shard: int) -> MetricEngine:
+        with self._lock:
+            engine = self._engines.get((run, shard))
+            if engine is None:
+                watchers = self._watchers.get(run)
+                if watchers is None:
+                    watchers = self._watchers[run] = [Alerts()] if self.alerts else []
+                engine = self._engines[(run, shard)] = MetricEngine(run, watchers=watchers,
+                                                                    on_failure=self._metric_failed)
+            return engine
 
     def _shard(self, run: str, phase: str, layer: str, topic: str) -> int:
         return zlib.crc32(f"{run}\n{phase}\n{layer}\n{topic}".encode()) % len(self._queues)
@@ -189,62 +217,63 @@ class Evaluator:
         if isinstance(item, Mark):
             self._end(run, derived_id(batch_id, index, shard), item, shard)
             return
+        engine = self._engine(run, shard)
         tensor = torch.from_numpy(np.ascontiguousarray(item.tensor))
         labels = None if item.labels is None else torch.from_numpy(np.ascontiguousarray(item.labels))
-        records: list[Record] = []
+        capture = Capture(tensor, layer=item.layer, topic=item.topic, phase=item.phase, step=item.step,
+                          labels=labels, layer_type=item.layer_type)
+        metrics: list[Metric] = []
         for spec in item.metrics:
-            spec_key = json.dumps(spec, sort_keys=True)
-            key = (run, item.phase, item.layer, item.topic, spec_key)
-            metric = self._instances.get(key)
-            if metric is None:
-                metric = self._instances[key] = metric_from_spec(spec)
-            capture = Capture(tensor, layer=item.layer, topic=item.topic, phase=item.phase, step=item.step,
-                              labels=labels, layer_type=item.layer_type)
-            try:
-                metric.prepare(capture)
-                metric.update(capture)
-                metric.updates += 1
-                metric.absorb_staged(to_host(value for _, value in metric.staged))
-            except Exception as exc:  # noqa: BLE001 - a failing metric is reported once, the others go on
-                metric.staged.clear()
-                self._failure(spec["name"], item.layer, item.topic, exc)
-                continue
-            self._pending[key] = item.step
-            if item.phase != "train" or metric.due(item.step):  # an eval pass is one value, as in the probe
-                records += self._compute(key, metric, reset=metric.reset_policy == "compute")
+            key = (item.phase, item.layer, item.topic, json.dumps(spec, sort_keys=True))
+            instances = engine.instances.get(key)
+            if instances is None:
+                instances = engine.instances[key] = [metric_from_spec(spec)]
+            metrics.extend(instances)
+            self._pending[(run, *key)] = item.step
+        # The probe's lifecycle, on this one shipped series: update, absorb, compute when due (an eval
+        # pass always: one value, as in the probe), reset as reset= says; then the run's alerts.
+        engine.update((item.layer, item.topic), metrics, capture)
+        records = engine.flush(item.phase, item.step, only=metrics)
+        records += engine.watch(records)
         if records:
             self.write(run, derived_id(batch_id, index), records)
         self.processed += 1
 
-    def _compute(self, key: tuple[str, ...], metric: Metric, *, reset: bool) -> list[Record]:
-        """Records of ``metric``'s pending state, at the step of its last update; reset it if asked."""
-        run, phase, layer, topic, _ = key
-        step = self._pending.pop(key)
-        try:
-            result = metric.compute()
-        except Exception as exc:  # noqa: BLE001
-            self._failure(metric.name, layer, topic, exc)
-            result = {}
-        if reset:
-            metric.reset()
-        return [Record(run, step, phase, layer, topic, name, value) for name, value in result.items()]
-
     def _end(self, run: str, batch_id: str, mark: Mark, shard: int) -> None:
-        """An epoch or the run ended: compute and reset (or free) this shard's instances of the mark's metrics."""
+        """An epoch or the run ended: compute (at the step of their last update) and reset, or free, this
+        shard's instances of the mark's metrics."""
+        engine = self._engines.get((run, shard))
+        if engine is None:
+            return
         specs = {json.dumps(spec, sort_keys=True) for spec in mark.metrics}
         records: list[Record] = []
-        for key, metric in list(self._instances.items()):
-            if key[0] != run or key[4] not in specs or self._shard(*key[:4]) != shard:
+        ended: list[tuple[str, ...]] = []
+        for hashable, instances in list(engine.instances.items()):
+            key = cast("tuple[str, ...]", hashable)  # (phase, layer, topic, spec)
+            if key[3] not in specs:
                 continue
-            ending = mark.kind == "run_end" or metric.reset_policy == "epoch"
-            if ending and key in self._pending:
-                records += self._compute(key, metric, reset=False)
+            phase = key[0]
             if mark.kind == "run_end":
-                del self._instances[key]
-            elif metric.reset_policy == "epoch":
-                metric.reset()
+                step = self._pending.pop((run, *key), None)
+                if step is not None:
+                    records += engine.flush(phase, step, final=True, only=instances)
+                ended.append(key)
+            elif any(m.reset_policy == "epoch" for m in instances):
+                step = self._pending.get((run, *key), 0)
+                records += engine.flush(phase, step, epoch_end=True, only=instances)
+        engine.forget(ended)
+        records += engine.watch(records)
         if records:
             self.write(run, batch_id, records)
+        if not engine.instances:
+            with self._lock:
+                del self._engines[(run, shard)]
+                if not any(r == run for r, _ in self._engines):
+                    self._watchers.pop(run, None)
+
+    def _metric_failed(self, metric: Metric, exc: Exception, layer: str, topic: str) -> None:
+        metric.staged.clear()  # what a failed update staged is not folded in
+        self._failure(metric.name, layer, topic, exc)
 
     def _failure(self, name: str, layer: str, topic: str, exc: Exception) -> None:
         """Log a metric's first failure; count the later ones (logged with their count at :meth:`close`)."""
@@ -287,10 +316,6 @@ def create_evaluator_app(
     Example:
         >>> app = create_evaluator_app("http://127.0.0.1:8080", token="s3cret")   # doctest: +SKIP
     """
-    from sonde.errors import ConfigError
-    from sonde.server.api.security import Guard
-    from sonde.server.api.tensors import router
-
     opened: Store | None = None
     if frontend_url:
         write = http_writer(frontend_url, token=token)
@@ -308,9 +333,9 @@ def create_evaluator_app(
 
     app = FastAPI(title="sonde evaluator", version="1", lifespan=lifespan)
     app.state.role, app.state.store, app.state.token, app.state.evaluator = "evaluator", opened, token, evaluator
-    app.include_router(router, prefix="/api/v1")
+    app.include_router(router, prefix=PREFIX)
 
-    @app.get("/api/v1/health")
+    @app.get(f"{PREFIX}/health")
     def health() -> dict[str, Any]:
         return {"role": "evaluator", "processed": evaluator.processed}
 

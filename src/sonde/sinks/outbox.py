@@ -32,12 +32,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
-from urllib.parse import quote
 
 import httpx
 import msgpack
 
 from sonde.errors import ConfigError
+from sonde.wire.client import WireClient, normal_url
+from sonde.wire.records import shift_records
+from sonde.wire.retry import Backoff, delay, refused, retryable
+from sonde.wire.routes import ROUTES
+from sonde.wire.tensors import shift_steps
 
 try:  # POSIX advisory locks tell a live session from an abandoned one
     import fcntl
@@ -48,17 +52,7 @@ __all__ = ["DEFAULT_SPILL_DIR", "Entry", "Outbox", "adopt_session", "replay"]
 
 log = logging.getLogger("sonde")
 
-API = "/api/v1"
 DEFAULT_SPILL_DIR = "sonde-spill"
-RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-_AUTH_STATUS = {401, 403}
-
-
-def _shift_records(body: bytes, offset: int) -> bytes:
-    payload = msgpack.unpackb(body, raw=False)
-    for row in payload["records"]:
-        row[0] += offset
-    return msgpack.packb(payload, use_bin_type=True)
 
 
 @dataclass(eq=False)
@@ -78,13 +72,8 @@ class Entry:
     tries: int = 0
     error: str = ""  # why the server rejected it
 
-    _ROUTES: ClassVar[dict[str, tuple[str, str, str]]] = {
-        "run": ("POST", "", "application/json"),
-        "records": ("POST", "/records", "application/msgpack"),
-        "finish": ("POST", "/finish", "application/json"),
-        "graph": ("PUT", "/graph", "application/json"),
-        "tensors": ("POST", "/tensors", "application/octet-stream"),
-    }
+    #: (method, path below the run, Content-Type) per kind: the protocol's own table (:mod:`sonde.wire.routes`).
+    _ROUTES: ClassVar[dict[str, tuple[str, str, str]]] = ROUTES
 
     def pack(self) -> bytes:
         fields = {"kind": self.kind, "run": self.run, "body": self.body, "batch_id": self.batch_id,
@@ -119,10 +108,6 @@ def _write_durably(path: Path, data: bytes) -> None:
             tmp.unlink()  # a half-written file must not keep the space a full disk needs
         raise
     _fsync_dir(path.parent)
-
-
-def normal_url(url: str) -> str:
-    return url.rstrip("/")
 
 
 @dataclass
@@ -170,12 +155,7 @@ class Outbox:
         self.server = normal_url(server)
         self.root = Path(spill_dir).expanduser().resolve()
         self.max_memory_bytes = max_memory_bytes
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = client or httpx.Client(
-            base_url=self.server, headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0))
-        )
-        if client is not None and token:
-            self.client.headers.update(headers)
+        self.wire = WireClient(self.server, token=token, timeout=timeout, client=client)
         self.runs: dict[str, RunState] = {}
         self._memory: deque[Entry] = deque()
         self._memory_bytes = 0
@@ -191,12 +171,10 @@ class Outbox:
         self.feeders: list[Callable[[], None]] = []  # called by the sender thread before each pick
         self._reported: set[str] = set()
         self._meta_saved = False  # meta.msgpack is written with the first request that reaches the disk
-        self._own_client = client is None  # a client passed in stays open for its owner
         try:
             self.dir = self._new_session() if session is None else self._take_session(session)
         except ConfigError:
-            if self._own_client:
-                self.client.close()
+            self.wire.close()  # a client passed in stays open for its owner
             raise
         if adopt:
             self._adopt_orphans()
@@ -359,8 +337,7 @@ class Outbox:
                           "said about their runs (a renamed run's name, a resumed run's first step)",
                           self.dir / "runs.msgpack", exc)
         self._lock_file.close()  # releases the flock: a later session may adopt this one
-        if self._own_client:
-            self.client.close()
+        self.wire.close()
         return left
 
     def _remove_session(self) -> None:
@@ -373,7 +350,7 @@ class Outbox:
 
     # -- sending ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(0.05, 2.0)
         while True:
             for feed in self.feeders:
                 try:
@@ -391,7 +368,7 @@ class Outbox:
             with self._cond:
                 if outcome == "defer":  # the evaluator is busy or away: its tensors wait, Records do not
                     entry.tries += 1
-                    entry.retry_at = time.monotonic() + min(0.25 * 2**entry.tries, 10.0)
+                    entry.retry_at = time.monotonic() + delay(entry.tries, 0.25, 10.0)
                     if self._stop:
                         return
                     continue
@@ -400,10 +377,9 @@ class Outbox:
                     self._spill_memory_locked()
                     if self._stop:
                         return
-                    self._cond.wait(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    self._cond.wait(backoff.next())
                     continue
-                backoff = 0.05
+                backoff.reset()
                 if self._down:
                     self._down = False
                     log.warning("sonde: server %s is reachable again; sending spilled requests", self.server)
@@ -455,29 +431,21 @@ class Outbox:
             self._reported.add(key)
             log.error(message, *args)
 
-    def _path(self, entry: Entry) -> str:
-        if entry.kind == "run":
-            return f"{API}/runs"
-        state = self.runs.get(entry.run)
-        name = state.name if state is not None else entry.run
-        return f"{API}/runs/{quote(name, safe='')}{Entry._ROUTES[entry.kind][1]}"
-
     def _body(self, entry: Entry) -> bytes:
+        """The body to send: a resumed run's steps shifted by its first step, once the server told it."""
         state = self.runs.get(entry.run)
         if not entry.relative or state is None or state.offset == 0:
             return entry.body
         if entry.kind == "records":
-            return _shift_records(entry.body, state.offset)
+            return shift_records(entry.body, state.offset)
         if entry.kind == "tensors":
-            from sonde.server.api.tensors import shift_steps  # the payload format lives with its endpoint
-
             return shift_steps(entry.body, state.offset)
         return entry.body
 
     def request(self, entry: Entry) -> httpx.Response:
-        method, _, content_type = Entry._ROUTES[entry.kind]
-        return self.client.request(method, self._path(entry), content=self._body(entry),
-                                   headers={"Content-Type": content_type})
+        """Send ``entry`` once, under the name the server gave its run."""
+        state = self.runs.get(entry.run)
+        return self.wire.send(entry.kind, state.name if state is not None else entry.run, self._body(entry))
 
     def _send(self, entry: Entry) -> str:
         """``ok``, ``retry`` (server down or busy), ``defer`` (tensors the server cannot take now: later, and
@@ -498,12 +466,12 @@ class Outbox:
             return self._run_conflict(entry)
         if status < 300:
             return "ok"
-        if entry.kind == "tensors" and status in RETRY_STATUS:
+        if entry.kind == "tensors" and retryable(status):
             self._report("defer", "sonde: server %s cannot take tensors for server-side metrics now (%d: %s); "
                          "they wait, Records go on", self.server, status, response.text[:200])
             return "defer"
-        if status in RETRY_STATUS or status in _AUTH_STATUS:
-            why = "refuses our token (set SONDE_TOKEN)" if status in _AUTH_STATUS else "is busy"
+        if retryable(status) or refused(status):
+            why = "refuses our token (set SONDE_TOKEN)" if refused(status) else "is busy"
             self._report(f"status{status}", "sonde: server %s %s (%d: %s); requests wait in %s", self.server, why,
                          status, response.text[:200], self.dir)
             return "retry"

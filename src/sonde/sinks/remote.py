@@ -32,46 +32,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
-import msgpack
-import numpy as np
 
 from sonde.errors import ConfigError, RunExistsError, StoreError
+from sonde.metrics.base import Metric
+from sonde.metrics.server import ServerMetric
 from sonde.records import Record
 from sonde.run_info import RunInfo
 from sonde.sinks.base import HEARTBEAT_EVERY, Sink
-from sonde.sinks.outbox import API, DEFAULT_SPILL_DIR, RETRY_STATUS, Entry, Outbox, RunState, normal_url, replay
+from sonde.sinks.outbox import DEFAULT_SPILL_DIR, Entry, Outbox, RunState, replay
+from sonde.wire.client import normal_url
+from sonde.wire.records import encode_records
+from sonde.wire.retry import retryable
 
-__all__ = ["RemoteSink", "encode_records", "replay"]
+__all__ = ["RemoteSink", "bind_server_metrics", "encode_records", "replay"]
 
 log = logging.getLogger("sonde")
-
-
-def encode_records(batch_id: str, records: Sequence[Record], step_offset: int = 0) -> bytes:
-    """The msgpack body of ``POST /api/v1/runs/{run}/records``.
-
-    A Record with a ``message`` (an alert's text) is sent as a 7-element row, the message last;
-    every other Record as the 6-element row ``[step, phase, layer, topic, metric, value]``.
-
-    Example:
-        >>> body = encode_records("b1", [Record("r", 0, "train", "fc", "weights", "norm", 1.5),
-        ...                              Record("r", 0, "train", "fc", "activations", "alert", 1.0, "dead")])
-        >>> msgpack.unpackb(body)["records"]
-        [[0, 'train', 'fc', 'weights', 'norm', 1.5], [0, 'train', 'fc', 'activations', 'alert', 1.0, 'dead']]
-    """
-    rows = []
-    for r in records:
-        value = r.value
-        plain: float | list[float] = (
-            np.asarray(value, dtype=np.float64).ravel().tolist() if isinstance(value, np.ndarray) else float(value)
-        )
-        row = [int(r.step) + step_offset, r.phase, r.layer, r.topic, r.metric, plain]
-        if r.message:
-            row.append(str(r.message))
-        rows.append(row)
-    return msgpack.packb({"batch_id": batch_id, "records": rows}, use_bin_type=True)
 
 
 @dataclass
@@ -169,7 +146,7 @@ class RemoteSink(Sink):
             run.first_step = int(answer.get("first_step", 0))
             outbox.runs[run.name] = RunState(str(answer.get("name", run.name)))
             return
-        if response is not None and response.status_code not in RETRY_STATUS:
+        if response is not None and not retryable(response.status_code):
             outbox.close(0)
             error = _error_text(response)
             if response.status_code == 409:
@@ -209,7 +186,7 @@ class RemoteSink(Sink):
             return
         self._next_beat = now + self.heartbeat
         try:
-            outbox.client.post(f"{API}/runs/{quote(state.name, safe='')}/heartbeat", json={})
+            outbox.wire.send("heartbeat", state.name, b"{}")
         except httpx.HTTPError:
             pass  # a missed beat costs nothing; the queued requests find out whether the server is away
 
@@ -230,6 +207,10 @@ class RemoteSink(Sink):
         with self._lock:
             self._cut_locked()
             self.outbox.put(kind, self.run, body, batch_id=batch_id, count=count, relative=self.relative)
+
+    def put_tensors(self, body: bytes, batch_id: str, count: int) -> None:
+        """Queue a tensors payload (:mod:`sonde.wire.tensors`) for the server's evaluator."""
+        self.put("tensors", body, batch_id=batch_id, count=count)
 
     def graph(self, graph: dict[str, Any]) -> None:
         """Send the model's graph (``PUT /api/v1/runs/{run}/graph``)."""
@@ -258,6 +239,20 @@ class RemoteSink(Sink):
                 "or now with: sonde replay %s",
                 self.server, self.run, left, outbox.dir, self.server, outbox.root,
             )
+
+
+def bind_server_metrics(metrics: Sequence[Metric], sinks: Sequence[Sink]) -> None:
+    """Connect the probe's :class:`~sonde.metrics.ServerMetric` instances to its remote sink, whose sender
+    thread pumps their tensors out behind the Records; ConfigError when there is no remote sink."""
+    wanted = [m for m in metrics if isinstance(m, ServerMetric)]
+    if not wanted:
+        return
+    remote = next((s for s in sinks if isinstance(s, RemoteSink)), None)
+    if remote is None:
+        raise ConfigError(f"{wanted[0]!r} runs on a server: pass server='http://host:port' to sonde.probe")
+    for metric in wanted:
+        metric.shipper.connect(remote.put_tensors)
+        remote.feeders.append(metric.shipper.pump)
 
 
 def _error_text(response: httpx.Response) -> str:

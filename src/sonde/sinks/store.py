@@ -32,6 +32,9 @@ class StoreSink(Sink):
 
     While the run is open, a daemon thread stamps its heartbeat every ``heartbeat`` seconds, so
     a run whose steps take minutes is not shown as ``stalled``, and one whose process was killed is.
+    Batches and beats alike are submitted to the store's one writer thread (:mod:`sonde.store.writer`),
+    which commits them in turn; each call returns once its write is committed, so :meth:`flush` and
+    :meth:`close` mean "on disk".
 
     Args:
         store: file path, ``sqlite:``/``postgresql`` URL, or an open Store.

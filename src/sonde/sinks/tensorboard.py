@@ -1,9 +1,13 @@
-"""TensorBoard sink: Records to TensorBoard event files, written by TensorBoard's own writer.
+"""TensorBoard sink: Records to TensorBoard event files, in TensorBoard's own record format.
 
 Scalars become ``simple_value`` summaries; ``histogram`` counts, joined with the latest
 ``histogram_edges`` of the same (phase, layer, topic), become real ``HistogramProto``
 summaries; an ``alert`` becomes a text summary (TensorBoard's Text tab) holding its message.
-Nothing here imports a training framework: the sink sees only Records.
+Nothing here imports a training framework: the sink sees only Records. The event file is
+written with TensorBoard's framing (:class:`~tensorboard.summary.writer.record_writer.RecordWriter`,
+length and masked CRC-32C around each serialized ``Event``) into a plain file: TensorBoard's own
+``EventFileWriter`` opens its file through ``tf.io.gfile``, which imports TensorFlow whenever it is
+installed, so a PyTorch run would load TensorFlow just to write a file.
 """
 
 from __future__ import annotations
@@ -11,30 +15,81 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
-from tensorboard.compat.proto import types_pb2
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
-from tensorboard.compat.proto.tensor_pb2 import TensorProto
-from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+try:  # the 'tensorboard' extra; the sink says so when it is made without it
+    from tensorboard.compat.proto import types_pb2
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    _MISSING: ImportError | None = None
+except ImportError as _exc:
+    _MISSING = _exc
 
 from sonde.errors import StoreError
+from sonde.extras import missing
 from sonde.records import Record, tag
 from sonde.run_info import RunInfo
 from sonde.sinks.base import Sink
 
-__all__ = ["TensorBoardSink", "histogram_proto", "text_value"]
+__all__ = ["EventFile", "TensorBoardSink", "histogram_proto", "text_value"]
 
 log = logging.getLogger("sonde")
 
 _Key = tuple[str, str, str]  # (phase, layer, topic)
 
+#: Seconds at most between writing an event and TensorBoard being able to read it.
+FLUSH_EVERY = 10.0
+
 # Histograms whose edges have not arrived yet wait this many steps at most per key.
 _MAX_PENDING = 1000
+
+
+class EventFile:
+    """One TensorBoard event file in ``logdir``, named as TensorBoard names them, written as it writes them.
+
+    Example:
+        >>> import tempfile
+        >>> events = EventFile(tempfile.mkdtemp())
+        >>> events.add_event(Event(step=0, summary=Summary(value=[Summary.Value(tag="loss", simple_value=1.0)])))
+        >>> events.close()
+    """
+
+    def __init__(self, logdir: str) -> None:
+        self.logdir = logdir
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{id(self)}"
+        self._file: BinaryIO = open(os.path.join(logdir, name), "wb")  # closed by close()
+        self._records = RecordWriter(self._file)
+        self._flushed_at = time.monotonic()
+        self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    def get_logdir(self) -> str:
+        """The directory the file is in."""
+        return self.logdir
+
+    def add_event(self, event: Event) -> None:
+        """Append one ``Event``; what was written reaches the file at least every :data:`FLUSH_EVERY` seconds."""
+        self._records.write(event.SerializeToString())
+        if time.monotonic() - self._flushed_at > FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand what was written to the operating system."""
+        self._file.flush()
+        self._flushed_at = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self._file.close()
 
 
 def histogram_proto(counts: np.ndarray, edges: np.ndarray) -> HistogramProto:
@@ -88,8 +143,10 @@ class TensorBoardSink(Sink):
     name = "tensorboard"
 
     def __init__(self, logdir: str | os.PathLike[str] = "runs") -> None:
+        if _MISSING is not None:
+            raise missing("tensorboard", "tensorboard", "TensorBoardSink") from _MISSING
         self.logdir = os.fspath(logdir)
-        self._writer: EventFileWriter | None = None
+        self._writer: EventFile | None = None
         self._edges: dict[_Key, np.ndarray] = {}
         self._pending: dict[_Key, list[Record]] = {}
         self._warned: set[tuple[str, _Key]] = set()
@@ -104,8 +161,8 @@ class TensorBoardSink(Sink):
         try:
             os.makedirs(path, exist_ok=True)
             # The writer creates its event file right away, so an unwritable directory fails here.
-            self._writer = EventFileWriter(path, flush_secs=10)
-        except Exception as exc:  # gfile may raise non-OSError types, and any of them means "unusable"
+            self._writer = EventFile(path)
+        except OSError as exc:
             raise StoreError(
                 f"cannot write TensorBoard events to {path!r}: {exc}; pass a writable logdir= to TensorBoardSink"
             ) from exc
@@ -141,7 +198,7 @@ class TensorBoardSink(Sink):
             self._writer.close()
             self._writer = None
 
-    def _require_writer(self) -> EventFileWriter:
+    def _require_writer(self) -> EventFile:
         if self._writer is None:
             raise RuntimeError("TensorBoardSink.write() called before open(); open the sink with a RunInfo first")
         return self._writer

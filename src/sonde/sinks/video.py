@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sonde.errors import ConfigError
+from sonde.extras import require
 from sonde.metrics.snapshot import HEATMAP, PROJECTION, decode_snapshot
 from sonde.records import Record
 from sonde.run_info import RunInfo
@@ -75,6 +76,8 @@ class VideoSink(Sink):
         if fps <= 0 or max_panels < 1 or min(panel_size) < 64:
             raise ConfigError(f"VideoSink expects fps > 0, max_panels >= 1 and panels >= 64 px; got fps={fps}, "
                               f"max_panels={max_panels}, panel_size={panel_size}")
+        for module in ("imageio", "imageio_ffmpeg", "matplotlib"):
+            require(module, "video", "VideoSink")
         self.directory = Path(directory)
         self.path = Path(path) if path is not None else None
         self.layers = [layers] if isinstance(layers, str) else list(layers) if layers is not None else None

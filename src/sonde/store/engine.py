@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 from sonde.errors import StoreError
+from sonde.extras import require
 
 __all__ = ["engine_for", "is_read_only", "paused_gc", "sqlite_engine"]
 
@@ -98,7 +99,7 @@ def sqlite_engine(url: str | URL) -> Engine:
     parsed = make_url(url)
     memory = parsed.database in (None, "", ":memory:")
     read_only = parsed.query.get("mode") == "ro"
-    # A pooled connection may be handed to another thread; the write lock serialises writers.
+    # A pooled connection may be handed to another thread; the store's one writer thread serialises writes.
     # An in-memory database exists once per connection, so it must be a single shared one.
     engine = create_engine(
         parsed,
@@ -147,8 +148,10 @@ def engine_for(path_or_url: str | Path) -> tuple[Engine, str]:
         return sqlite_engine(text), text
     if text.startswith("postgresql"):
         url = make_url(text)
-        if url.drivername == "postgresql":  # psycopg 3 is the driver sonde ships with, not psycopg2
+        if url.drivername == "postgresql":  # psycopg 3 is the driver of the 'postgres' extra, not psycopg2
             url = url.set(drivername="postgresql+psycopg")
+        if url.drivername == "postgresql+psycopg":
+            require("psycopg", "postgres", "a PostgreSQL store")
         return create_engine(url, pool_pre_ping=True), url.render_as_string(hide_password=True)
     if "://" in text:
         raise StoreError(

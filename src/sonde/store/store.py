@@ -86,7 +86,7 @@ def open_store(path_or_url: str | Path = "sonde.db", *, create: bool = True,
         raise StoreError(f"no sonde store at '{text}'; record a run first with sonde.probe(...)")
     try:
         engine, where = engine_for(path_or_url)
-    except StoreError:
+    except (StoreError, ConfigError):  # ConfigError: the driver's extra is not installed
         raise
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot open the sonde store '{text}': {exc}; check the URL and its driver") from exc
@@ -99,8 +99,6 @@ def open_store(path_or_url: str | Path = "sonde.db", *, create: bool = True,
         hint = "" if read_only else "; pass store= a writable file path or a reachable database URL"
         raise StoreError(f"cannot open the {'read-only ' * read_only}sonde store '{where}': {detail}{hint}") from exc
     return Store(engine, where, stall_after=stall_after, version=version)
-
-
 
 
 class Store(StoreReads, StoreViews):

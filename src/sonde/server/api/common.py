@@ -18,6 +18,7 @@ from fastapi import HTTPException, Path, Request
 from pydantic import AfterValidator
 
 from sonde.store import Store
+from sonde.wire.routes import MAX_NAME, MSGPACK_TYPES, PREFIX, TENSOR_TYPES, check_text
 
 __all__ = [
     "MAX_NAME",
@@ -33,15 +34,6 @@ __all__ = [
     "storable_text",
     "store_of",
 ]
-
-#: Longest run, layer, topic, metric or phase name the API accepts.
-MAX_NAME = 1000
-
-
-#: The Content-Types a msgpack body (a batch of Records) may come as; the first is what sonde sends.
-MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
-#: The Content-Types a safetensors body (shipped tensors) may come as.
-TENSOR_TYPES = ("application/octet-stream",)
 
 
 def fail(status: int, message: str) -> NoReturn:
@@ -59,21 +51,6 @@ def require_type(request: Request, accepted: tuple[str, ...], what: str) -> None
     if given.split(";")[0].strip().lower() not in accepted:
         also = f" ({', '.join(accepted[1:])} also accepted)" if len(accepted) > 1 else ""
         fail(415, f"{what} must be sent with Content-Type {accepted[0]}{also}; got {given[:80] or 'none'!r}")
-
-
-def check_text(value: str, what: str = "text") -> str:
-    """``value`` if a database can store it as text, else ValueError saying why.
-
-    NUL characters (PostgreSQL refuses them in text) and lone surrogates (not encodable as UTF-8)
-    are the two things a JSON or URL string can carry that no database takes.
-    """
-    if "\x00" in value:
-        raise ValueError(f"{what} must not contain NUL characters; got {value[:60]!r}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} must be valid Unicode text (no lone surrogates); got {value[:60]!r}") from None
-    return value
 
 
 def storable_text(value: str, what: str, status: int = 422) -> str:
@@ -101,7 +78,7 @@ def need_run(store: Store, run: str) -> str:
     """``run`` when the store has it; 400 for a name no database could hold, 404 when absent."""
     storable_text(run, "run name", 400)
     if not store.has_run(run):
-        fail(404, f"no run '{run}'; GET /api/v1/runs lists the runs there are")
+        fail(404, f"no run '{run}'; GET {PREFIX}/runs lists the runs there are")
     return run
 
 

@@ -13,7 +13,7 @@ from nicegui import ui
 from sonde.server.ui.charts import lines_options
 from sonde.server.ui.data import LOG_METRICS, NETWORK_TOPICS, Choices
 from sonde.server.ui.layout import UIState, frame
-from sonde.server.ui.panel import Panel
+from sonde.server.ui.live_chart import LiveChart
 from sonde.server.ui.source import off_loop
 
 __all__ = ["build_compare_page"]
@@ -90,7 +90,7 @@ async def build_compare_page(state: UIState, runs: list[str], params: dict[str, 
                 title = f"{where} · {sel['topic']} · {sel['metric']} ({sel['phase']})"
                 return await off_loop(lines_options, series, title=title, log=bool(sel["log"]))
 
-            panel = Panel("compare", "460px", load, zoomable=True)
+            panel = LiveChart("compare", "460px", load, zoomable=True)
 
     def redraw() -> None:
         ui.timer(0, panel.redraw, once=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sonde.graph.model import Graph, Node
-from sonde.graph.render import _colour, _count, _is_dark, _layers, _shapes
+from sonde.graph.render import format_count, format_shapes, is_dark, leaf_ranks, viridis
 from sonde.graph.validate import validate_graph
 from sonde.server.ui.markup import css_token, escape
 
@@ -60,9 +60,9 @@ def ramp(value: float | None, low: float, high: float, *, log: bool = False) -> 
         return None
     if log:
         if value <= 0 or low <= 0 or high <= 0:
-            return _colour(math.nan, 0.0, 0.0)
+            return viridis(math.nan, 0.0, 0.0)
         value, low, high = math.log10(value), math.log10(low), math.log10(high)
-    return _colour(value, low, high)
+    return viridis(value, low, high)
 
 
 class GraphView:
@@ -268,11 +268,11 @@ class GraphView:
         inner = sum(1 for n in self.graph.leaves() if self._inside(n.name, name)) if name in self.collapsed else 0
         rows = [f"<b>{escape(name)}</b> <span class='sg-op'>{escape(node.op)}</span>"]
         if node.output_shapes:
-            rows.append(f"output {escape(_shapes(node))}")
+            rows.append(f"output {escape(format_shapes(node))}")
         if node.params:
             rows.append("params " + escape(", ".join(f"{k} {list(v)}" for k, v in node.params.items())))
         if node.num_params:
-            rows.append(f"{_count(node.num_params)} parameters" + (" inside" if inner else ""))
+            rows.append(f"{format_count(node.num_params)} parameters" + (" inside" if inner else ""))
         if inner:
             rows.append(f"{inner} nodes inside · click to expand")
         elif node.parent is not None:
@@ -301,7 +301,7 @@ def _place(graph: Graph, aspect: float) -> tuple[dict[str, tuple[float, float]],
     A long network is wrapped like lines of text into bands of columns, as many as bring the
     picture closest to ``aspect`` (width / height), so a deep model reads on one screen.
     """
-    layer = _layers(graph)
+    layer = leaf_ranks(graph)
     preds: dict[str, list[str]] = {}
     for src, dst in graph.edges:
         preds.setdefault(dst, []).append(src)
@@ -382,7 +382,7 @@ def draw(graph: Graph, fills: Mapping[str, str] | None = None, *, containers: Se
     for name, (x, y) in pos.items():
         node = graph[name]
         fill = fills.get(name) or _PLAIN.get(node.kind, "#ffffff")
-        ink = "#ffffff" if name in fills and _is_dark(fill) else "#1d2939"
+        ink = "#ffffff" if name in fills and is_dark(fill) else "#1d2939"
         label = _short(node.name + (f" × {node.repeat}" if node.repeat > 1 else ""), 22)
         extra = ' data-box="1"' if name in boxed else ""
         plain = _PLAIN.get(node.kind, "#ffffff")
@@ -421,7 +421,7 @@ def _edge(a: tuple[float, float], b: tuple[float, float], gy: float | None) -> s
 def _subtitle(node: Node) -> str:
     """Class, parameter count, then the output's feature shape when it fits the box."""
     shape = node.output_shapes[0][1:] if node.output_shapes and node.output_shapes[0] else []
-    text = _short_end(node.op, 18) + (f" · {_count(node.num_params)}p" if node.num_params else "")
+    text = _short_end(node.op, 18) + (f" · {format_count(node.num_params)}p" if node.num_params else "")
     more = f" · {'×'.join(map(str, shape))}" if shape else ""
     return text + more if len(text + more) <= 27 else text
 

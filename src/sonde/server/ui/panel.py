@@ -1,206 +1,147 @@
-"""A chart that loads itself: placeholder first, data when ready, live merges, zoom-to-detail.
+"""What a panel of a page is: one small module that says what it needs, how it loads and how it draws.
 
-Every chart of the dashboard is a :class:`Panel` around a loader coroutine that returns ECharts
-options (or None for "nothing recorded yet"). ``redraw`` builds the chart anew (a selection
-changed); ``refresh`` re-queries and merges into the drawn chart, so a live update keeps the
-user's zoom. A *zoomable* panel also watches the chart's zoom: when the user zooms into a
-range of steps, the loader is asked again with that window (``panel.window``), so a
-100,000-step series shows every step once the window is narrow enough, not the same 2,000
-buckets stretched. Line charts (a value step axis) and the overview heatmap (one category per
-step column) both work this way; the toolbox's "reset zoom" drops the window again.
+A page (:mod:`sonde.server.ui.run_page`) draws its frame, builds every registered panel in order,
+loads them once the browser connected, and passes each live update on. A panel is a
+:class:`Panel` subclass:
+
+* ``title``: what the panel is called (its heading, when it has one);
+* ``slot``: where it goes: ``"body"`` (the page's column, in registry order) or ``"header"`` (an
+  action beside the run's name);
+* ``wanted(choices)``: whether the run has recorded anything it draws (a panel that is not wanted
+  is neither queried nor refreshed; it may still draw a placeholder, and it is asked again at every
+  live update, so a metric that starts later brings its panel);
+* ``build()``: draw its widgets (placeholders; no store query here, the page must appear at once);
+* ``load()``: first load, after the browser connected;
+* ``refresh()``: a live update (the run moved): query again and merge, keeping the user's zoom;
+* ``choices_changed()``: the run recorded a new (phase, topic, metric): offer it in the selectors.
+
+Panels talk to each other only through the :class:`RunContext` they share: its ``phase``, its
+``pick_layer`` (a click on one chart shows that layer in the others) and the overview's first data.
+
+Adding a panel to the run page is one new module in :mod:`sonde.server.ui.panels` and one line in
+its ``RUN_PANELS``.
 
 Example:
-    >>> panel = Panel("lines", "360px", load_lines, zoomable=True)   # doctest: +SKIP
-    >>> ui.timer(0, panel.redraw, once=True)                        # doctest: +SKIP
+    >>> class Notes(Panel):                                          # doctest: +SKIP
+    ...     title = "Notes"
+    ...     def build(self) -> None:
+    ...         ui.label(f"{self.page.name}: {len(self.page.layers)} layers")
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from nicegui import background_tasks, ui
+from nicegui import ui
 
-__all__ = ["Panel", "category_window", "step_columns", "step_extent", "zoom_window"]
+from sonde.server.ui.data import Choices
+from sonde.server.ui.live_chart import LiveChart
+from sonde.server.ui.source import Source
 
-log = logging.getLogger("sonde")
+__all__ = ["Panel", "RunContext", "offer", "selector"]
 
 
-def step_extent(options: dict[str, Any]) -> tuple[int, int] | None:
-    """The first and last step drawn by the line series of chart ``options`` (None when empty).
+@dataclass
+class RunContext:
+    """What the panels of one run page share: the run, its layers, its choices, and the selection.
 
-    Example:
-        >>> step_extent({"series": [{"type": "line", "data": [[3, 1.0], [90, 2.0]]}]})
-        (3, 90)
+    Attributes:
+        source: the page's store reader.
+        name: the run's name.
+        run: the run's row (:meth:`Source.run`).
+        choices: what the run has recorded; replaced when that grows.
+        layer_rows: the run's layers in forward order (:meth:`Source.layers`; empty on the graph page).
+        labels: how each layer reads (``layer_label``), by layer name.
+        phase: the phase the per-layer charts show (the overview's phase selector sets it).
+        panels: the page's panels, in registry order.
+        overview_ready: set once the overview heatmap's first query answered (data in ``overview``).
+        overview: the first heatmap (``data``) and the (``topic``, ``metric``) it showed.
     """
-    steps = [point[0] for s in options.get("series", []) if s.get("type") == "line" for point in s.get("data", [])]
-    return (int(min(steps)), int(max(steps))) if steps else None
 
+    source: Source
+    name: str
+    run: dict[str, Any]
+    choices: Choices
+    layer_rows: list[dict[str, Any]] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    phase: str = "train"
+    panels: list[Panel] = field(default_factory=list)
+    overview_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    overview: dict[str, Any] = field(default_factory=dict)
 
-def zoom_window(extent: tuple[int, int], start: float, end: float) -> tuple[int, int | None] | None:
-    """The steps a zoom of ``start``..``end`` percent covers of ``extent``; None when zoomed out.
+    @property
+    def layers(self) -> list[str]:
+        """The run's layer names, in forward order."""
+        return [row["name"] for row in self.layer_rows]
 
-    A zoom that reaches the right edge is open-ended (``None`` as its last step), so a live run
-    keeps showing its newest steps in detail.
+    def redraw_all(self) -> None:
+        """Redraw every panel (the phase changed)."""
+        for panel in self.panels:
+            panel.redraw()
 
-    Example:
-        >>> zoom_window((0, 100_000), 25.0, 50.0)
-        (25000, 50000)
-        >>> zoom_window((0, 100_000), 90.0, 100.0)
-        (90000, None)
-        >>> zoom_window((0, 100_000), 0.0, 100.0) is None
-        True
-    """
-    if start <= 0.0 and end >= 100.0:
-        return None
-    lo, hi = extent
-    first = int(lo + (hi - lo) * max(0.0, start) / 100.0)
-    return first, (None if end >= 100.0 else round(lo + (hi - lo) * end / 100.0))
-
-
-def step_columns(options: dict[str, Any]) -> list[int] | None:
-    """The steps of a chart whose x axis has one category per step (a heatmap), else None.
-
-    Example:
-        >>> step_columns({"xAxis": {"type": "category", "name": "step", "data": ["0", "40", "41"]}})
-        [0, 40, 41]
-        >>> step_columns({"xAxis": {"type": "value", "name": "step"}}) is None
-        True
-    """
-    axis = options.get("xAxis")
-    if not isinstance(axis, dict) or axis.get("type") != "category" or axis.get("name") != "step":
-        return None
-    try:
-        return [int(s) for s in axis.get("data", [])]
-    except (TypeError, ValueError):
-        return None
-
-
-def category_window(steps: list[int], start: float, end: float) -> tuple[int, int | None] | None:
-    """The steps a zoom of ``start``..``end`` percent covers of a one-column-per-step axis.
-
-    ECharts spreads a category axis's zoom percentages over the column indices; the window
-    reaches from the first column shown to the last (rounded outwards, so nothing shown is left
-    out). Like :func:`zoom_window`, a zoom to the right edge is open-ended and a full zoom is None.
-
-    Example:
-        >>> category_window([0, 10, 20, 30, 40], 25.0, 50.0)
-        (10, 20)
-        >>> category_window([0, 10, 20, 30, 40], 60.0, 100.0)
-        (20, None)
-        >>> category_window([0, 10, 20], 0.0, 100.0) is None
-        True
-    """
-    if (start <= 0.0 and end >= 100.0) or not steps:
-        return None
-    last = len(steps) - 1
-    first = min(last, max(0, math.floor(last * start / 100.0 + 1e-9)))
-    final = min(last, max(first, math.ceil(last * end / 100.0 - 1e-9)))
-    return steps[first], (None if end >= 100.0 else steps[final])
+    def pick_layer(self, layer: str) -> None:
+        """Show ``layer`` in every panel that shows one layer or several (a click on the overview)."""
+        for panel in self.panels:
+            panel.layer_picked(layer)
 
 
 class Panel:
-    """One chart with a loader (see the module docstring)."""
+    """One part of a page (see the module docstring); subclasses set ``title`` and override what they need.
 
-    def __init__(self, name: str, height: str, load: Callable[[], Awaitable[dict[str, Any] | None]], *,
-                 on_click: Callable[[Any], None] | None = None, zoomable: bool = False) -> None:
-        self.name = name
-        self.height = height
-        self.load = load
-        self.on_click = on_click
-        self.zoomable = zoomable
-        #: The step range the user zoomed into (loaders fetch it in detail), or None.
-        self.window: tuple[int, int | None] | None = None
-        self.box = ui.column().classes("w-full gap-0")
-        self.caption = ui.label("").classes("sonde-muted px-2").props(f"data-caption={name}")
-        self.chart: ui.echart | None = None
-        self._extent: tuple[int, int] | None = None
-        self._columns: list[int] | None = None  # the step of each column, for a category step axis
-        self._busy = asyncio.Lock()
-        self._started = False
-        self._zoom_due = False
-        with self.box:
-            ui.skeleton().classes("w-full").style(f"height: {height}")
+    Args:
+        page: what the page's panels share.
+    """
 
-    async def redraw(self) -> None:
-        """Query and draw from scratch (after a selection changed); the zoom is reset."""
-        self._started = True
-        self.window = None
-        async with self._busy:
-            options = await self._options()
-            self.box.clear()
-            with self.box:
-                if options is None:
-                    self.chart = None
-                    ui.label("Nothing recorded for this choice yet.").classes("sonde-muted p-4")
-                    return
-                self._extent = step_extent(options)
-                self._columns = step_columns(options)
-                self.chart = ui.echart(options, on_point_click=self.on_click)
-                self.chart.style(f"height: {self.height}").props(f"data-chart={self.name}")
-                if self.zoomable:
-                    self.chart.on("chart:datazoom", self._zoomed, ["start", "end", "batch"])
-                    self.chart.on("chart:restore", self._restored, [])
+    title: ClassVar[str] = ""
+    slot: ClassVar[str] = "body"
+
+    def __init__(self, page: RunContext) -> None:
+        self.page = page
+        #: The panel's self-loading charts: ``load`` redraws them, ``refresh`` merges into them.
+        self.charts: list[LiveChart] = []
+
+    def wanted(self, choices: Choices) -> bool:
+        """Whether the run has recorded anything this panel draws (default: always, it says "nothing yet")."""
+        return True
+
+    def build(self) -> None:
+        """Draw the panel's widgets inside the current NiceGUI container (placeholders; no query)."""
+        raise NotImplementedError
+
+    async def load(self) -> None:
+        """The first load, once the browser connected."""
+        await asyncio.gather(*(chart.redraw() for chart in self.charts))
 
     async def refresh(self) -> None:
-        """Query again and merge into the drawn chart (keeps zoom); skipped while a query runs."""
-        if self._busy.locked() or not self._started:
-            return
-        if self.chart is None:
-            await self.redraw()
-            return
-        async with self._busy:
-            options = await self._options()
-            if options is None or self.chart is None:
-                return
-            # Spliced or not, the series span the whole run: the zoom's percentages refer to this.
-            self._extent = step_extent(options) or self._extent
-            self._columns = step_columns(options)  # a spliced heatmap has new columns: the zoom refers to these
-            self.chart.options.clear()
-            self.chart.options.update(options)
-            self.chart.update()
+        """A live update: query again and merge into what is drawn (a chart keeps its zoom)."""
+        await asyncio.gather(*(chart.refresh() for chart in self.charts))
 
-    def _zoomed(self, event: Any) -> None:
-        args = event.args if isinstance(event.args, dict) else {}
-        batch = args.get("batch") or [args]
-        start, end = batch[0].get("start"), batch[0].get("end")
-        if start is None or end is None:
-            return
-        if self._columns is not None:
-            self.window = category_window(self._columns, float(start), float(end))
-        elif self._extent is not None:
-            self.window = zoom_window(self._extent, float(start), float(end))
-        else:
-            return
-        self._schedule_zoom()
+    def redraw(self) -> None:
+        """Draw again from scratch, soon (a selection changed)."""
+        for chart in self.charts:
+            ui.timer(0, chart.redraw, once=True)
 
-    def _restored(self, _event: Any) -> None:
-        """The toolbox's "reset zoom": back to the whole run, without the detail query."""
-        self.window = None
-        self._schedule_zoom()
+    def choices_changed(self) -> None:
+        """The run recorded something new (``page.choices`` is replaced): offer it."""
 
-    def _schedule_zoom(self) -> None:
-        if not self._zoom_due:  # one query per burst of zoom events (a drag sends dozens)
-            self._zoom_due = True
-            background_tasks.create(self._apply_zoom(), name=f"sonde zoom {self.name}")
+    def layer_picked(self, layer: str) -> None:
+        """The user picked ``layer`` elsewhere on the page (a heatmap row)."""
 
-    async def _apply_zoom(self) -> None:
-        await asyncio.sleep(0.3)
-        self._zoom_due = False
-        while self._busy.locked():  # a live refresh that started before the zoom: query again after it
-            await asyncio.sleep(0.05)
-        await self.refresh()
 
-    async def _options(self) -> dict[str, Any] | None:
-        try:
-            options = await self.load()
-        except Exception as exc:  # noqa: BLE001  # a failing query must not kill the page; say what happened
-            log.warning("sonde dashboard: %s chart failed: %s", self.name, exc)
-            self.caption.text = f"could not load: {exc}"
-            return None
-        if self.caption.text.startswith("could not load"):
-            self.caption.text = ""
-        return options
+def offer(select: ui.select, options: Sequence[str], value: str) -> None:
+    """New options for a selector, keeping its value when it is still offered."""
+    select.set_options(list(options), value=value if value in options else None)
+
+
+def selector(options: list[str] | dict[str, str], value: Any, label: str, **kw: Any) -> ui.select:
+    """A dense outlined selector; a value not among the options leaves it empty (never invalid).
+
+    Example:
+        >>> topic = selector(["activations", "weights"], "activations", "topic")   # doctest: +SKIP
+    """
+    # A run that has recorded nothing yet offers nothing: the selector starts empty, never invalid.
+    value = value if value in options else None
+    return ui.select(options, value=value, label=label, **kw).props("dense outlined options-dense").classes("min-w-40")

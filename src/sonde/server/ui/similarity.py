@@ -1,7 +1,7 @@
 """ECharts options for the layer × layer similarity (CKA) matrix, from :meth:`Store.matrix` results.
 
 Pure functions, no NiceGUI and no store, like :mod:`sonde.server.ui.charts`: the run page's
-"Layer similarity (CKA)" panel (:mod:`sonde.server.ui.similarity_panel`) draws what these return.
+"Layer similarity (CKA)" panel (:mod:`sonde.server.ui.panels.similarity`) draws what these return.
 
 The matrix is square: layer ``a`` (row, top to bottom in forward order) against layer ``b``
 (column, left to right in the same order), coloured on a fixed 0…1 scale so that two steps

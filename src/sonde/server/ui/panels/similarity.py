@@ -8,10 +8,6 @@ back, and follows again once moved to the right end.
 
 The data comes from :meth:`Store.matrix` (one step's cells, by index) on a worker thread;
 the chart options from :func:`sonde.server.ui.similarity.matrix_options`.
-
-Example:
-    >>> with page:                                                   # doctest: +SKIP
-    ...     panels.append(SimilarityPanel(state.source, "mlp", labels).panel)
 """
 
 from __future__ import annotations
@@ -22,36 +18,36 @@ from typing import Any
 
 from nicegui import background_tasks, ui
 
-from sonde.server.ui.panel import Panel
+from sonde.server.ui.live_chart import LiveChart
+from sonde.server.ui.panel import Panel, RunContext
 from sonde.server.ui.similarity import CKA_PREFIX, CKA_TOPIC, matrix_options, matrix_phases, matrix_size, matrix_step
-from sonde.server.ui.source import Source, off_loop
+from sonde.server.ui.source import off_loop
 
-__all__ = ["SimilarityPanel"]
+__all__ = ["LayerSimilarity"]
 
 
-class SimilarityPanel:
-    """The CKA matrix card of one run page; add ``.panel`` to the page's panels (first load, live refresh).
+class LayerSimilarity(Panel):
+    """The CKA matrix card of one run page (hidden until the run records a matrix)."""
 
-    Args:
-        source: the page's store reader.
-        run: the run's name.
-        labels: axis label per layer name (the run page's ``layer_label``).
-    """
+    title = "Layer similarity (CKA)"
 
-    def __init__(self, source: Source, run: str, labels: Mapping[str, str]) -> None:
-        self.source = source
-        self.run = run
-        self.labels = dict(labels)
+    def __init__(self, page: RunContext) -> None:
+        super().__init__(page)
+        self.source = page.source
+        self.run = page.name
+        self.labels: Mapping[str, str] = page.labels
         self.steps: list[int] = []
         self.shown: int | None = None
-        self.wanted: int | None = None  # None: follow the latest step
+        self.asked: int | None = None  # the step the user chose; None: follow the latest step
         self.phase = "train"
         self._due = False
+
+    def build(self) -> None:
         self.card = ui.card().classes("sonde-card").props("data-view=similarity")
         self.card.set_visibility(False)
         with self.card:
             with ui.row().classes("w-full items-center gap-3 px-2 pt-1"):
-                ui.label("Layer similarity (CKA)").classes("text-base font-semibold")
+                ui.label(self.title).classes("text-base font-semibold")
                 ui.label("linear CKA of every pair of layers on the probe set (rows and columns in forward "
                          "order; 1 = same representation up to rotation and scale)").classes("sonde-muted")
                 ui.space()
@@ -64,7 +60,8 @@ class SimilarityPanel:
                 self.slider = ui.slider(min=0, max=1, step=1, value=0).classes("flex-1 max-w-2xl").props(
                     "markers snap data-similarity=slider")
                 self.slider.on_value_change(self._slid)
-            self.panel = Panel("similarity", "420px", self._load)
+            self.chart = LiveChart("similarity", "420px", self._load)
+        self.charts = [self.chart]
 
     async def _load(self) -> dict[str, Any] | None:
         phases = matrix_phases(await self.source.available(self.run))
@@ -76,18 +73,18 @@ class SimilarityPanel:
         self.phase_select.set_options(phases, value=self.phase)
         self.phase_select.set_visibility(len(phases) > 1)
         data = await off_loop(self.source.store.matrix, self.run, CKA_TOPIC, CKA_PREFIX, phase=self.phase,
-                              step=self.wanted)
+                              step=self.asked)
         if not data["layers"] or data["step"] is None:
             return None
         self.steps, self.shown = [int(s) for s in data["steps"]], int(data["step"])
         self._show_steps()
         names = [self.labels.get(layer, layer) for layer in data["layers"]]
         width, height = matrix_size(len(names), names)
-        # Square cells: Panel styles a new chart "height: <panel.height>", so the width rides along.
-        self.panel.height = f"{height}px; max-width: {width}px"
-        if self.panel.chart is not None:  # a live merge keeps the element: size it here
-            self.panel.chart.style(f"height: {height}px; max-width: {width}px")
-        self.panel.caption.text = f"{len(names)} layers · {len(self.steps)} steps with a matrix"
+        # Square cells: LiveChart styles a new chart "height: <chart.height>", so the width rides along.
+        self.chart.height = f"{height}px; max-width: {width}px"
+        if self.chart.chart is not None:  # a live merge keeps the element: size it here
+            self.chart.chart.style(f"height: {height}px; max-width: {width}px")
+        self.chart.caption.text = f"{len(names)} layers · {len(self.steps)} steps with a matrix"
         options = await off_loop(matrix_options, data, title="CKA", labels=self.labels)
         return options
 
@@ -100,7 +97,7 @@ class SimilarityPanel:
         self.slider.set_enabled(last > 0)
         if self.slider.value != index:
             self.slider.set_value(index)  # _slid sees the step already shown and does nothing
-        latest = " (latest)" if self.wanted is None else ""
+        latest = " (latest)" if self.asked is None else ""
         first, final = self.steps[0], self.steps[-1]
         self.step_label.text = f"step {self.shown}{latest} · {len(self.steps)} computed, {first}…{final}"
 
@@ -108,8 +105,8 @@ class SimilarityPanel:
         if not self.steps or e.value is None:
             return
         index = max(0, min(int(e.value), len(self.steps) - 1))
-        self.wanted = None if index == len(self.steps) - 1 else self.steps[index]
-        if matrix_step(self.steps, self.shown, self.wanted) == self.shown:
+        self.asked = None if index == len(self.steps) - 1 else self.steps[index]
+        if matrix_step(self.steps, self.shown, self.asked) == self.shown:
             return
         if not self._due:  # one query per burst of slider events (a drag sends many)
             self._due = True
@@ -118,9 +115,9 @@ class SimilarityPanel:
     async def _apply(self) -> None:
         await asyncio.sleep(0.15)
         self._due = False
-        await self.panel.redraw()  # waits for a running query, unlike refresh: the choice is never lost
+        await self.chart.redraw()  # waits for a running query, unlike refresh: the choice is never lost
 
     def _phase_changed(self, e: Any) -> None:
         if e.value and e.value != self.phase:
-            self.phase, self.wanted = e.value, None
-            ui.timer(0, self.panel.redraw, once=True)
+            self.phase, self.asked = e.value, None
+            ui.timer(0, self.chart.redraw, once=True)

@@ -1,0 +1,327 @@
+"""The metric lifecycle, written once: the probe's bus and the server's evaluator both run it.
+
+For each recorded step a :class:`MetricEngine` runs, on the instances its owner routes a
+:class:`~sonde.metrics.base.Capture` to: ``prepare`` (shared work announced) → ``update`` (partials
+staged on the tensor's device) → at the flush, every staged partial to the host in one batched
+transfer per device (:func:`to_host`) → ``absorb`` → ``due?`` (``compute_every``; forced for an
+evaluation pass, at an epoch's end for ``reset="epoch"``, and at the run's end) → ``compute``
+(here, or on the background worker for ``offload`` metrics) → ``reset`` as ``reset=`` says → metrics
+of Records (``derived``) from the step's values → at an epoch's end the epoch reset and
+:meth:`Metric.boundary`. :meth:`watch` hands every emitted batch to the watchers (``alerts``).
+
+What differs between its two users stays with them: the bus routes captures by topic, layer and
+schedule to clones of the configured metrics; the evaluator builds a metric per shipped spec and
+flushes each shipped tensor at its own step. The engine never raises for a metric's failure: the
+first is logged, later ones counted (:meth:`report_failures`).
+
+Example:
+    >>> import torch
+    >>> from sonde.metrics import Mean
+    >>> engine = MetricEngine("run")
+    >>> mean = Mean()
+    >>> engine.update(("fc", "activations"), [mean], Capture(torch.ones(3), layer="fc", topic="activations"))
+    >>> [(r.layer, r.metric, r.value) for r in engine.flush("train", 0)]
+    [('fc', 'mean', 1.0)]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from sonde.metrics.base import Capture, Metric
+from sonde.records import Record
+
+__all__ = ["MetricEngine", "to_host"]
+
+log = logging.getLogger("sonde")
+
+#: ``on_failure(metric, exc, layer, topic)``: how a metric's failure is reported instead of the default.
+FailureHook = Callable[[Metric, Exception, str, str], None]
+#: (layer, topic): where a metric's values go, within a phase.
+Where = tuple[str, str]
+
+
+#: ``offload(key, snapshot, phase, step, layer, topic)``: computes a snapshot of an ``offload`` metric
+#: off this thread (the probe's background worker, :mod:`sonde.worker`); its Records follow from there.
+Offload = Callable[[Hashable, Metric, str, int, str, str], None]
+
+
+class MetricEngine:
+    """The lifecycle of a run's metric instances: update, host transfer, compute, reset, boundaries.
+
+    Args:
+        run: the run the Records are filed under.
+        metrics: the configured metrics (templates): each hears :meth:`Metric.boundary` once per
+            epoch and at the run's end.
+        watchers: the metrics that read every emitted batch (``watches``; default: those of ``metrics``).
+        on_failure: reports a metric's failure (default: logged once, then counted).
+
+    Attributes:
+        instances: the live instances by a key their owner chooses (the epoch reset reaches them all).
+        offload: computes ``offload`` metrics off the caller's thread when set (the probe's worker);
+            without it they compute in :meth:`flush` like the others.
+    """
+
+    def __init__(self, run: str, metrics: Sequence[Metric] = (), *, watchers: Sequence[Metric] | None = None,
+                 on_failure: FailureHook | None = None) -> None:
+        self.run = run
+        self.metrics = list(metrics)
+        self.watchers = [m for m in self.metrics if m.watches] if watchers is None else list(watchers)
+        self.instances: dict[Hashable, list[Metric]] = {}
+        self.offload: Offload | None = None
+        self.on_failure = on_failure
+        # Per phase: instances updated since the last flush, and those holding state not computed yet.
+        self._touched: dict[str, dict[Where, list[Metric]]] = {"train": {}, "eval": {}}
+        self._dirty: dict[str, dict[Where, list[Metric]]] = {"train": {}, "eval": {}}
+        self._epoch_end = False
+        # Per failing metric: how often it failed and the last error (reported once, then counted at close).
+        self._failures: dict[str, tuple[int, str]] = {}
+
+    # -- the training thread's part -------------------------------------------------------------
+    def update(self, where: Where, instances: Sequence[Metric], capture: Capture) -> None:
+        """``prepare`` then ``update`` each instance with ``capture`` (staging partials); never raises."""
+        for instance in instances:
+            try:
+                instance.prepare(capture)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never break training
+                self._report(instance, exc, *where)
+        touched = self._touched.get(capture.phase)
+        if touched is None:
+            touched = self._touched[capture.phase] = {}
+        for instance in instances:
+            try:
+                instance.update(capture)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never break training
+                self._report(instance, exc, *where)
+                continue
+            instance.updates += 1
+            waiting = touched.get(where)
+            if waiting is None:
+                touched[where] = [instance]
+            elif instance not in waiting:
+                waiting.append(instance)
+
+    def pending(self, phase: str) -> bool:
+        """Whether something was updated in ``phase`` since the last flush."""
+        return bool(self._touched.get(phase))
+
+    def discard(self, phase: str) -> None:
+        """Forget what was updated in ``phase`` since the last flush (a pass that broke off)."""
+        for instances in self._touched.get(phase, {}).values():
+            for metric in instances:
+                metric.reset()
+        self._touched[phase] = {}
+
+    def accumulating(self) -> bool:
+        """Whether some metric holds recorded state that has not been computed yet."""
+        return any(self._dirty.values())
+
+    def end_epoch(self) -> None:
+        """The current train step is the last of an epoch: at its flush, metrics with
+        ``reset="epoch"`` compute (whatever ``compute_every`` says) and then start afresh."""
+        self._epoch_end = True
+
+    # -- the flush ------------------------------------------------------------------------------
+    def flush(self, phase: str, step: int, *, final: bool = False, epoch_end: bool | None = None,
+              only: Collection[Metric] | None = None) -> list[Record]:
+        """Fold in what ``phase`` staged since the last flush, compute the metrics due at ``step``
+        (all of them when ``final``), and return the Records computed here (offloaded ones follow
+        from the worker).
+
+        ``epoch_end`` (default: whether :meth:`end_epoch` was called, for the train phase) forces
+        ``reset="epoch"`` metrics to compute, then resets them. ``only`` limits computing and the
+        epoch reset to those instances (the evaluator flushes one shipped series at its own step).
+        """
+        touched = self._touched.get(phase, {})
+        self._touched[phase] = {}
+        dirty = self._dirty.setdefault(phase, {})
+        if epoch_end is None:
+            epoch_end = self._epoch_end and phase == "train"
+            if epoch_end:
+                self._epoch_end = False
+        if not touched and not dirty and not epoch_end:
+            return []
+        host = to_host(value for instances in touched.values() for m in instances for _, value in m.staged)
+        derived: list[tuple[str, str, Metric]] = []
+        for key, instances in touched.items():
+            for metric in instances:
+                if metric.derived:
+                    derived.append((*key, metric))
+                    continue
+                try:
+                    metric.absorb_staged(host)
+                except Exception as exc:  # noqa: BLE001
+                    self._report(metric, exc, *key)
+                    metric.reset()
+                    continue
+                waiting = dirty.setdefault(key, [])
+                if metric not in waiting:
+                    waiting.append(metric)
+        records: list[Record] = []
+        values: dict[tuple[str, str, str], Any] = {}  # what the metrics of Records read (their ``requires``)
+        read = {name for _, _, metric in derived for name in metric.requires}
+        # Touched keys first, in the order the step produced them (forward order for activations).
+        order = [k for k in touched if k in dirty] + [k for k in dirty if k not in touched]
+        for key in order:
+            layer, topic = key
+            kept: list[Metric] = []
+            for metric in dirty[key]:
+                forced = final or phase != "train" or (epoch_end and metric.reset_policy == "epoch")
+                if (only is not None and metric not in only) or not (forced or metric.due(step)):
+                    kept.append(metric)
+                    continue
+                for name, value in self._compute(metric, phase, step, layer, topic).items():
+                    if name in read:
+                        values[(layer, topic, name)] = value
+                    records.append(Record(self.run, step, phase, layer, topic, name, value))
+                if metric.reset_policy == "compute":
+                    metric.reset()
+            if kept:
+                dirty[key] = kept
+            else:
+                del dirty[key]
+        for layer, topic, metric in derived:
+            try:
+                result = metric.derive(values, layer, topic)
+            except Exception as exc:  # noqa: BLE001
+                self._report(metric, exc, layer, topic)
+                result = {}
+            for name, value in result.items():
+                values[(layer, topic, name)] = value
+                records.append(Record(self.run, step, phase, layer, topic, name, value))
+            metric.reset()
+        if epoch_end:
+            everything = (m for instances in self.instances.values() for m in instances)
+            for metric in everything if only is None else only:
+                if metric.reset_policy == "epoch":
+                    metric.reset()
+            self.boundary("epoch")
+        return records
+
+    def _compute(self, metric: Metric, phase: str, step: int, layer: str, topic: str) -> dict[str, Any]:
+        """Compute here, or hand a snapshot to the worker (then nothing is returned here)."""
+        if metric.offload and self.offload is not None:
+            self.offload((phase, layer, topic, id(metric)), metric.snapshot(), phase, step, layer, topic)
+            return {}
+        try:
+            return metric.compute()
+        except Exception as exc:  # noqa: BLE001 - monitoring must never break training
+            self._report(metric, exc, layer, topic)
+            return {}
+
+    def forget(self, keys: Iterable[Hashable]) -> None:
+        """Drop the instances under ``keys`` (their run ended), with any state they still hold."""
+        for key in keys:
+            for metric in self.instances.pop(key, ()):
+                for waiting in (*self._touched.values(), *self._dirty.values()):
+                    for where, instances in list(waiting.items()):
+                        if metric in instances:
+                            instances.remove(metric)
+                            if not instances:
+                                del waiting[where]
+
+    # -- boundaries, watchers, failures -----------------------------------------------------------
+    def end_run(self) -> None:
+        """After the last flush: tell the configured metrics the run ended (:meth:`Metric.boundary`)."""
+        self.boundary("run")
+
+    def boundary(self, kind: str) -> None:
+        """:meth:`Metric.boundary` once per configured metric (``"epoch"`` or ``"run"``)."""
+        seen: set[int] = set()
+        for metric in self.metrics:
+            if id(metric) not in seen:
+                seen.add(id(metric))
+                try:
+                    metric.boundary(kind)
+                except Exception as exc:  # noqa: BLE001 - monitoring must never break training
+                    self._report(metric, exc, "", "")
+
+    def watch(self, records: list[Record]) -> list[Record]:
+        """Records the watchers (alerts) add after reading ``records``; never raises."""
+        extra: list[Record] = []
+        for watcher in self.watchers:
+            try:
+                extra.extend(watcher.watch(records))
+            except Exception as exc:  # noqa: BLE001
+                self._report(watcher, exc, "", "")
+        return extra
+
+    def _report(self, metric: Metric, exc: Exception, layer: str, topic: str) -> None:
+        """Log a metric's first failure; count the later ones for :meth:`report_failures`."""
+        if self.on_failure is not None:
+            self.on_failure(metric, exc, layer, topic)
+            return
+        count, _ = self._failures.get(metric.name, (0, ""))
+        self._failures[metric.name] = (count + 1, f"{type(exc).__name__}: {exc}")
+        if count == 0:
+            log.error(
+                "sonde: metric %r failed (%s: %s); training goes on, its values are missing where it fails",
+                metric.name, type(exc).__name__, exc,
+            )
+
+    def report_failures(self) -> dict[str, int]:
+        """At the end of the run: log each metric that failed more than once, with the count and its
+        last error (which may differ from the first one logged). Returns the counts by metric name."""
+        for name, (count, last) in self._failures.items():
+            if count > 1:
+                log.error("sonde: metric %r failed %d times in run %r (last: %s); its values are missing there",
+                          name, count, self.run, last)
+        return {name: count for name, (count, _) in self._failures.items()}
+
+
+def to_host(staged: Iterable[Any]) -> dict[int, np.ndarray]:
+    """Host copies of staged partials: one transfer per accelerator, none for CPU tensors.
+
+    A staged partial is a tensor, a numpy array (already on the host), or a tuple of 0-d
+    tensors and floats read back as one vector.
+    """
+    host: dict[int, np.ndarray] = {}
+    device_parts: dict[torch.device, list[torch.Tensor]] = {}
+    pending: list[tuple[int, Any]] = []
+    seen: set[int] = set()
+    for value in staged:
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, np.ndarray):
+            host[id(value)] = value
+            continue
+        parts = value if isinstance(value, tuple) else (value,)
+        if all(not isinstance(p, torch.Tensor) or p.device.type == "cpu" for p in parts):
+            host[id(value)] = _cpu_value(value)
+            continue
+        pending.append((id(value), value))
+        for part in parts:
+            if isinstance(part, torch.Tensor) and part.device.type != "cpu":
+                device_parts.setdefault(part.device, []).append(part)
+    if pending:
+        fetched: dict[int, np.ndarray] = {}
+        for group in device_parts.values():
+            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in group]).cpu().numpy()
+            offset = 0
+            for tensor in group:
+                fetched[id(tensor)] = flat[offset : offset + tensor.numel()].reshape(tensor.shape)
+                offset += tensor.numel()
+        for key, value in pending:
+            if isinstance(value, tuple):
+                host[key] = np.array([_part_value(p, fetched) for p in value], dtype=np.float64)
+            else:
+                host[key] = fetched[id(value)]
+    return host
+
+
+def _cpu_value(value: Any) -> np.ndarray:
+    if isinstance(value, tuple):
+        return np.array([float(p) for p in value], dtype=np.float64)
+    return value.detach().numpy().astype(np.float64, copy=False)
+
+
+def _part_value(part: Any, fetched: dict[int, np.ndarray]) -> float:
+    if isinstance(part, torch.Tensor):
+        return float(fetched[id(part)]) if part.device.type != "cpu" else float(part)
+    return float(part)
