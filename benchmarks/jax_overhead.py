@@ -11,7 +11,9 @@ round. The step is timed to completion (``block_until_ready`` on the loss, and f
 
 Model: the 4-layer 1024-wide MLP of ``benchmarks/overhead.py``, batch 256. Variants: ``sonde``
 (every topic of every layer, default metrics, every step, to a SQLite store) and ``sonde
-every=10``. No peer is measured: the JAX tools we know of log what the user returns from the step.
+every=10``, each also with the statistics taken inside the step (``in-step``:
+``JaxProbe.device_statistics = True``, the default on accelerators; on the CPU the default
+takes them on the host). No peer is measured: the JAX tools we know of log what the user returns from the step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import optax
 from flax import nnx
 
 import sonde.jax
+from sonde.probe.jax import JaxProbe
 
 
 class MLP(nnx.Module):  # type: ignore[misc]
@@ -64,7 +67,8 @@ def run(variant: str, steps: int, store: str, r: int) -> float:
         for _ in range(steps):
             train_step(model, optimizer, x, y).block_until_ready()
         return (time.perf_counter() - start) / steps
-    every = 10 if variant == "sonde every=10" else 1
+    every = 10 if variant.endswith("every=10") else 1
+    JaxProbe.device_statistics = True if variant.startswith("in-step") else None
     with sonde.jax.probe(model, optimizer=optimizer, run=f"{variant}-{r}", store=store, every=every) as p:
         p.log(loss=train_step(model, optimizer, x, y))
         start = time.perf_counter()
@@ -80,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs; "
           f"{args.rounds} rounds x {args.steps} timed steps, one process")
-    variants = ["unmonitored", "sonde", "sonde every=10"]
+    variants = ["unmonitored", "sonde", "sonde every=10", "in-step", "in-step every=10"]
     times: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "s.db")

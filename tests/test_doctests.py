@@ -13,7 +13,7 @@ import sonde
 
 #: Adapters whose framework lives in an environment of its own (MXNet needs numpy<1.24): their
 #: docstrings run there, in tests/mxnet_env, with the rest of that adapter's tests.
-ELSEWHERE = {"sonde.mxnet": "mxnet", "sonde.probe.mxnet": "mxnet"}
+ELSEWHERE = {"sonde.mxnet": "mxnet", "sonde.probe.mxnet": "mxnet", "sonde.probe.mxnet_module": "mxnet"}
 MODULES = sorted(name for info in pkgutil.walk_packages(sonde.__path__, "sonde.")
                  if (name := info.name) not in ELSEWHERE or importlib.util.find_spec(ELSEWHERE[name]))
 

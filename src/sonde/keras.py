@@ -1,4 +1,5 @@
-"""Keras integration: ``model.fit(..., callbacks=[sonde.keras.SondeCallback()])`` (Keras 3, TensorFlow backend).
+"""Keras integration: ``model.fit(..., callbacks=[sonde.keras.SondeCallback()])`` (Keras 3 on the
+TensorFlow, JAX or torch backend).
 
 The implementation lives in :mod:`sonde.probe.keras` (one module per framework adapter).
 """

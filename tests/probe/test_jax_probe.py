@@ -13,6 +13,7 @@ import pytest
 
 from collect import Collect
 from sonde.errors import ConfigError, LayerFilterError, ProbeError
+from sonde.metrics import Metric
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
@@ -224,3 +225,131 @@ def test_steps_the_schedule_skips_send_nothing_to_the_host(collect: Collect, mon
     assert sorted({r.step for r in collect.records}) == [0, 3, 6]
     # two layers x (inputs, activations, output_grads) at each of the 3 recorded steps, nothing else
     assert len(sent) == 3 * 2 * 3
+
+
+def _spy_payloads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Statistics taken in the step (as on accelerators; the CPU default is on the host), and
+    every (topic, leaf) that reaches the host through the probe's tensor callbacks."""
+    import sys
+
+    probe_module = sys.modules["sonde.probe.jax"]
+    monkeypatch.setattr(probe_module.JaxProbe, "device_statistics", True)
+    seen: list[tuple[str, Any]] = []
+    on_arrays, on_update = probe_module.JaxProbe._on_arrays, probe_module.JaxProbe._on_update
+
+    def arrays(self: Any, layer: str, topics: tuple[str, ...], *payloads: Any) -> None:
+        seen.extend((t, leaf) for t, p in zip(topics, payloads, strict=True) for leaf in jax.tree.leaves(p))
+        on_arrays(self, layer, topics, *payloads)
+
+    def update(self: Any, topics: tuple[Any, ...], payloads: list[Any]) -> None:
+        seen.extend((t, leaf) for (_, t), p in zip(topics, payloads, strict=True) for leaf in jax.tree.leaves(p))
+        on_update(self, topics, payloads)
+
+    monkeypatch.setattr(probe_module.JaxProbe, "_on_arrays", arrays)
+    monkeypatch.setattr(probe_module.JaxProbe, "_on_update", update)
+    return seen
+
+
+def _bin(value: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    """Counts of ``value`` over ``bins`` equal bins of [lo, hi], outside values in the end bins."""
+    index = np.clip(np.floor((value.ravel() - lo) * (bins / (hi - lo))), 0, bins - 1).astype(int)
+    return np.bincount(index, minlength=bins)
+
+
+def test_default_statistics_are_taken_in_the_step_and_only_they_cross(
+        collect: Collect, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_payloads(monkeypatch)
+    model = MLP(nnx.Rngs(0))
+    params = {"w1": np.asarray(model.fc1.kernel.get_value()), "b1": np.asarray(model.fc1.bias.get_value()),
+              "w2": np.asarray(model.fc2.kernel.get_value()), "b2": np.asarray(model.fc2.bias.get_value())}
+    optimizer = nnx.Optimizer(model, optax.sgd(LR), wrt=nnx.Param)
+    data = _data(3)
+    with sonde.jax.probe(model, optimizer=optimizer, store=None, sinks=[collect]) as p:  # the default metrics
+        for x, y in data:
+            loss, logits = _train_step(model, optimizer, x, y)
+            p.log(loss=loss, labels=y, outputs=logits)
+    # per tensor: 6 float partials, 4 counts (size, non-zero, NaN, Inf) and 64 histogram counts; no array
+    assert seen and {(np.ndim(leaf), np.size(leaf)) for _, leaf in seen} == {(1, 6), (1, 4), (1, 64)}
+    edges: dict[tuple[str, str], tuple[float, float]] = {}
+    for k, step in enumerate(_replay(params, data)):
+        for (layer, topic), value in step.items():
+            if layer == "":
+                continue
+            got = {r.metric: r.value for r in collect.find(step=k, layer=layer, topic=topic)}
+            reference = {"mean": value.mean(), "std": value.std(), "var": value.var(), "min": value.min(),
+                         "max": value.max(), "abs_mean": np.abs(value).mean(), "norm": np.linalg.norm(value),
+                         "zero_frac": (value == 0).mean(), "nonfinite_frac": 0.0}
+            for metric, ref in reference.items():
+                assert got[metric] == pytest.approx(float(ref), rel=1e-4, abs=1e-6), (k, layer, topic, metric)
+            if (layer, topic) not in edges and value.max() > value.min():  # the first range edges can span
+                edges[(layer, topic)] = (float(value.min()), float(value.max()))
+                lo, hi = edges[(layer, topic)]
+                np.testing.assert_allclose(got["histogram_edges"], np.linspace(lo, hi, 65), rtol=1e-6,
+                                           atol=1e-6 * (hi - lo))
+            if (layer, topic) in edges:
+                counts = _bin(value, *edges[(layer, topic)], 64)
+                # float32 on the device against float64 here: an element on a bin edge may fall either side
+                assert np.abs(got["histogram"] - counts).sum() <= 2, (k, layer, topic)
+                assert got["histogram"].sum() == value.size
+            else:
+                assert "histogram" not in got  # a constant tensor (a zero bias at step 0) fixes no edges
+    assert {t for t, _ in seen} >= {"inputs", "activations", "output_grads", "weights", "bias_updates"}
+
+
+class _Peak(Metric):
+    """Largest absolute value, read from the tensor itself (a metric that needs the samples)."""
+
+    name = "peak"
+    topics = ("activations", "weight_grads")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("peak", default=-np.inf, reduce="max")
+
+    def update(self, capture: Any) -> None:
+        self.stage("peak", capture.tensor.detach().abs().max().double())
+
+    def compute(self) -> dict[str, Any]:
+        return {"peak": float(self.state["peak"])}
+
+
+def test_a_metric_that_reads_samples_gets_the_whole_array(collect: Collect, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_payloads(monkeypatch)
+    model = MLP(nnx.Rngs(0))
+    params = {"w1": np.asarray(model.fc1.kernel.get_value()), "b1": np.asarray(model.fc1.bias.get_value()),
+              "w2": np.asarray(model.fc2.kernel.get_value()), "b2": np.asarray(model.fc2.bias.get_value())}
+    optimizer = nnx.Optimizer(model, optax.sgd(LR), wrt=nnx.Param)
+    data = _data(2)
+    with sonde.jax.probe(model, optimizer=optimizer, store=None, sinks=[collect], metrics=["mean", _Peak()]):
+        for x, y in data:
+            _train_step(model, optimizer, x, y)
+    shapes = {(t, np.shape(leaf)) for t, leaf in seen}
+    assert {("activations", (16, 8)), ("activations", (16, 3)), ("weight_grads", (4, 8))} <= shapes
+    assert {np.ndim(leaf) for t, leaf in seen if t in ("inputs", "output_grads", "weights")} == {1}
+    for k, step in enumerate(_replay(params, data)):
+        for layer in ("fc1", "fc2"):
+            for topic in ("activations", "weight_grads"):
+                value = step[(layer, topic)]
+                assert collect.value(step=k, layer=layer, topic=topic, metric="peak") == pytest.approx(
+                    float(np.abs(value).max()), rel=1e-5)
+                assert collect.value(step=k, layer=layer, topic=topic, metric="mean") == pytest.approx(
+                    float(value.mean()), rel=1e-4, abs=1e-6)
+
+
+def test_evaluation_passes_merge_their_device_statistics(collect: Collect, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_payloads(monkeypatch)
+    model = MLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(LR), wrt=nnx.Param)
+    data = _data(3)
+    with sonde.jax.probe(model, optimizer=optimizer, store=None, sinks=[collect], metrics=["mean", "max", "histogram"]):
+        _train_step(model, optimizer, *data[0])
+        outputs = np.concatenate([np.asarray(_eval_step(model, x)) for x, _ in data])  # three batches, one value
+        _train_step(model, optimizer, *data[1])
+    assert {np.ndim(leaf) for _, leaf in seen} == {1}
+    find = {"phase": "eval", "step": 1, "layer": "fc2", "topic": "activations"}
+    assert collect.value(**find, metric="mean") == pytest.approx(float(outputs.mean()), rel=1e-5)
+    assert collect.value(**find, metric="max") == pytest.approx(float(outputs.max()), rel=1e-6)
+    # the first batch fixes the range; the later ones count over it (outside values in the end bins)
+    first = outputs[:16]
+    counts = _bin(outputs, float(first.min()), float(first.max()), 64)
+    assert np.abs(collect.value(**find, metric="histogram") - counts).sum() <= 2

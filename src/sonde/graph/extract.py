@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from sonde.graph.model import Graph, GraphError, Node
@@ -184,7 +185,7 @@ def _shadow(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] | 
     def clone(module: nn.Module) -> nn.Module:
         if id(module) in modules:
             return modules[id(module)]
-        twin = copy.copy(module)
+        twin = _shallow_copy(module)
         modules[id(module)] = twin
         twin._parameters = {k: None if v is None else param(v) for k, v in module._parameters.items()}
         twin._buffers = {k: None if v is None else buffer(v) for k, v in module._buffers.items()}
@@ -200,6 +201,31 @@ def _shadow(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] | 
     except Exception as exc:  # any copy failure means the same thing to the caller
         raise GraphError(f"cannot copy {type(model).__name__}'s module tree to trace it: {type(exc).__name__}: {exc}"
                          ) from exc
+
+
+def _is_parametrizations(module: nn.Module, child: str) -> bool:
+    """Whether ``module.<child>`` is the container ``torch.nn.utils.parametrize`` adds: part of the
+    parametrized module (its weight's computation), not a layer of its own."""
+    return child == "parametrizations" and parametrize.is_parametrized(module)
+
+
+def _module_type(module: nn.Module) -> str:
+    """The module's class name; a parametrized module's is its original class's (``Linear``, not
+    ``ParametrizedLinear``)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized"):
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """``copy.copy(module)``, also for a parametrized module (``torch.nn.utils.parametrize``), whose
+    class refuses to be pickled or copied: the same class, a new attribute dict with the same values."""
+    if not parametrize.is_parametrized(module):
+        return copy.copy(module)
+    twin = type(module).__new__(type(module))
+    twin.__dict__.update(module.__dict__)
+    return twin
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -300,12 +326,15 @@ class _Tracer(TorchFunctionMode):
         self.quiet += 1
         try:
             path = self.names[id(module)]
-            atomic = next(module.children(), None) is None
+            atomic = next((c for n, c in module.named_children() if not _is_parametrizations(module, n)), None) is None
             name = self._numbered(path)
-            op = type(module).__name__
+            op = _module_type(module)
             inactive = not module.training or getattr(module, "p", 1) == 0
             trivial = op in TRIVIAL_MODULES or (op in _DROPOUT and inactive)
             own = {k: list(p.shape) for k, p in module.named_parameters(recurse=False)}
+            if parametrize.is_parametrized(module):  # the parameters its parametrizations compute from
+                own.update({f"parametrizations.{k}": list(p.shape)
+                            for k, p in module.parametrizations.named_parameters()})  # type: ignore[union-attr]
             count = self.param_counts.get(path, 0)
             self.nodes.append(Node(name, "module", op, self._parent, params=own, num_params=count, trivial=trivial))
             if atomic:
@@ -369,8 +398,10 @@ class _Tracer(TorchFunctionMode):
             shapes, dtypes = _shapes([tensor])
             self.nodes.append(Node(name, "input", "Tensor", None, shapes, dtypes))
             self._produce(tensor, name)
+        internal = {id(m) for owner in self.root.modules() if parametrize.is_parametrized(owner)
+                    for m in owner.parametrizations.modules()}  # type: ignore[union-attr]
         for module in self.root.modules():
-            if module is not self.root:
+            if module is not self.root and id(module) not in internal:
                 self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
                 self.handles.append(module.register_forward_hook(self._post, with_kwargs=True))
         try:

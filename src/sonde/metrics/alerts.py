@@ -16,6 +16,10 @@ comes back):
   backward, then the optimizer), whose tensors hold non-finite values (``nonfinite_frac``), once
   per episode.
 
+An optimizer step that a ``GradScaler`` skipped (inf/NaN gradients) comes as an alert of its own
+(layer ``""``, topic ``weight_updates``, from the torch probe); the zero updates of that step
+raise no update-ratio alert.
+
 The probe logs each alert (logger ``sonde``, WARNING), unless one of its sinks shows alerts itself
 (the console sink prints an ``ALERT`` line): each alert reaches the user once.
 
@@ -88,6 +92,7 @@ class Alerts(Metric):
         self._active: set[tuple[str, ...]] = set()  # problems alerted and not over yet
         self._peak: dict[tuple[str, str, str], float] = {}
         self._nonfinite_steps: dict[str, int] = {}  # phase -> last step with non-finite values
+        self._skipped: set[tuple[str, int]] = set()  # (phase, step) of optimizer steps a GradScaler skipped
 
     def combine(self, other: Metric) -> Metric | None:
         # One set of alerts per probe: a configured Alerts given after the default one replaces it.
@@ -109,6 +114,9 @@ class Alerts(Metric):
             first_nonfinite: dict[tuple[str, int], Record] = {}
             finite_steps: set[tuple[str, int]] = set()
             for r in records:
+                if r.metric == "alert" and r.topic == "weight_updates" and not r.layer:
+                    self._skipped.add((r.phase, r.step))  # its updates are zero by design, not stalled
+                    continue
                 if r.metric == "nonfinite_frac" and self.nonfinite:
                     bad = not (isinstance(r.value, float) and r.value == 0.0)
                     if bad:
@@ -148,6 +156,8 @@ class Alerts(Metric):
                 f"layer {r.layer!r}: {value:.0%} of its activations are exactly zero at step {r.step} "
                 f"(dead units; threshold {self.dead_frac:.0%})"))
         if r.metric == "update_ratio" and r.topic == "weight_updates":
+            if (r.phase, r.step) in self._skipped:
+                return None
             low, high = self.update_ratio
             outside = r.step >= self.warmup and not low <= value <= high
             return self._onset(("ratio", r.phase, r.layer), outside, lambda: (

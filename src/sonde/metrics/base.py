@@ -197,6 +197,18 @@ class Capture:
         else:
             self._memo.put(self.tensor, key, value)
 
+    @staticmethod
+    def provide(memo: TensorMemo, tensor: torch.Tensor, summary: Any,
+                histograms: dict[tuple[float, float, int], Any]) -> None:
+        """Partials of ``tensor`` computed elsewhere, for the captures of ``tensor`` sharing ``memo``
+        (the bus's, until its flush): :meth:`summary` returns ``summary`` (the raw partials of
+        :func:`sonde.functional.summarize_raw`, as a host vector) and :meth:`histogram` the counts
+        given for ``(lo, hi, bins)``, without reading the tensor. ``sonde.jax`` reduces inside the
+        user's jitted step and hands the metrics only these numbers."""
+        memo.put(tensor, "summary", summary)
+        for spec, counts in histograms.items():
+            memo.put(tensor, _histogram_key(spec), counts)
+
     def finish(self) -> None:
         """Make the copy ``copy_to`` asked for, if the fused pass did not."""
         if self.copy_to is not None and not self.copied:

@@ -5,8 +5,9 @@ For each recorded step a :class:`MetricEngine` runs, on the instances its owner 
 staged on the tensor's device) → at the flush, every staged partial to the host in one batched
 transfer per device (:func:`to_host`) → ``absorb`` → ``due?`` (``compute_every``; forced for an
 evaluation pass, at an epoch's end for ``reset="epoch"``, and at the run's end) → ``compute``
-(here, or on the background worker for ``offload`` metrics) → ``reset`` as ``reset=`` says → metrics
-of Records (``derived``) from the step's values → at an epoch's end the epoch reset and
+(here, or on the background worker for ``offload`` metrics; under torch.distributed the due
+states of every rank are merged first, by the :attr:`MetricEngine.merge_ranks` hook) → ``reset``
+as ``reset=`` says → metrics of Records (``derived``) from the step's values → at an epoch's end the epoch reset and
 :meth:`Metric.boundary`. :meth:`watch` hands every emitted batch to the watchers (``alerts``).
 
 What differs between its two users stays with them: the bus routes captures by topic, layer and
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,6 +50,19 @@ Where = tuple[str, str]
 #: ``offload(key, snapshot, phase, step, layer, topic)``: computes a snapshot of an ``offload`` metric
 #: off this thread (the probe's background worker, :mod:`sonde.worker`); its Records follow from there.
 Offload = Callable[[Hashable, Metric, str, int, str, str], None]
+
+
+class RankMerger(Protocol):
+    """Merges the states of metric instances across the ranks of a distributed run, before compute
+    (the probe's :class:`sonde.probe.distributed.RankMerge`)."""
+
+    def merge(self, phase: str, step: int, final: bool, due: list[tuple[str, str, Metric]]) -> bool:
+        """Replace the state of each ``(layer, topic, metric)`` about to compute by the merge of
+        every rank's; False when nothing may be computed (the state is then dropped)."""
+
+    def restore(self) -> None:
+        """After computing: give back this rank's own state to instances that keep state across
+        computes (``reset="epoch"`` or ``"never"``), so that the next merge counts it once."""
 
 
 class MetricEngine:
@@ -75,6 +89,8 @@ class MetricEngine:
         self.instances: dict[Hashable, list[Metric]] = {}
         self.offload: Offload | None = None
         self.on_failure = on_failure
+        #: Under torch.distributed: merges the due states of every rank before compute (set by the probe).
+        self.merge_ranks: RankMerger | None = None
         # Per phase: instances updated since the last flush, and those holding state not computed yet.
         self._touched: dict[str, dict[Where, list[Metric]]] = {"train": {}, "eval": {}}
         self._dirty: dict[str, dict[Where, list[Metric]]] = {"train": {}, "eval": {}}
@@ -145,6 +161,8 @@ class MetricEngine:
             if epoch_end:
                 self._epoch_end = False
         if not touched and not dirty and not epoch_end:
+            if self.merge_ranks is not None:  # the other ranks may hold state: meet them all the same
+                self.merge_ranks.merge(phase, step, final, [])
             return []
         host = to_host(value for instances in touched.values() for m in instances for _, value in m.staged)
         derived: list[tuple[str, str, Metric]] = []
@@ -167,24 +185,36 @@ class MetricEngine:
         read = {name for _, _, metric in derived for name in metric.requires}
         # Touched keys first, in the order the step produced them (forward order for activations).
         order = [k for k in touched if k in dirty] + [k for k in dirty if k not in touched]
+        due: dict[Where, list[Metric]] = {}
         for key in order:
-            layer, topic = key
             kept: list[Metric] = []
             for metric in dirty[key]:
                 forced = final or phase != "train" or (epoch_end and metric.reset_policy == "epoch")
                 if (only is not None and metric not in only) or not (forced or metric.due(step)):
                     kept.append(metric)
-                    continue
+                else:
+                    due.setdefault(key, []).append(metric)
+            if kept:
+                dirty[key] = kept
+            else:
+                del dirty[key]
+        if self.merge_ranks is not None and not self.merge_ranks.merge(
+                phase, step, final, [(*key, metric) for key, metrics in due.items() for metric in metrics]):
+            for metrics in due.values():  # the ranks could not merge: nothing is computed from this state
+                for metric in metrics:
+                    metric.reset()
+            due = {}
+        for key, metrics in due.items():
+            layer, topic = key
+            for metric in metrics:
                 for name, value in self._compute(metric, phase, step, layer, topic).items():
                     if name in read:
                         values[(layer, topic, name)] = value
                     records.append(Record(self.run, step, phase, layer, topic, name, value))
                 if metric.reset_policy == "compute":
                     metric.reset()
-            if kept:
-                dirty[key] = kept
-            else:
-                del dirty[key]
+        if self.merge_ranks is not None:
+            self.merge_ranks.restore()  # state kept across computes goes on from this rank's own
         for layer, topic, metric in derived:
             try:
                 result = metric.derive(values, layer, topic)

@@ -22,6 +22,7 @@ import torch
 from sonde.bus import Bus
 from sonde.errors import ConfigError, ProbeError
 from sonde.metrics.registry import resolve_metrics
+from sonde.probe import distributed
 from sonde.probe.heap import HeapChurnCheck
 from sonde.probe.kit import KEYWORDS, ProbeOptions
 from sonde.records import NETWORK, Record
@@ -71,7 +72,8 @@ def not_a_module(model: Any) -> ProbeError:
         f"sonde.probe expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}; "
         "Keras models are probed while they fit: model.fit(..., callbacks=[sonde.keras.SondeCallback()]); "
         "Flax NNX models take sonde.jax.probe(model, optimizer=...), Gluon blocks "
-        "sonde.mxnet.probe(net, trainer=...); the Hugging Face and Lightning trainers take "
+        "sonde.mxnet.probe(net, trainer=...), TF1-style sessions "
+        "sonde.tensorflow.probe_session(session, loss=...); the Hugging Face and Lightning trainers take "
         "sonde.transformers.SondeCallback and sonde.lightning.SondeCallback"
     )
 
@@ -124,47 +126,64 @@ class Probe:
         self.layers = probed
         infos = [LayerInfo(name, type(layer).__name__, {p: list(s) for p, s in shapes.get(name, {}).items()})
                  for name, layer in probed.items()]
-        remote = None
-        if server is not None:  # the server stores the Records instead of a local store
-            from sonde.sinks.remote import RemoteSink
-
-            remote, store = (server if isinstance(server, RemoteSink) else RemoteSink(server)), None
         if topics is not None:
             unknown = [t for t in topics if t not in TOPICS]
             if unknown or isinstance(topics, str):
                 raise ConfigError(f"unknown topic(s) {unknown or topics!r}; topics are: {', '.join(TOPICS)}")
         self.schedule = as_schedule(every)
         self.metrics = resolve_metrics(metrics)
-        sink_list = resolve_sinks(sinks)
-        if remote is not None:
-            sink_list.insert(0, remote)
-        if any(m.name == "server" for m in self.metrics):  # ServerMetric: tensors shipped to the evaluator
-            from sonde.sinks.remote import bind_server_metrics  # httpx and the outbox only for remote probes
-
-            bind_server_metrics(self.metrics, sink_list)
-        if store is not None:
-            from sonde.sinks.store import StoreSink
-            from sonde.store import Store, open_store
-
-            store_obj = store if isinstance(store, Store) else open_store(store)
-            if run is None:
-                run = store_obj.unique_run_name(model_name.lower())
-            sink_list.insert(0, StoreSink(store_obj))
-        if run is None:
-            run = f"{model_name.lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.run = run
-        self.info = RunInfo(
-            name=run, model=model_name, framework=self.framework, config=config, layers=infos, resume=resume
-        )
         self._runners: list[SinkRunner] = []
-        try:
-            for sink in sink_list:
-                sink.open(self.info)  # on this thread: a bad path fails here, not at step 1000
-                self._runners.append(SinkRunner(sink))
-        except Exception:
-            for runner in self._runners:
-                runner.close("failed")
-            raise
+        # Under torch.distributed every rank captures; rank 0 alone names the run and writes it.
+        self.ranks = distributed.world()
+        self.rank = 0 if self.ranks is None else self.ranks[0]
+
+        def start() -> str:
+            """Open the sinks (the store, the remote connection) and name the run; returns its name."""
+            remote, store_arg = None, store
+            if server is not None:  # the server stores the Records instead of a local store
+                from sonde.sinks.remote import RemoteSink
+
+                remote, store_arg = (server if isinstance(server, RemoteSink) else RemoteSink(server)), None
+            sink_list = resolve_sinks(sinks)
+            if remote is not None:
+                sink_list.insert(0, remote)
+            if any(m.name == "server" for m in self.metrics):  # ServerMetric: tensors shipped to the evaluator
+                from sonde.sinks.remote import bind_server_metrics  # httpx and the outbox only for remote probes
+
+                bind_server_metrics(self.metrics, sink_list)
+            name = run
+            if store_arg is not None:
+                from sonde.sinks.store import StoreSink
+                from sonde.store import Store, open_store
+
+                store_obj = store_arg if isinstance(store_arg, Store) else open_store(store_arg)
+                if name is None:
+                    name = store_obj.unique_run_name(model_name.lower())
+                sink_list.insert(0, StoreSink(store_obj))
+            if name is None:
+                name = f"{model_name.lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.info = RunInfo(
+                name=name, model=model_name, framework=self.framework, config=config, layers=infos, resume=resume
+            )
+            try:
+                for sink in sink_list:
+                    sink.open(self.info)  # on this thread: a bad path fails here, not at step 1000
+                    self._runners.append(SinkRunner(sink))
+            except Exception:
+                for runner in self._runners:
+                    runner.close("failed")
+                raise
+            return name
+
+        if self.ranks is None:
+            run = start()
+        else:
+            run = distributed.agree(self.rank, start)
+            if self.rank != 0:
+                self.info = RunInfo(
+                    name=run, model=model_name, framework=self.framework, config=config, layers=infos, resume=resume
+                )
+        self.run = run
         self.bus = Bus(run, self.metrics, topics=TOPICS if topics is None else topics, schedule=self.schedule)
         self.bus.layer_types = {info.name: info.type for info in infos}
         if any(m.offload for m in self.metrics):
@@ -178,10 +197,23 @@ class Probe:
         self._emit_lock = threading.Lock()
         self._heap = HeapChurnCheck()
         self._warned: set[str] = set()  # monitoring failures already reported (see guarded)
+        self.switched_off = False  # monitoring stopped on every rank (a failure on one of them)
+        if self.ranks is not None:
+            self.bus.engine.merge_ranks = distributed.RankMerge(*self.ranks, recorded=self._recorded,
+                                                                switch_off=self._switch_off)
 
     # -- steps -------------------------------------------------------------------------------
     def wants(self, topic: str, phase: str = "train") -> bool:
-        return not self.closed and self.bus.wants(topic, self.eval_step if phase == "eval" else self.step, phase)
+        step = self.eval_step if phase == "eval" else self.step
+        return not (self.closed or self.switched_off) and self.bus.wants(topic, step, phase)
+
+    def _recorded(self, step: int) -> bool:
+        """Whether any metric records at train ``step`` (the steps the ranks merge at)."""
+        return any(self.bus.scheduled(m, step) for templates in self.bus.templates.values() for m in templates)
+
+    def _switch_off(self) -> None:
+        """Stop monitoring (every rank does it at the same step, see :mod:`sonde.probe.distributed`)."""
+        self.switched_off = True
 
     @property
     def eval_step(self) -> int:
@@ -238,8 +270,9 @@ class Probe:
         self.bus.publish(layer, topic, tensor, phase=phase, step=step, **kw)
 
     def _emit(self, records: list[Record]) -> None:
-        """Send Records to every sink (from the training thread or the worker), alerts added."""
-        if records:
+        """Send Records to every sink (from the training thread or the worker), alerts added.
+        Under torch.distributed only rank 0 emits (its Records are the merged ones)."""
+        if records and self.rank == 0:
             with self._emit_lock:
                 if self.bus.watchers:
                     alerts = self.bus.watch(records)

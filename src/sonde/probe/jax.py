@@ -21,6 +21,19 @@ Each pass's first callback asks the host whether the schedule (``every=``) recor
 pass traced under a gradient transformation is training; any other is an evaluation, always
 recorded), and the tensors are sent under ``lax.cond`` on the answer: a step that is not recorded
 transfers nothing.
+
+Statistics in the step (:attr:`JaxProbe.device_statistics`; by default on accelerators, while on
+the CPU the arrays cross, which measured faster there): where every metric subscribed to a topic reads only the tensor
+statistics (:class:`~sonde.metrics.TensorStats` and its one-statistic names), histogram counts
+(:class:`~sonde.metrics.Histogram`) or Records (``update_ratio``), the step computes with ``jnp``
+reductions the raw partials the torch path computes (:func:`sonde.functional.summarize_raw`: shift,
+shifted sum and sum of squares, min, max, absolute sum, non-zero, NaN and Inf counts) and each
+histogram's counts, and only those numbers cross to the host: a few dozen per tensor instead of
+the tensor. The histogram's edges are the host's (the pass's first callback returns them, fixed or
+pending, per tensor); before they exist the counts are taken over the tensor's own range, as on the
+host. The host hands the partials to the metrics through :meth:`sonde.metrics.Capture.provide`,
+so they fold them exactly as the torch adapter's. Topics with any other metric (one that reads
+samples) send the whole array.
 """
 
 from __future__ import annotations
@@ -34,13 +47,20 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+import torch
 from flax import nnx
 from jax.experimental import io_callback
 
+from sonde import functional as F
 from sonde.errors import ConfigError, ProbeError
+from sonde.metrics.base import Capture
+from sonde.metrics.stats import Histogram, TensorStats, UpdateRatio
 from sonde.probe import kit
 from sonde.probe.core import Probe, shared_tensor
-from sonde.topics import PARAM_TOPICS
+from sonde.topics import GRADS_AND_UPDATES, PARAM_TOPICS
+
+GRAD_TOPICS = tuple(grad for grad, _ in GRADS_AND_UPDATES.values())
+UPDATE_TOPICS = tuple(update for _, update in GRADS_AND_UPDATES.values())
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -90,25 +110,88 @@ def _is_float(leaf: Any) -> bool:
 
 
 _BOOL = jax.ShapeDtypeStruct((), np.bool_)
+_UNKNOWN = (0.0, 0.0, 0.0, 0.0)  # a histogram edge row: [known, lo, hi, bins / (hi - lo)]
+Slot = tuple[str, str, int]  # (layer, topic, bins): a histogram whose edges the host hands the step
 
 
-def _send(flag: Any, callback: Callable[..., None], *arrays: Any) -> None:
+def _reducible(templates: Any) -> tuple[int, ...] | None:
+    """The histogram bin counts of a topic whose metrics the device can serve (statistics,
+    histograms, metrics of Records), or None when one of them reads the tensor itself."""
+    bins: set[int] = set()
+    for metric in templates:
+        if type(metric) is Histogram:
+            bins.add(metric.bins)
+        elif not isinstance(metric, (TensorStats, UpdateRatio)):
+            return None
+    return tuple(sorted(bins))
+
+
+def _reduce(x: Any, minus: Any, edges: dict[int, tuple[Any, Any]]) -> dict[str, Any]:
+    """Traced: the raw summary partials of ``x`` (``x - minus`` when given) and its histogram
+    counts, per bin count, over ``edges[bins] = (row, fallback)``: the host's edge row when it
+    knows the edges, else ``fallback`` (lo, hi), else the tensor's own min..max. Mirrors
+    :func:`sonde.functional.summarize_raw` and :func:`sonde.functional.histogram_counts`."""
+    jnp = jax.numpy
+    v = jnp.ravel(x)
+    if v.dtype != jnp.float64:
+        v = v.astype(jnp.float32)  # reductions in float32 at least
+    if minus is not None:
+        v = v - jnp.ravel(minus).astype(v.dtype)
+    if v.size == 0:
+        return {"floats": jnp.zeros(6, v.dtype), "ints": jnp.zeros(4, jnp.int32),
+                "counts": {b: jnp.zeros(b, jnp.int32) for b in edges}}
+    first = v[0]
+    shift = jnp.where(jnp.isfinite(first), first, jnp.zeros_like(first))
+    centred = v - shift
+    lo, hi = jnp.min(v), jnp.max(v)
+    floats = jnp.stack([shift, centred.sum(), jnp.dot(centred, centred), lo, hi, jnp.abs(v).sum()])
+    # finite extremes mean no NaN and no Inf (min and max propagate NaN): two passes saved, as on the host
+    nonfinite = jax.lax.cond(jnp.isfinite(lo) & jnp.isfinite(hi), lambda a: jnp.zeros(2, jnp.int32),
+                             lambda a: jnp.stack([jnp.isnan(a).sum(), jnp.isinf(a).sum()]).astype(jnp.int32), v)
+    ints = jnp.concatenate([jnp.stack([jnp.asarray(v.size), jnp.count_nonzero(v)]).astype(jnp.int32), nonfinite])
+    counts = {}
+    for bins, (row, fallback) in edges.items():
+        low, high = (lo, hi) if fallback is None else fallback
+        known = row[0] > 0
+        low = jnp.where(known, row[1], low)
+        scale = jnp.where(known, row[3], bins / (jnp.where(known, row[2], high) - low))
+        position = jnp.clip((v - low) * scale, 0, bins - 1)
+        valid = ~jnp.isnan(position)
+        index = jnp.where(valid, position, 0).astype(jnp.int32)
+        counts[bins] = jnp.zeros(bins, jnp.int32).at[index].add(valid.astype(jnp.int32))
+    return {"floats": floats, "ints": ints, "counts": counts}
+
+
+def _send(flag: Any, callback: Callable[..., None], *arrays: Any,
+          prepare: Callable[..., list[Any]] | None = None, reduces: bool = False) -> None:
     """``callback(*arrays)`` on the host, in program order, only when ``flag`` (traced) is true:
-    a step the schedule does not record transfers nothing.
+    a step the schedule does not record transfers nothing. ``prepare`` (traced in the same branch,
+    so an unrecorded step skips it too) turns the arrays into what crosses: their partials when
+    ``reduces``.
 
     Every host call is an *ordered* ``io_callback``: ordered effects are ordered within their kind
     only, and the decisions (``_on_begin``, ``_on_update_begin``) return values, which debug
     callbacks cannot. The arrays go through ``stop_gradient`` so that the callback never needs a
     derivative under ``grad``.
     """
-    jax.lax.cond(flag, lambda *a: io_callback(callback, None, *a, ordered=True), lambda *a: None,
-                 *[jax.lax.stop_gradient(a) for a in arrays])
+    def send(*a: Any) -> None:
+        if prepare is not None:
+            # the barrier keeps XLA from hoisting the reductions out of the branch
+            a = tuple(prepare(*(jax.lax.optimization_barrier(a) if reduces else a)))
+        io_callback(callback, None, *a, ordered=True)
+
+    jax.lax.cond(flag, send, lambda *a: None, *[jax.lax.stop_gradient(a) for a in arrays])
 
 
 class JaxProbe(Probe):
     """Probe of a Flax NNX model; see :func:`probe`."""
 
     framework = "jax"
+    #: Where the default statistics are taken: True, in the step (only they cross to the host);
+    #: False, on the host from the arrays; None (default): in the step on accelerators, on the
+    #: host on the CPU, where the arrays cross without a device copy and the host's fused pass
+    #: measured faster (``benchmarks/jax_overhead.py``).
+    device_statistics: bool | None = None
 
     def __init__(self, model: Any, *, optimizer: Any = None, **options: Unpack[kit.ProbeOptions]) -> None:
         if not isinstance(model, nnx.Module):
@@ -132,6 +215,17 @@ class JaxProbe(Probe):
         self.call_names = kit.CallNames()  # of the layers called in the pass being traced (trace time)
         self._taps: dict[str, Callable[..., Any]] = {}
         self._flag: Any = None  # while the root's forward is traced: whether the host records this pass
+        self._edges: Any = None  # ... and the histogram edge rows it hands the pass, one per slot
+        # topic -> histogram bin counts when its statistics are taken on the device; absent: arrays cross
+        on_device = self.device_statistics
+        if on_device is None:
+            on_device = jax.default_backend() != "cpu"
+        self._plan = {topic: plan for topic in self.bus.topics
+                      if (plan := _reducible(self.bus.templates.get(topic, ()))) is not None} if on_device else {}
+        self._slots: dict[Slot, int] = {}  # forward histograms -> their row (trace time)
+        self._capacity = 6 * max(1, len(self.layers))  # rows per pass: three topics of two calls per layer
+        self._sent: dict[Slot, tuple[float, float] | None] = {}  # edges handed to the pass (host)
+        self._sent_update: dict[Slot, tuple[float, float] | None] = {}  # ... and to the update
         self._passes = 0  # forward passes begun (host)
         self._restore: list[tuple[Any, type]] = []
         self._attach()
@@ -165,11 +259,12 @@ class JaxProbe(Probe):
             # the host files the last pass and says whether this one is recorded (every=); a pass under
             # a gradient transform is training, any other an evaluation (recorded whenever it happens)
             begin = functools.partial(self._on_begin, _under_grad(module))
-            self._flag = io_callback(begin, _BOOL, ordered=True)
+            rows = jax.ShapeDtypeStruct((self._capacity, 4), np.float32)
+            self._flag, self._edges = io_callback(begin, (_BOOL, rows), ordered=True)
             try:
                 return root_call(module, *args, **kwargs)
             finally:
-                self._flag = None  # a tracer of this trace: never used by another
+                self._flag = self._edges = None  # tracers of this trace: never used by another
 
         for name, module in self.layers.items():
             # a container (nnx.List) is never called: it holds its children's weights (depth=), no activations
@@ -199,9 +294,16 @@ class JaxProbe(Probe):
                 return output
             arrays = {"activations": y} if x is None else {"inputs": x, "activations": y}
             flag = self._flag if self._flag is not None else np.bool_(True)
-            _send(flag, functools.partial(self._on_arrays, layer, tuple(arrays)), *arrays.values())
+            edges = self._edges
+            topics = tuple(arrays)
+
+            def prepare(*values: Any) -> list[Any]:
+                return [self._payload(layer, topic, a, edges) for topic, a in zip(topics, values, strict=True)]
+
+            _send(flag, functools.partial(self._on_arrays, layer, topics), *arrays.values(), prepare=prepare,
+                  reduces=bool(self._plan))
             flat, tree = jax.tree.flatten(output)
-            tapped = self._tap(layer)(y, flag)
+            tapped = self._tap(layer)(y, flag, edges if edges is not None else np.zeros((0, 4), np.float32))
             return jax.tree.unflatten(tree, [tapped if leaf is y else leaf for leaf in flat])
 
         return probed_call
@@ -210,19 +312,38 @@ class JaxProbe(Probe):
         """An identity whose gradient hands ``output_grads`` to the host."""
         if layer not in self._taps:
             @jax.custom_vjp
-            def tap(y: Any, flag: Any) -> Any:
+            def tap(y: Any, flag: Any, edges: Any) -> Any:
                 return y
 
-            def forward(y: Any, flag: Any) -> tuple[Any, Any]:
-                return y, flag
+            def forward(y: Any, flag: Any, edges: Any) -> tuple[Any, Any]:
+                return y, (flag, edges)
 
-            def backward(flag: Any, grad: Any) -> tuple[Any, None]:
-                _send(flag, functools.partial(self._on_arrays, layer, ("output_grads",)), grad)
-                return (grad, None)
+            def backward(residual: Any, grad: Any) -> tuple[Any, None, None]:
+                flag, edges = residual
+                rows = edges if edges.shape[0] else None
+                _send(flag, functools.partial(self._on_arrays, layer, ("output_grads",)), grad,
+                      prepare=lambda g: [self._payload(layer, "output_grads", g, rows)], reduces=bool(self._plan))
+                return (grad, None, None)
 
             tap.defvjp(forward, backward)
             self._taps[layer] = tap
         return self._taps[layer]
+
+    def _payload(self, layer: str, topic: str, array: Any, edges: Any) -> Any:
+        """Traced: what crosses for one forward tensor: its partials (:func:`_reduce`) where the
+        topic's metrics allow and the pass has edge rows for its histograms, else the array."""
+        plan = self._plan.get(topic)
+        if plan is None or edges is None or not _is_float(array):
+            return array
+        rows = {}
+        for bins in plan:
+            slot = self._slots.get((layer, topic, bins))
+            if slot is None:
+                if len(self._slots) >= self._capacity:
+                    return array  # more calls than rows: this one's array crosses
+                slot = self._slots[(layer, topic, bins)] = len(self._slots)
+            rows[bins] = (edges[slot], None)
+        return _reduce(array, None, rows)
 
     def _update(self, update: Callable[..., Any]) -> Callable[..., Any]:
         def probed_update(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
@@ -233,20 +354,49 @@ class JaxProbe(Probe):
             after = {tuple(p): _value(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
             gradient = {tuple(p): _value(v) for p, v in nnx.to_flat_state(grads)}
             paths = tuple(p for p in before if p in self.owners and p in gradient)
-            # the host files the pass as this step and says whether the step is recorded
-            wanted = io_callback(self._on_update_begin, _BOOL, ordered=True)
-            _send(wanted, functools.partial(self._on_update, paths), [before[p] for p in paths],
-                  [gradient[p] for p in paths], [after[p] for p in paths])
+            topics = [(p, t) for p in paths for t in self._param_topics(p)]
+            slots = list(dict.fromkeys((self.owners[p], t, b) for p, t in topics for b in self._plan.get(t) or ()))
+            # the host files the pass as this step, says whether the step is recorded and hands the edges
+            rows = jax.ShapeDtypeStruct((max(1, len(slots)), 4), np.float32)
+            wanted, edges = io_callback(functools.partial(self._on_update_begin, tuple(slots)), (_BOOL, rows),
+                                        ordered=True)
+
+            def prepare(was: list[Any], grad: list[Any], now: list[Any]) -> list[Any]:
+                index = {p: i for i, p in enumerate(paths)}
+                payloads: list[Any] = []
+                firsts: dict[tuple[str, str], tuple[Any, Any]] = {}  # depth= merges: later use the first's range
+                for p, topic in topics:
+                    i = index[p]
+                    value, minus = (now[i], was[i]) if topic in UPDATE_TOPICS else (
+                        grad[i] if topic in GRAD_TOPICS else was[i], None)
+                    plan = self._plan.get(topic)
+                    if plan is None:
+                        payloads.append(value if minus is None else (value, minus))
+                        continue
+                    key = (self.owners[p], topic)
+                    rows = {n: (edges[slots.index((*key, n))], firsts.get(key)) for n in plan}
+                    partials = _reduce(value, minus, rows)
+                    firsts.setdefault(key, (partials["floats"][3], partials["floats"][4]))
+                    payloads.append(partials)
+                return [payloads]
+
+            _send(wanted, functools.partial(self._on_update, tuple(topics)), [before[p] for p in paths],
+                  [gradient[p] for p in paths], [after[p] for p in paths], prepare=prepare,
+                  reduces=bool(self._plan))
             return result
 
         return probed_update
 
     # -- host: the callbacks, in program order ------------------------------------------------------
-    def _on_begin(self, training: bool) -> np.bool_:
+    def _param_topics(self, path: tuple[Any, ...]) -> tuple[str, ...]:
+        kind = kit.param_topic(_name(path))
+        return (kind, *GRADS_AND_UPDATES[kind])
+
+    def _on_begin(self, training: bool) -> tuple[np.bool_, np.ndarray]:
         """A forward pass starts: file the last one if no update claimed it; is this one recorded?"""
         with self._lock:
             if self.closed:
-                return np.bool_(False)
+                return np.bool_(False), np.zeros((self._capacity, 4), np.float32)
             if self._pass and not self.steps_on_optimizer:
                 self._guard("step bookkeeping", lambda: self._file("train"))
             elif self._pass:
@@ -258,44 +408,101 @@ class JaxProbe(Probe):
             # evaluation, the step whose weights it uses): eval_step either way; without one, the next step
             step = self.eval_step if self.steps_on_optimizer or first else self.step + 1
             phase = "train" if training or not self.steps_on_optimizer else "eval"
-            return np.bool_(any(self.bus.wants(t, step, phase) for t in self.bus.topics))
+            rows, self._sent = self._edge_rows(phase, list(self._slots), self._capacity)
+            return np.bool_(any(self.bus.wants(t, step, phase) for t in self.bus.topics)), rows
+
+    def _edge_rows(self, phase: str, slots: list[Slot], capacity: int
+                   ) -> tuple[np.ndarray, dict[Slot, tuple[float, float] | None]]:
+        """The edge row of each histogram slot (in order): the host's edges, fixed or pending."""
+        rows = np.zeros((capacity, 4), np.float32)
+        sent: dict[Slot, tuple[float, float] | None] = {}
+        for i, (layer, topic, bins) in enumerate(slots):
+            edges = sent[(layer, topic, bins)] = _pending_edges(self._histogram(phase, layer, topic, bins))
+            if edges is not None:
+                rows[i] = (1.0, edges[0], edges[1], bins / (edges[1] - edges[0]))
+        return rows, sent
+
+    def _histogram(self, phase: str, layer: str, topic: str, bins: int) -> Histogram | None:
+        """The Histogram instance that will read ``layer``'s ``topic`` (None before its first capture)."""
+        return next((m for m in self.bus.engine.instances.get((phase, layer, topic), ())
+                     if type(m) is Histogram and m.bins == bins), None)
 
     def _on_arrays(self, layer: str, topics: tuple[str, ...], *arrays: Any) -> None:
+        """The pass's captures of ``layer``: per topic, its partials (a dict) or its array."""
         with self._lock:
             if not self.closed:
                 self._pass.extend((layer, topic, array) for topic, array in zip(topics, arrays, strict=True))
 
-    def _on_update_begin(self) -> np.bool_:
+    def _on_update_begin(self, slots: tuple[Slot, ...]) -> tuple[np.bool_, np.ndarray]:
         """An update follows the pass: file it as this step, which the update closes (its values,
-        sent next, still go to this step); are the parameters recorded?"""
+        sent next, still go to this step); are the parameters recorded, with which histogram edges?"""
         with self._lock:
             if self.closed:
-                return np.bool_(False)
+                return np.bool_(False), np.zeros((max(1, len(slots)), 4), np.float32)
             self._guard("step bookkeeping", lambda: self._file("train"))
             wanted = any(self.wants(t) for t in PARAM_TOPICS)
+            rows, self._sent_update = self._edge_rows("train", list(slots), max(1, len(slots)))
             self.optimizer_stepped()
-            return np.bool_(wanted)
+            return np.bool_(wanted), rows
 
-    def _on_update(self, paths: tuple[tuple[Any, ...], ...], before: list[Any], grads: list[Any],
-                   after: list[Any]) -> None:
+    def _on_update(self, topics: tuple[tuple[tuple[Any, ...], str], ...], payloads: list[Any]) -> None:
+        """Each parameter's topics: partials (a dict), an array, or an update's (after, before)."""
         with self._lock:
             if self.closed:
                 return
 
             def run() -> None:
-                for path, b, g, a in zip(paths, before, grads, after, strict=True):
-                    self.param_publisher.publish(self.owners[path], kit.param_topic(_name(path)), b, g, a)
+                firsts: dict[tuple[str, str], tuple[float, float]] = {}
+                for (path, topic), payload in zip(topics, payloads, strict=True):
+                    layer = self.owners[path]
+                    if not self.wants(topic):
+                        continue
+                    if isinstance(payload, dict):
+                        self._publish_partials(layer, topic, payload, "train", self._sent_update, firsts)
+                    elif isinstance(payload, tuple):
+                        self.publish(layer, topic, shared_tensor(payload[0]), phase="train",
+                                     minus=shared_tensor(payload[1]))
+                    else:
+                        self.publish(layer, topic, shared_tensor(payload), phase="train")
 
             self._guard("update capture", run)
+
+    def _publish_partials(self, layer: str, topic: str, payload: dict[str, Any], phase: str,
+                          sent: dict[Slot, tuple[float, float] | None],
+                          firsts: dict[tuple[str, str], tuple[float, float]]) -> None:
+        """Hand a tensor's device partials to its metrics (:meth:`Capture.provide`) in place of it."""
+        n, nonzeros, nans, infs = (int(v) for v in payload["ints"])
+        raw = np.array([n, *np.asarray(payload["floats"], np.float64).tolist(), nonzeros, nans, infs])
+        own = (float(raw[4]), float(raw[5]))
+        histograms = {}
+        for bins, counts in payload["counts"].items():
+            lo, hi = sent.get((layer, topic, bins)) or firsts.get((layer, topic)) or own
+            histograms[(lo, hi, bins)] = np.asarray(counts, np.int64)
+            expected = _expected_edges(self._histogram(phase, layer, topic, bins), own)
+            if expected is not None and (*expected, bins) not in histograms:
+                if "histogram edges" not in self._warned:  # never counts over edges the metric did not ask for
+                    self._warned.add("histogram edges")
+                    log.warning("sonde: %s/%s: histogram edges changed after the step began; this capture "
+                                "is left out", layer, topic)
+                return
+        firsts.setdefault((layer, topic), own)
+        stand_in = torch.zeros(()).expand(n)  # the tensor's size, no data: the metrics read the partials
+        Capture.provide(self.bus.memo, stand_in, raw, histograms)
+        self.publish(layer, topic, stand_in, phase=phase)
 
     def _file(self, phase: str) -> None:
         """Publish the pass's captures under ``phase`` (training: the step this pass belongs to)."""
         captures, self._pass = self._pass, []
         if phase == "train":
             self.begin_train_forward()
-        for layer, topic, array in captures:
-            if self.wants(topic, phase):
-                self.publish(layer, topic, shared_tensor(array), phase=phase)
+        firsts: dict[tuple[str, str], tuple[float, float]] = {}
+        for layer, topic, payload in captures:
+            if not self.wants(topic, phase):
+                continue
+            if isinstance(payload, dict):
+                self._publish_partials(layer, topic, payload, phase, self._sent, firsts)
+            else:
+                self.publish(layer, topic, shared_tensor(payload), phase=phase)
 
     # -- user API -----------------------------------------------------------------------------------
     def log(self, **values: Any) -> None:
@@ -319,6 +526,32 @@ class JaxProbe(Probe):
                                                                        else "train"))
         finally:
             super().close(status, timeout)
+
+
+def _pending_edges(histogram: Histogram | None) -> tuple[float, float] | None:
+    """The (lo, hi) ``histogram`` will count over, when the host knows it before the capture:
+    its fixed edges, or the range its first capture of the step set, if edges can span it."""
+    if histogram is None:
+        return None
+    if histogram._range is not None:
+        return histogram._range
+    if histogram._device_range is not None:
+        lo, hi = (float(v) for v in histogram._device_range)
+        if F.histogram_edges(lo, hi, histogram.bins) is not None:
+            return lo, hi
+    return None
+
+
+def _expected_edges(histogram: Histogram | None, own: tuple[float, float]) -> tuple[float, float] | None:
+    """The (lo, hi) ``histogram`` will ask counts for from a capture whose own range is ``own``
+    (None: it asks none, its edges cannot be fixed yet); mirrors :meth:`Histogram.update`."""
+    if histogram is not None and histogram._range is not None:
+        return histogram._range
+    if histogram is not None and histogram._device_range is not None:
+        lo, hi = (float(v) for v in histogram._device_range)
+    else:
+        lo, hi = own
+    return (lo, hi) if F.histogram_edges(lo, hi, histogram.bins if histogram else 1) is not None else None
 
 
 def probe(model: Any, **kwargs: Any) -> JaxProbe:

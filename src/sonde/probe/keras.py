@@ -1,6 +1,11 @@
-"""``sonde.keras.SondeCallback``: probes for Keras 3 models trained with ``model.fit`` (TensorFlow backend).
+"""``sonde.keras.SondeCallback``: probes for Keras 3 models trained with ``model.fit``.
 
-How: at ``on_train_begin`` the callback keeps the compiled training function Keras made and builds
+One callback for the three backends; :func:`make_probe` picks the backend's probe when ``fit``
+begins: :class:`KerasProbe` (TensorFlow, this module), :class:`~sonde.probe.keras_jax.KerasJaxProbe`
+(a recording twin of the jitted step, as here) and :class:`~sonde.probe.keras_torch.KerasTorchProbe`
+(the torch adapter's hooks on the Keras layers, each a ``torch.nn.Module`` there).
+
+How, on TensorFlow: at ``on_train_begin`` the callback keeps the compiled training function Keras made and builds
 a second one from the same ``train_step``, traced with recording on: each probed layer's ``call``
 notes its input and output, the output passes through an identity whose gradient notes the
 gradient flowing back (``output_grads``), ``compute_loss`` notes the batch's loss, labels and
@@ -29,7 +34,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import keras
-import tensorflow as tf
 import torch
 
 from sonde.errors import GraphError, ProbeError
@@ -37,6 +41,8 @@ from sonde.probe import kit
 from sonde.probe.core import Probe, shared_tensor
 from sonde.records import NETWORK
 
+if TYPE_CHECKING or keras.backend.backend() == "tensorflow":
+    import tensorflow as tf  # the backend is chosen when Keras is imported: only that one is loaded
 if TYPE_CHECKING:
     from typing import Unpack
 
@@ -139,19 +145,43 @@ class _Recorder:
         return _replace(output, y, noted(y))
 
 
+def check_model(model: Any, backend: str) -> None:
+    """Raise unless ``model`` is a ``keras.Model`` of a Keras running on ``backend``, not probed yet."""
+    if not isinstance(model, keras.Model):
+        raise ProbeError(f"sonde.keras expects a keras.Model, got {type(model).__module__}.{type(model).__name__}")
+    if keras.backend.backend() != backend:
+        raise ProbeError(f"this probe records Keras on the {backend!r} backend; this Keras runs on "
+                         f"{keras.backend.backend()!r}: use sonde.keras.SondeCallback, which picks the backend's probe")
+    if getattr(model, "_sonde_probe", None) is not None:
+        raise ProbeError(f"{model.name} is already probed; close that probe first")
+
+
+def make_probe(model: Any, **options: Any) -> Any:
+    """The probe for ``model`` on the Keras backend in use: TensorFlow and JAX record a twin of
+    the compiled training step, torch hooks the layers as :class:`~sonde.probe.torch.TorchProbe` does."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return KerasProbe(model, **options)
+    if backend == "jax":
+        from sonde.probe.keras_jax import KerasJaxProbe
+
+        return KerasJaxProbe(model, **options)
+    if backend == "torch":
+        from sonde.probe.keras_torch import KerasTorchProbe
+
+        return KerasTorchProbe(model, **options)
+    raise ProbeError(f"sonde.keras records Keras on the tensorflow, jax and torch backends; this Keras runs on "
+                     f"{backend!r} (set KERAS_BACKEND to one of them)")
+
+
 class KerasProbe(Probe):
     """Probe of a Keras 3 model during ``fit``; made by :class:`SondeCallback`."""
 
     framework = "keras"
+    backend = "tensorflow"  #: the Keras backend this class records (one class per backend)
 
     def __init__(self, model: Any, **options: Unpack[kit.ProbeOptions]) -> None:
-        if not isinstance(model, keras.Model):
-            raise ProbeError(f"sonde.keras expects a keras.Model, got {type(model).__module__}.{type(model).__name__}")
-        if keras.backend.backend() != "tensorflow":
-            raise ProbeError(f"sonde.keras records Keras on the TensorFlow backend; this Keras runs on "
-                             f"{keras.backend.backend()!r} (KERAS_BACKEND=tensorflow)")
-        if getattr(model, "_sonde_probe", None) is not None:
-            raise ProbeError(f"{model.name} is already probed; close that probe first")
+        check_model(model, self.backend)
         self.model = model
         self.layers = select_layers(model, options.get("layers"), options.get("depth"))
         self.variables = kit.deepest_owners(self.layers, lambda layer: layer.trainable_variables)
@@ -356,7 +386,7 @@ def _class_labels(labels: torch.Tensor | None, outputs: torch.Tensor | None) -> 
 
 
 class SondeCallback(keras.callbacks.Callback):  # type: ignore[misc]
-    """Probe a Keras 3 model while ``model.fit`` trains it (TensorFlow backend).
+    """Probe a Keras 3 model while ``model.fit`` trains it (TensorFlow, JAX or torch backend).
 
     Args:
         **probe_kwargs: :func:`sonde.probe`'s keywords except ``optimizer`` (the model's) and
@@ -372,11 +402,11 @@ class SondeCallback(keras.callbacks.Callback):  # type: ignore[misc]
         super().__init__()
         kit.check_keywords("SondeCallback", probe_kwargs, kit.KEYWORDS, " (the optimizer is the model's)")
         self.probe_kwargs = probe_kwargs
-        self.probe: KerasProbe | None = None
+        self.probe: Any = None  # KerasProbe, KerasJaxProbe or KerasTorchProbe: make_probe's choice
 
     def on_train_begin(self, logs: Any = None) -> None:
         self._close("finished")  # a second fit with the same callback is a second run
-        self.probe = KerasProbe(self.model, **self.probe_kwargs)  # a bad argument stops fit here, at once
+        self.probe = make_probe(self.model, **self.probe_kwargs)  # a bad argument stops fit here, at once
         try:
             self.probe.attach()
         except Exception as exc:  # Keras internals sonde relies on changed: train unprobed

@@ -275,12 +275,14 @@ class ParameterPublisher:
 
     def before_step(self, params: Iterable[tuple[str, str, Any]], value: Callable[[Any], Any],
                     grad: Callable[[Any], Any] | None = None, updated: Callable[[Any], bool] | None = None, *,
-                    phase: str = "train") -> None:
+                    shown: Callable[[Any], bool] | None = None, phase: str = "train") -> None:
         """Publish the value and gradient of each ``(layer, name, param)``, and keep its value
         for :meth:`after_step` where its update is wanted.
 
         ``value(param)``/``grad(param)``: its value and gradient (None: it has none);
-        ``updated(param)``: whether the optimizer steps it (None: no update follows).
+        ``updated(param)``: whether the optimizer steps it (None: no update follows);
+        ``shown(param)``: whether its value is published as ``weights``/``biases`` (None: all are;
+        a parametrized module's tensors publish the value they compute instead).
         """
         probe = self.probe
         self._before.clear()
@@ -289,12 +291,13 @@ class ParameterPublisher:
             kind = param_topic(name)
             grad_topic, update_topic = GRADS_AND_UPDATES[kind]
             keep = updated is not None and wants[update_topic] and updated(param)
-            if keep or wants[kind]:
+            show = wants[kind] and (shown is None or shown(param))
+            if keep or show:
                 tensor = self.convert(value(param))  # only then: reading may wait for the framework
                 before = self._buffer_for(param, tensor) if keep else None
                 if before is not None:
                     self._before.append((layer, update_topic, param, before))
-                if wants[kind]:
+                if show:
                     probe.publish(layer, kind, tensor, phase=phase, copy_to=before)
                 elif before is not None:
                     before.copy_(tensor)

@@ -23,6 +23,17 @@ routed only to the probe-set metrics (test passes are not captured at all).
 Parameters whose name starts with ``bias`` are biases; every other parameter is a weight. A
 layer owns the parameters below it that no deeper probed layer owns (for ``depth=1`` a whole
 block's weights merge into one set of statistics).
+
+Training as real scripts run it (docs/guides/pytorch.md has the details):
+
+* gradients are unscaled under any ``torch.amp.GradScaler`` (:mod:`sonde.probe.torch_scaler`
+  tells the probe each backward's scale), and a step the scaler skips is a step with zero
+  updates and an alert;
+* a forward that runs inside backward is activation checkpointing's recomputation: not a call,
+  nothing recorded, except that a reentrant checkpoint's ``output_grads`` hook goes on the
+  recomputed output (the graph is built from it);
+* a parametrized module (:mod:`sonde.probe.torch_parametrize`) is one layer whose ``weights``
+  is the tensor its parametrization computed for the forward.
 """
 
 from __future__ import annotations
@@ -45,7 +56,8 @@ from sonde.metrics.base import Metric
 from sonde.metrics.registry import resolve_metrics
 from sonde.metrics.tasks import StepLabels
 from sonde.metrics.test_accuracy import TestAccuracy
-from sonde.probe import kit
+from sonde.probe import kit, torch_scaler
+from sonde.probe import torch_parametrize as parametrized
 from sonde.probe.core import Probe, not_a_module
 from sonde.records import NETWORK, Record
 from sonde.schedules import Schedule
@@ -67,6 +79,13 @@ def first_float_tensor(value: Any) -> torch.Tensor | None:
     return found
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wraps (the user's names), else ``model``."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and isinstance(model.module, nn.Module):
+        return model.module
+    return model
+
+
 def _is_float_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
@@ -74,17 +93,10 @@ def _is_float_tensor(value: Any) -> bool:
 def select_layers(model: nn.Module, layers: kit.LayerFilter = None, depth: int | None = None) -> dict[str, nn.Module]:
     """The modules to probe, by name, in registration order (:func:`~sonde.probe.kit.choose_layers`'s
     rule; the root, ``(root)``, only when it holds parameters of its own)."""
-    named = [(name or ROOT, m, 0 if not name else name.count(".") + 1, _is_leaf(m), _owns_params(m))
-             for name, m in model.named_modules()]
+    internal = parametrized.internals(model)  # a parametrization's modules are part of its layer
+    named = [(name or ROOT, m, 0 if not name else name.count(".") + 1, parametrized.is_leaf(m),
+              parametrized.owns_params(m)) for name, m in model.named_modules() if id(m) not in internal]
     return kit.choose_layers(named, layers, depth, type(model).__name__)
-
-
-def _is_leaf(module: nn.Module) -> bool:
-    return next(module.children(), None) is None
-
-
-def _owns_params(module: nn.Module) -> bool:
-    return next(module.parameters(recurse=False), None) is not None
 
 
 def _probe_set_parts(probe_set: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -153,6 +165,12 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return optimizer
 
 
+def _recomputing() -> bool:
+    """Whether a forward runs inside backward: activation checkpointing recomputing a segment
+    (reentrant or not, ``torch.utils.checkpoint`` or a library's wrapper of it)."""
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
 class TorchProbe(Probe):
     """Probe of a ``torch.nn.Module``; see :func:`sonde.probe` for the arguments."""
 
@@ -184,9 +202,14 @@ class TorchProbe(Probe):
             )
         optimizer = unwrap_optimizer(optimizer)
         self.model = model
+        # Layers are named as the user's module names them (``encoder.0``, not DDP's ``module.encoder.0``).
+        self.named = _unwrapped(model)
         self.optimizer = optimizer
-        self.layers = select_layers(model, layers, depth)
+        self.layers = self._select_layers(layers, depth)
         self.params = self._assign_params()
+        # Parameters a parametrization computes a module's tensor from (weight_norm's original0/1):
+        # their gradients and updates are recorded, their values are not (the computed tensor is).
+        self._computed_from = parametrized.computed_from(model)
         self._probe_inputs, self._probe_labels = _probe_set_parts(probe_set)
         main, on_probe_set, self.test_evaluators = _split_metrics(
             metrics, self._probe_inputs is not None, self._probe_labels is not None
@@ -217,14 +240,27 @@ class TorchProbe(Probe):
         self.call_names = kit.CallNames()
         self._names: dict[int, list[str]] = {}
         self.param_publisher = kit.ParameterPublisher(self)
+        self._forward_phase: str | None = None  # the phase of the root forward now running
+        self._replays: dict[int, list[tuple[str, int]]] = {}  # module -> calls whose graph a recomputation builds
+        self._loss_scale: torch.Tensor | None = None  # the GradScaler's scale of the current step's backward
+        self._optimizer_steps = 0  # optimizer steps seen: a scaler step that adds none was skipped
+        self._steps_before_scaler = -1
+        # Under DDP the loss optimised is the mean of the ranks' losses: a rank's output_grads are its
+        # own loss's divided by the number of ranks (as DDP averages the parameters' gradients).
+        self._rank_share = (1.0 / self.ranks[1] if self.ranks is not None
+                            and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
         self._attach()
 
     # -- attaching ---------------------------------------------------------------------------
+    def _select_layers(self, layers: kit.LayerFilter, depth: int | None) -> dict[str, Any]:
+        """The layers to probe (an adapter over another framework's modules names them its way)."""
+        return select_layers(self.named, layers, depth)
+
     def _assign_params(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Each parameter goes to the deepest probed layer above it."""
         owners: dict[str, list[tuple[str, nn.Parameter]]] = {}
         prefixes = sorted(self.layers, key=lambda n: -len(n))
-        for full_name, param in self.model.named_parameters():
+        for full_name, param in self.named.named_parameters():
             for layer in prefixes:
                 if layer == ROOT or full_name.startswith(layer + "."):
                     owners.setdefault(layer, []).append((full_name, param))
@@ -235,16 +271,24 @@ class TorchProbe(Probe):
         model = self.model
         model._sonde_probe = weakref.ref(self)  # type: ignore[assignment]
         self._handles.append(model.register_forward_pre_hook(self._on_root_start, prepend=True))
+        self._handles.append(model.register_forward_hook(self._on_root_end, always_call=True))
+        torch_scaler.listen(self)
         # The graph is traced once, from the first forward's arguments, on a background thread. Its hook
         # runs before the step hook, which may nest a side pass (probe set, test loader) in that forward.
-        self._graph_job = GraphJob(model, self._runners)
-        self._graph_job.handle = model.register_forward_pre_hook(
-            self._graph_job.on_forward, with_kwargs=True, prepend=True
-        )
-        self._handles.append(self._graph_job.handle)
+        # Under torch.distributed rank 0 alone writes the graph, traced from the module DDP wraps (tracing
+        # the wrapper would copy its process group and run its collectives on the tracing thread).
+        self._graph_job: GraphJob | None = None
+        if self.rank == 0:
+            self._graph_job = GraphJob(self.named, self._runners)
+            self._graph_job.handle = model.register_forward_pre_hook(
+                self._graph_job.on_forward, with_kwargs=True, prepend=True
+            )
+            self._handles.append(self._graph_job.handle)
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self._handles.append(module.register_forward_hook(self._post_hook(name)))
+        for layer, tensor_name, computed in parametrized.parametrized_tensors(self.named, self.layers):
+            self._handles.append(computed.register_forward_hook(self._effective_hook(layer, tensor_name)))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_pre))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_post))
@@ -255,8 +299,29 @@ class TorchProbe(Probe):
                         topic = GRADS_AND_UPDATES[kit.param_topic(param_name)][0]
                         self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(layer, topic)))
 
+    def _effective_hook(self, layer: str, tensor_name: str) -> Callable[[nn.Module, Any, Any], None]:
+        """A parametrized tensor's ``weights``/``biases``: the value its parametrizations computed for
+        the forward (each step's first train forward), not the parameters they compute it from."""
+        topic = kit.param_topic(tensor_name)
+        published = [-1]
+
+        def capture(output: Any) -> None:
+            if (self._pass_mode is not None or _recomputing() or published[0] == self.step
+                    or not isinstance(output, torch.Tensor) or self._layer_phase() != "train"):
+                return
+            published[0] = self.step
+            if self.wants(topic):
+                self.publish(layer, topic, output.detach(), phase="train")
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._guard(f"{topic} capture", lambda: capture(output))
+
+        return hook
+
     def detach(self) -> None:
-        self._graph_job.wait()  # before the sinks close, so that they get the graph
+        torch_scaler.unlisten(self)
+        if self._graph_job is not None:
+            self._graph_job.wait()  # before the sinks close, so that they get the graph
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -288,12 +353,25 @@ class TorchProbe(Probe):
         self.param_publisher.before_step(
             ((layer, name, param) for layer, params in self.params.items() for name, param in params),
             value=torch.Tensor.detach, grad=(lambda p: p.grad) if grads else None,
-            updated=None if in_optimizer is None else (lambda p: id(p) in in_optimizer), phase=phase,
+            updated=None if in_optimizer is None else (lambda p: id(p) in in_optimizer),
+            shown=(lambda p: id(p) not in self._computed_from) if self._computed_from else None, phase=phase,
         )
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_root_start(self, module: nn.Module, args: Any) -> None:
         self.begin_batch()
+        if self._pass_mode is None and not _recomputing():
+            # Layers take the phase of the whole forward: a reentrant checkpoint runs its first
+            # forward under no_grad inside a training forward, and that is still training.
+            self._forward_phase = self.current_phase()
+            self._replays.clear()
+
+    def _on_root_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._pass_mode is None and not _recomputing():
+            self._forward_phase = None
+
+    def _layer_phase(self) -> str:
+        return self._forward_phase if self._forward_phase is not None else self.current_phase()
 
     def begin_batch(self) -> None:
         """What the model's forward pre-hook does: layers called from here on are named afresh
@@ -307,11 +385,14 @@ class TorchProbe(Probe):
             self.call_names.clear()
             if self._pass_mode is not None:
                 return  # the forward of a side pass, nested in a training forward's pre-hook
+            if _recomputing():
+                return  # activation checkpointing replays the forward inside backward: not a new pass
             if self.current_phase() == "train":
                 new_step = self.begin_train_forward()
                 if new_step and self.optimizer is None:
                     self._publish_params(grads=False)
                 if new_step:
+                    self._loss_scale = None
                     self._side_passes(self.step)
                     self.call_names.clear()
 
@@ -383,11 +464,13 @@ class TorchProbe(Probe):
 
     def _pre_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
         def hook(module: nn.Module, args: Any) -> None:
+            if _recomputing():
+                return  # a recomputation is not a call
             call = self.call_names(name)
             self._names.setdefault(id(module), []).append(call)
             if self._pass_mode is not None:
                 return
-            phase = self.current_phase()
+            phase = self._layer_phase()
             if self.wants("inputs", phase):
                 tensor = first_float_tensor(args)
                 if tensor is not None:
@@ -397,9 +480,12 @@ class TorchProbe(Probe):
 
     def _post_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if _recomputing():
+                self._guard("output_grads capture", lambda: self._recomputed(module, output))
+                return
             stack = self._names.get(id(module))
             call = stack.pop() if stack else name
-            phase = self.current_phase()
+            phase = self._layer_phase()
             tensor = first_float_tensor(output)
             if tensor is None:
                 return
@@ -411,27 +497,90 @@ class TorchProbe(Probe):
                 return
             if self.wants("activations", phase):
                 self._guard("activations capture", lambda: self.publish(call, "activations", tensor, phase=phase))
-            if phase == "train" and tensor.requires_grad and self.wants("output_grads"):
-                step = self.step
-                tensor.register_hook(self._output_grad_hook(call, step))
+            if phase == "train" and self.wants("output_grads"):
+                if tensor.requires_grad:
+                    tensor.register_hook(self._output_grad_hook(call, self.step))
+                elif not torch.is_grad_enabled():
+                    # A reentrant checkpoint's first forward: the graph (and so the gradient) is
+                    # the recomputation's. Recomputations run the segments last to first.
+                    self._replays.setdefault(id(module), []).append((call, self.step))
 
         return hook
 
+    def _recomputed(self, module: nn.Module, output: Any) -> None:
+        """A layer's call replayed in backward by activation checkpointing: nothing is recorded of
+        it, but where its output is the one the gradient flows through (reentrant checkpointing),
+        the original call's ``output_grads`` hook goes on it."""
+        pending = self._replays.get(id(module))
+        tensor = first_float_tensor(output)
+        if pending and tensor is not None and tensor.requires_grad:
+            call, step = pending.pop()
+            tensor.register_hook(self._output_grad_hook(call, step))
+
+    def _unscaled(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` divided by the loss scale of the GradScaler whose scaled loss made it (on the
+        device, no host read: the scale tensor is read before ``update()`` changes it in place)."""
+        scale = self._loss_scale
+        if scale is None:
+            return grad
+        return grad / scale.to(grad.device, non_blocking=True)
+
     def _output_grad_hook(self, call: str, step: int) -> Callable[[torch.Tensor], None]:
+        share = self._rank_share
+
         def hook(grad: torch.Tensor) -> None:
             if not self.closed and step == self.step:
-                self._guard("output_grads capture", lambda: self.publish(call, "output_grads", grad, phase="train"))
+                self._guard("output_grads capture", lambda: self.publish(
+                    call, "output_grads", self._unscaled(grad) if share is None else self._unscaled(grad) * share,
+                    phase="train"))
 
         return hook
 
     def _grad_hook(self, layer: str, topic: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            if not self.closed and param.grad is not None and self.wants(topic):
-                self._guard(f"{topic} capture", lambda: self.publish(layer, topic, param.grad, phase="train"))
+            grad = param.grad
+            if not self.closed and grad is not None and self.wants(topic):
+                self._guard(f"{topic} capture", lambda: self.publish(layer, topic, self._unscaled(grad), phase="train"))
 
         return hook
 
+    # -- GradScaler (sonde.probe.torch_scaler calls these) -----------------------------------------
+    def loss_scaled(self, scaler: Any, scale: torch.Tensor) -> None:
+        if not self.closed:
+            self._loss_scale = scale
+
+    def scaler_step_begins(self, scaler: Any, optimizer: Any) -> None:
+        self._steps_before_scaler = self._optimizer_steps
+
+    def scaler_step_ended(self, scaler: Any, optimizer: Any) -> None:
+        def run() -> None:
+            if (self.optimizer is None or self.closed or self._steps_before_scaler != self._optimizer_steps
+                    or unwrap_optimizer(optimizer) is not self.optimizer):
+                return
+            self._skipped_step(scaler)
+
+        self._guard("skipped-step capture", run)
+
+    def _skipped_step(self, scaler: Any) -> None:
+        """The scaler found inf/NaN gradients and did not call the optimizer: the step happened
+        with updates of exactly zero, and an alert says so."""
+        self.begin_optimizer_step()
+        with torch.no_grad():
+            self._publish_params(grads=False, snapshot=True)
+            self.param_publisher.after_step(torch.Tensor.detach)  # unchanged parameters: zero updates
+        scale = float(scaler._scale)  # a skip is rare, and the scaler has just read its flags anyway
+        alert = Record(self.run, self.step, "train", NETWORK, "weight_updates", "alert", 1.0, message=(
+            f"optimizer step skipped at step {self.step}: the GradScaler found inf/NaN in the gradients of the "
+            f"loss scaled by {scale:g} (fp16 overflow), so no parameter changed; update() lowers the scale "
+            "and training goes on (frequent skips after the first steps mean the loss or gradients overflow "
+            "fp16 even unscaled: consider bf16)"))
+        self._log_alerts([alert])
+        self._emit([alert])
+        self.optimizer_stepped()
+
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        self._optimizer_steps += 1
+
         def run() -> None:
             self.begin_optimizer_step()
             with torch.no_grad():

@@ -1,0 +1,298 @@
+"""Under torch.distributed: one run, one writer, and metric states merged exactly across ranks.
+
+Every rank captures; rank 0 alone opens the store, the sinks and the remote connection, and
+decides the run's name (:func:`agree`). At each recorded train step the metric engine hands the
+instances about to compute to :class:`RankMerge` (its ``merge_ranks`` hook) before ``compute``,
+and their declared states are reduced through torch.distributed, packed into as few collectives
+as possible:
+
+1. one small ``all_reduce(MAX)`` of a control vector: a failure flag, the lengths of the buffers
+   below and a checksum of what is merged (layers, topics, metrics, states, shapes) — so a rank
+   that failed, or that would merge something else, is seen by every rank at the same point;
+2. one flat float64 ``all_reduce`` per reduction kind (sum, max, min);
+3. one ``all_gather_object`` for the states no arithmetic reduce describes (sample reservoirs,
+   kept-first or kept-latest values), folded in rank order with the state's own reduce.
+
+A tensor summary (:func:`sonde.functional.merge_summaries`) travels as sums (count, Σx, Σx²,
+Σ|x|, zeros, NaNs, Infs) and extremes (min, max); a histogram's range is the min and max of the
+ranks' ranges (the range one process would see on the global batch), and its counts add from the
+next recorded step on, once every rank bins over the same edges (the counts of the step that fixes
+the edges were taken over each rank's own range, and are dropped).
+Parameter topics (weights, gradients, updates) of a replicated model are identical on every rank
+after DDP's all-reduce: rank 0's state is taken, the others contribute the reduction's identity.
+
+When the control vector says a rank failed or the ranks disagree, every rank logs it, computes
+nothing for that step, and switches monitoring off; no later collective is made.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sonde import functional as F
+from sonde.errors import ConfigError, ProbeError
+from sonde.functional.stats import ABS_SUM, INFS, M2, MAX, MEAN, MIN, NANS, ZEROS, N
+from sonde.metrics.base import _REDUCERS, Metric
+from sonde.metrics.stats import Histogram
+from sonde.topics import PARAM_TOPICS
+
+__all__ = ["RankMerge", "agree", "world"]
+
+log = logging.getLogger("sonde")
+
+_SUMMARY_SUMS = (N, ABS_SUM, ZEROS, NANS, INFS)
+
+
+def world() -> tuple[int, int] | None:
+    """``(rank, world size)`` inside an initialised process group of more than one rank, else None."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    size = dist.get_world_size()
+    return (dist.get_rank(), size) if size > 1 else None
+
+
+def agree(rank: int, decide: Callable[[], str]) -> str:
+    """The value rank 0's ``decide()`` returns, on every rank (``broadcast_object_list``).
+
+    A failure of ``decide`` on rank 0 (an unwritable store) is raised on every rank, with the
+    same message, instead of leaving the others waiting.
+    """
+    message: list[Any] = [None, None]
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            message[0] = decide()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+            error = exc
+            message[1] = f"{type(exc).__name__}: {exc}"
+    torch.distributed.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[1] is not None:
+        raise ProbeError(f"sonde: rank 0 could not start the run: {message[1]}")
+    return str(message[0])
+
+
+@dataclass
+class _Packing:
+    """One rank's contribution to a merge, and where each value goes back."""
+
+    sums: list[float] = field(default_factory=list)
+    maxes: list[float] = field(default_factory=list)
+    mins: list[float] = field(default_factory=list)
+    objects: list[Any] = field(default_factory=list)
+    schema: list[Any] = field(default_factory=list)
+    # (metric, state name, kind, slot offsets): how to write each reduced value back.
+    slots: list[tuple[Metric, str, str, tuple[int, ...]]] = field(default_factory=list)
+
+
+class RankMerge:
+    """The metric engine's ``merge_ranks`` hook (:class:`~sonde.metrics.engine.RankMerger`): reduces
+    due metric states across ranks.
+
+    Args:
+        rank: this process's rank.
+        size: the number of ranks.
+        recorded: whether a step is a recorded one (collectives happen only there, and at the last flush).
+        switch_off: called on every rank when monitoring stops (a failure anywhere, or disagreement).
+    """
+
+    def __init__(self, rank: int, size: int, recorded: Callable[[int], bool], switch_off: Callable[[], None]) -> None:
+        self.rank = rank
+        self.size = size
+        self.recorded = recorded
+        self.switch_off = switch_off
+        self.active = True
+        #: Bytes this rank sent through the collectives at the last merge (the benchmark reads it).
+        self.last_bytes = 0
+        self._kept: list[tuple[Metric, dict[str, Any]]] = []  # own state of instances that keep it
+
+    def restore(self) -> None:
+        """Give instances that keep state across computes their own (unmerged) state back."""
+        for metric, state in self._kept:
+            metric.state = state
+        self._kept = []
+
+    def merge(self, phase: str, step: int, final: bool, due: list[tuple[str, str, Metric]]) -> bool:
+        """Merge ``due`` in place; False when nothing may be computed (monitoring just switched off).
+
+        Evaluation passes are not merged (each rank's are its own; rank 0 writes its own).
+        """
+        if phase != "train":
+            return True
+        if not self.active:
+            return False
+        if not (final or due or self.recorded(step)):
+            return True
+        try:
+            packing: _Packing | None = self._pack(sorted(due, key=lambda d: (d[0], d[1])))
+            failure = ""
+        except Exception as exc:  # noqa: BLE001 - reported on every rank through the control vector
+            packing, failure = None, f"{type(exc).__name__}: {exc}"
+        try:
+            return self._reduce(packing, failure, step)
+        except Exception as exc:  # noqa: BLE001 - a broken process group: stop here, never retry
+            self._off(f"a collective failed on rank {self.rank} ({type(exc).__name__}: {exc})")
+            return False
+
+    # -- packing --------------------------------------------------------------------------------
+    def _pack(self, due: list[tuple[str, str, Metric]]) -> _Packing:
+        pack = _Packing()
+        for layer, topic, metric in due:
+            once = topic in PARAM_TOPICS and self.rank != 0  # replicated: rank 0's state alone
+            for name, (_, reduce) in metric._defaults.items():
+                value = metric.state[name]
+                kind = _kind(metric, name, reduce)
+                shape = None if value is None else np.shape(value)
+                fixed = kind in ("sum", "max", "min")  # the other kinds pack a size of their own
+                pack.schema.append((layer, topic, metric.name, name, kind, shape if fixed else None))
+                if kind == "drop":
+                    pack.slots.append((metric, name, kind, ()))
+                elif kind == "object":
+                    pack.objects.append(None if once else value)
+                    pack.slots.append((metric, name, kind, (len(pack.objects) - 1,)))
+                elif kind == "summary":
+                    pack.slots.append((metric, name, kind, _pack_summary(pack, value, once)))
+                elif kind == "range":
+                    lo, hi = (np.inf, -np.inf) if value is None or once else (float(value[0]), float(value[1]))
+                    pack.slots.append((metric, name, kind, (len(pack.mins), len(pack.maxes))))
+                    pack.mins.append(lo)
+                    pack.maxes.append(hi)
+                else:  # sum, max, min of numbers or arrays
+                    if value is None:
+                        raise ConfigError(f"metric {metric.name!r} state {name!r} is None on rank {self.rank}")
+                    flat = np.asarray(value, dtype=np.float64).reshape(-1)
+                    if once:
+                        flat = np.full_like(flat, {"sum": 0.0, "max": -np.inf, "min": np.inf}[kind])
+                    target = {"sum": pack.sums, "max": pack.maxes, "min": pack.mins}[kind]
+                    pack.slots.append((metric, name, kind, (len(target),)))
+                    target.extend(flat.tolist())
+        return pack
+
+    # -- the collectives ------------------------------------------------------------------------
+    def _reduce(self, pack: _Packing | None, failure: str, step: int) -> bool:
+        dist = torch.distributed
+        lengths = [0.0, 0.0, 0.0, 0.0] if pack is None else [
+            float(len(pack.sums)), float(len(pack.maxes)), float(len(pack.mins)), float(len(pack.objects))]
+        checksum = 0.0 if pack is None else float(zlib.crc32(repr(pack.schema).encode()))
+        control = [1.0 if pack is None else 0.0]
+        for value in (*lengths, checksum):
+            control += [value, -value]  # MAX of x and of -x: the largest and the smallest across ranks
+        vector = torch.tensor(control, dtype=torch.float64)
+        dist.all_reduce(vector, op=dist.ReduceOp.MAX)
+        self.last_bytes = vector.numel() * 8
+        seen = vector.tolist()
+        if seen[0] > 0:
+            self._off(f"monitoring failed on rank {self.rank} at step {step} ({failure})" if failure
+                      else f"monitoring failed on another rank at step {step}")
+            return False
+        if any(seen[i] != -seen[i + 1] for i in range(1, len(seen), 2)):
+            self._off(f"the ranks recorded different layers, topics or metric states at step {step}")
+            return False
+        assert pack is not None
+        reduced: dict[str, np.ndarray] = {}
+        for kind, values, op in (("sum", pack.sums, dist.ReduceOp.SUM), ("max", pack.maxes, dist.ReduceOp.MAX),
+                                 ("min", pack.mins, dist.ReduceOp.MIN)):
+            if values:
+                buffer = torch.tensor(values, dtype=torch.float64)
+                dist.all_reduce(buffer, op=op)
+                self.last_bytes += buffer.numel() * 8
+                reduced[kind] = buffer.numpy()
+        gathered: list[Any] = []
+        if pack.objects:
+            gathered = [None] * self.size
+            dist.all_gather_object(gathered, pack.objects)
+        self._unpack(pack, reduced, gathered)
+        return True
+
+    def _unpack(self, pack: _Packing, reduced: dict[str, np.ndarray], gathered: list[Any]) -> None:
+        kept = {id(metric): metric for metric, *_ in pack.slots if metric.reset_policy != "compute"}
+        self._kept = [(metric, dict(metric.state)) for metric in kept.values()]
+        for metric, name, kind, offsets in pack.slots:
+            try:
+                self._unpack_one(metric, name, kind, offsets, reduced, gathered)
+            except Exception as exc:  # noqa: BLE001 - this state alone is lost; the ranks stay in step
+                metric.state[name] = None
+                log.error("sonde: merging %r state %r across ranks failed (%s: %s); its value is missing",
+                          metric.name, name, type(exc).__name__, exc)
+
+    def _unpack_one(self, metric: Metric, name: str, kind: str, offsets: tuple[int, ...],
+                    reduced: dict[str, np.ndarray], gathered: list[Any]) -> None:
+        """Write one merged state back."""
+        value = metric.state[name]
+        if kind == "drop":
+            metric.state[name] = None
+        elif kind == "object":
+            merged = None
+            _, reduce = metric._defaults[name]
+            for part in (objects[offsets[0]] for objects in gathered):
+                if part is not None:
+                    merged = part if merged is None else reduce(merged, part)
+            metric.state[name] = merged
+        elif kind == "summary":
+            metric.state[name] = _unpack_summary(reduced, offsets)
+        elif kind == "range":
+            lo, hi = float(reduced["min"][offsets[0]]), float(reduced["max"][offsets[1]])
+            metric.state[name] = None if lo > hi else np.array([lo, hi])
+        else:
+            size = int(np.prod(np.shape(value)))
+            flat = reduced[kind][offsets[0] : offsets[0] + size]
+            metric.state[name] = float(flat[0]) if np.ndim(value) == 0 else flat.reshape(np.shape(value)).copy()
+
+    def _off(self, why: str) -> None:
+        self.active = False
+        log.error("sonde: %s; monitoring is switched off on every rank, training goes on", why)
+        self.switch_off()
+
+
+def _kind(metric: Metric, name: str, reduce: Any) -> str:
+    """How a declared state merges across ranks: sum, max, min, summary, range or object (gathered)."""
+    if isinstance(metric, Histogram):
+        if name == "range":
+            return "range"
+        if metric.edges is None:  # each rank binned over its own range: the agreed edges start next step
+            return "drop"
+    for kind in ("sum", "max", "min"):
+        if reduce is _REDUCERS[kind]:
+            return kind
+    if reduce is F.merge_summaries:
+        return "summary"
+    return "object"
+
+
+def _pack_summary(pack: _Packing, value: Any, once: bool) -> tuple[int, ...]:
+    """A summary as sums (n, n·mean, m2 + n·mean², abs_sum, zeros, NaNs, Infs) and extremes."""
+    summary = F.EMPTY_SUMMARY if value is None or once else np.asarray(value, dtype=np.float64)
+    n, mean, m2 = summary[N], summary[MEAN], summary[M2]
+    offsets = (len(pack.sums), len(pack.mins), len(pack.maxes))
+    moments = [n * mean, m2 + n * mean * mean] if n else [0.0, 0.0]
+    pack.sums.extend([*(float(summary[i]) for i in _SUMMARY_SUMS), *moments])
+    lo, hi = summary[MIN], summary[MAX]
+    pack.mins.append(np.inf if np.isnan(lo) else float(lo))
+    pack.maxes.append(-np.inf if np.isnan(hi) else float(hi))
+    return offsets
+
+
+def _unpack_summary(reduced: dict[str, np.ndarray], offsets: tuple[int, ...]) -> np.ndarray:
+    at_sum, at_min, at_max = offsets
+    n, abs_sum, zeros, nans, infs, s1, s2 = reduced["sum"][at_sum : at_sum + 7].tolist()
+    if n == 0:
+        return F.EMPTY_SUMMARY.copy()
+    lo, hi = float(reduced["min"][at_min]), float(reduced["max"][at_max])
+    if nans > 0:
+        lo = hi = np.nan
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = s1 / n
+        m2 = s2 - s1 * s1 / n
+    out = F.EMPTY_SUMMARY.copy()
+    out[[N, MEAN, M2, MIN, MAX, ABS_SUM, ZEROS, NANS, INFS]] = [
+        n, mean, m2, lo, hi, abs_sum, zeros, nans, infs]
+    return out

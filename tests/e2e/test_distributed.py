@@ -1,0 +1,171 @@
+"""Two ranks on the CPU (gloo) probing a DDP model: one run written once by rank 0, with the values one
+process computes on the concatenated (global) batch; a monitoring failure on one rank switches
+monitoring off on both without hanging.
+
+The reference is computed here, independently of sonde: one process runs the same network on the
+global batch with plain torch hooks, and numpy takes the statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed_child as child
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sonde
+
+CHILD = Path(__file__).with_name("distributed_child.py")
+TIMEOUT = 45
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(mode: str, tmp_path: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Both ranks, from ``tmp_path`` (so ``./sonde.db`` is there); killed after TIMEOUT seconds."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(CHILD), mode, str(tmp_path)], cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=TIMEOUT)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    failed = [f"rank {rank} (exit {r.returncode}):\n{r.stderr[-3000:]}" for rank, r in enumerate(done) if r.returncode]
+    assert not failed, "\n".join(failed)
+    return done
+
+
+def reference() -> dict[tuple[int, str, str], np.ndarray]:
+    """One process, the global batch: each layer's tensors by (step, layer, topic), the loss by (step, '', 'loss')."""
+    net = child.make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen: dict[tuple[int, str, str], np.ndarray] = {}
+    step = 0
+
+    def hooks(name: str, module: nn.Module) -> None:
+        def forward(mod: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            seen[(step, name, "inputs")] = args[0].detach().double().numpy().copy()
+            seen[(step, name, "activations")] = output.detach().double().numpy().copy()
+            at = step
+            output.register_hook(lambda g: seen.__setitem__((at, name, "output_grads"), g.double().numpy().copy()))
+
+        module.register_forward_hook(forward)
+
+    for name, module in net.named_children():
+        hooks(name, module)
+    for step in range(child.STEPS):
+        x, y = child.global_batch(step)
+        before = {n: p.detach().double().numpy().copy() for n, p in net.named_parameters()}
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.double().numpy().copy() for n, p in net.named_parameters()}
+        opt.step()
+        seen[(step, "", "loss")] = np.array(loss.item())
+        for n, p in net.named_parameters():
+            layer, kind = n.split(".")
+            topics = ("weights", "weight_grads", "weight_updates") if kind == "weight" else (
+                "biases", "bias_grads", "bias_updates")
+            after = p.detach().double().numpy()
+            for topic, value in zip(topics, (before[n], grads[n], after - before[n]), strict=True):
+                seen[(step, layer, topic)] = value
+    return seen
+
+
+def numpy_stats(x: np.ndarray) -> dict[str, float]:
+    return {"mean": x.mean(), "std": x.std(), "var": x.var(), "min": x.min(), "max": x.max(),
+            "abs_mean": np.abs(x).mean(), "norm": np.sqrt((x * x).sum()), "zero_frac": (x == 0).mean()}
+
+
+def test_ddp_two_ranks_record_one_run_equal_to_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    results = launch("ddp", tmp_path)
+    assert not any("database is locked" in r.stderr for r in results)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["run"] == ranks[1]["run"]  # the name rank 0 chose, on both
+    assert not any(r["switched_off"] for r in ranks)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == ["extra.db", "sonde.db"]
+    df = sonde.load(tmp_path / "sonde.db")
+    assert set(df["run"]) == {ranks[0]["run"]}  # one run
+    keys = df[["step", "phase", "layer", "topic", "metric"]].astype(str).agg("|".join, axis=1)
+    assert keys.is_unique  # written once, not once per rank
+    train = df[df["phase"] == "train"]
+    assert sorted(set(train["step"])) == list(range(child.STEPS))
+
+    ref = reference()
+    values = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in train.itertuples()}
+    compared = 0
+    for (step, layer, topic), tensor in ref.items():
+        if topic == "loss":
+            assert values[(step, "", "loss", "loss")] == pytest.approx(float(tensor), rel=1e-6)
+            continue
+        for metric, expected in numpy_stats(tensor).items():
+            got = values[(step, layer, topic, metric)]
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, layer, topic, metric)
+            compared += 1
+    assert compared >= child.STEPS * 3 * 3 * 8  # three layers' inputs, activations, output_grads at least
+
+    # Histograms: edges from the global batch's range at step 0; counts agree from step 1 on.
+    arrays = sonde.load(tmp_path / "sonde.db", arrays=True)
+    hist = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in arrays.itertuples()}
+    assert not any(s == 0 and m == "histogram" for s, _, _, m in hist)  # binned over each rank's own range
+    for layer in ("0", "1", "2"):
+        first = ref[(0, layer, "activations")]
+        edges = np.linspace(first.min(), first.max(), 65)
+        for step in (1, 2):
+            tensor = ref[(step, layer, "activations")].reshape(-1)
+            expected = np.bincount(np.clip(((tensor - edges[0]) * 64 / (edges[-1] - edges[0])).astype(int), 0, 63),
+                                   minlength=64)
+            got = np.asarray(hist[(step, layer, "activations", "histogram")])
+            assert got.sum() == tensor.size
+            assert np.abs(got - expected).sum() <= 2, (layer, step)  # a value on a bin edge may fall either side
+        got_edges = np.asarray(next(v for (s, la, t, m), v in hist.items()
+                                    if la == layer and t == "activations" and m == "histogram_edges"))
+        np.testing.assert_allclose(got_edges, edges, rtol=1e-6, atol=1e-7)
+
+    # The second run: gathered rows are the global batch's, in order; a reset="never" mean covers
+    # every global batch so far, each counted once.
+    rows = sonde.load(tmp_path / "extra.db", arrays=True, metrics="rows")
+    means = sonde.load(tmp_path / "extra.db", metrics="mean")
+    for layer in ("0", "1", "2"):
+        for step in range(child.STEPS):
+            got = rows[(rows["step"] == step) & (rows["layer"] == layer)]["value"].iloc[0]
+            np.testing.assert_allclose(got, ref[(step, layer, "activations")].reshape(-1), rtol=1e-6, atol=1e-7)
+            so_far = np.concatenate([ref[(s, layer, "activations")].reshape(-1) for s in range(step + 1)])
+            mean = means[(means["step"] == step) & (means["layer"] == layer)]["value"].iloc[0]
+            assert mean == pytest.approx(so_far.mean(), rel=1e-6, abs=1e-8), (layer, step)
+
+
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """A store rank 0 cannot open fails on both ranks; a monitoring failure on rank 1 switches
+    monitoring off on both, and training finishes on both (bounded by the launcher's timeout)."""
+    results = launch("fail", tmp_path)  # returns (no hang) or fails after TIMEOUT
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["switched_off"] for r in ranks)
+    assert "not-a-dir" in ranks[0]["refused"] and "not-a-dir" in ranks[1]["refused"]  # rank 0's error, everywhere
+    assert not (tmp_path / "fine1.db").exists()  # rank 1 never opened its own store
+    assert "injected monitoring failure" in results[1].stderr
+    assert "switched off on every rank" in results[0].stderr
+    df = sonde.load(tmp_path / "sonde.db")
+    assert sorted(set(df[df["phase"] == "train"]["step"])) == [0]  # step 0 merged; none after the failure
