@@ -191,7 +191,7 @@ class KerasProbe(Probe):
         self.count_steps(True)
         self.param_publisher = kit.ParameterPublisher(self, shared_tensor)
         self._recorder = _Recorder()
-        self._restore: list[Callable[[], None]] = []
+        self._patches = kit.Patches()
         self._plain_train: Any = None
         self._plain_test: Any = None
         object.__setattr__(model, "_sonde_probe", self)
@@ -203,10 +203,11 @@ class KerasProbe(Probe):
         model = self.model
         self._guard("reading the model graph", self._send_graph)
         for name, layer in self.layers.items():
-            self._patch(layer, "call", self._layer_call(name, layer.call))
-        self._patch(model, "compute_loss", self._compute_loss(model.compute_loss))
+            self._patches.set(layer, "call", self._layer_call(name, layer.call))
+        self._patches.set(model, "compute_loss", self._compute_loss(model.compute_loss))
         if model.optimizer is not None:
-            self._patch(model.optimizer, "apply_gradients", self._apply_gradients(model.optimizer.apply_gradients))
+            optimizer = model.optimizer
+            self._patches.set(optimizer, "apply_gradients", self._apply_gradients(optimizer.apply_gradients))
         model.make_train_function()
         self._plain_train = model.train_function
         recording_train = model._make_function(self._recording_step(model.train_step, training=True))
@@ -230,23 +231,8 @@ class KerasProbe(Probe):
     def _set(self, obj: Any, attr: str, value: Any) -> None:
         object.__setattr__(obj, attr, value)
 
-    def _patch(self, obj: Any, attr: str, value: Any) -> None:
-        had = attr in obj.__dict__
-        old = obj.__dict__.get(attr)
-        object.__setattr__(obj, attr, value)
-
-        def restore() -> None:
-            if had:
-                object.__setattr__(obj, attr, old)
-            else:
-                object.__delattr__(obj, attr)
-
-        self._restore.append(restore)
-
     def detach(self) -> None:
-        for restore in reversed(self._restore):
-            restore()
-        self._restore.clear()
+        self._patches.restore()
         model = self.model
         if self._plain_train is not None:
             self._set(model, "train_function", self._plain_train)

@@ -83,7 +83,7 @@ class KerasJaxProbe(KerasProbe):
         model = self.model
         self._guard("reading the model graph", self._send_graph)
         for name, layer in self.layers.items():
-            self._patch(layer, "call", self._layer_call(name, layer.call))
+            self._patches.set(layer, "call", self._layer_call(name, layer.call))
         model.make_train_function()
         self._plain_train = model.train_function
         recording_train = model._make_function(jax.jit(self._recording_train_step))

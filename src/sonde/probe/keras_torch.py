@@ -40,7 +40,7 @@ class KerasTorchProbe(TorchProbe):
 
     def __init__(self, model: Any, **options: Any) -> None:
         check_model(model, "torch")
-        self._restore: list[Callable[[], None]] = []
+        self._patches = kit.Patches()
         super().__init__(model, **options)
 
     # -- TorchProbe's choices, the Keras way ------------------------------------------------------
@@ -71,9 +71,9 @@ class KerasTorchProbe(TorchProbe):
         ``on_train_begin`` (the hooks are in place from the probe's creation)."""
         self._guard("reading the model graph", self._send_graph)
         model: Any = self.model
-        self._patch(model, "compute_loss", self._compute_loss(model.compute_loss))
+        self._patches.set(model, "compute_loss", self._compute_loss(model.compute_loss))
         if model.optimizer is not None:
-            self._patch(model.optimizer, "apply", self._apply(model.optimizer.apply))
+            self._patches.set(model.optimizer, "apply", self._apply(model.optimizer.apply))
 
     def _send_graph(self) -> None:
         from sonde.graph.keras import keras_graph
@@ -86,23 +86,8 @@ class KerasTorchProbe(TorchProbe):
         for runner in self._runners:
             runner.submit_graph(graph)
 
-    def _patch(self, obj: Any, attr: str, value: Any) -> None:
-        had = attr in obj.__dict__
-        old = obj.__dict__.get(attr)
-        object.__setattr__(obj, attr, value)
-
-        def restore() -> None:
-            if had:
-                object.__setattr__(obj, attr, old)
-            else:
-                object.__delattr__(obj, attr)
-
-        self._restore.append(restore)
-
     def detach(self) -> None:
-        for restore in reversed(self._restore):
-            restore()
-        self._restore.clear()
+        self._patches.restore()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

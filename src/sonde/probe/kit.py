@@ -39,6 +39,7 @@ __all__ = [
     "CallNames",
     "LayerFilter",
     "ParameterPublisher",
+    "Patches",
     "ProbeOptions",
     "check_keywords",
     "choose_layers",
@@ -322,3 +323,41 @@ class ParameterPublisher:
             buffer = torch.empty_like(tensor, memory_format=torch.contiguous_format)
             self._buffers[id(param)] = buffer
         return buffer
+
+
+class Patches:
+    """Attributes an adapter sets on the user's objects (a layer's ``call``, an optimizer's ``apply``)
+    for the probe's lifetime; :meth:`restore` puts each back, or removes it where the object had none
+    of its own, in reverse order.
+
+    Example:
+        >>> class Layer:
+        ...     def call(self): return "plain"
+        >>> layer, patches = Layer(), Patches()
+        >>> patches.set(layer, "call", lambda: "recorded")
+        >>> layer.call(), patches.restore(), layer.call()
+        ('recorded', None, 'plain')
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def set(self, obj: Any, attr: str, value: Any) -> None:
+        """Set ``obj.attr`` to ``value`` (on the instance, bypassing any ``__setattr__``) until :meth:`restore`."""
+        had = attr in obj.__dict__
+        old = obj.__dict__.get(attr)
+        object.__setattr__(obj, attr, value)
+
+        def undo() -> None:
+            if had:
+                object.__setattr__(obj, attr, old)
+            else:
+                object.__delattr__(obj, attr)
+
+        self._undo.append(undo)
+
+    def restore(self) -> None:
+        """Undo every :meth:`set`, last first."""
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()

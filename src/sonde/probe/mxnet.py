@@ -36,7 +36,7 @@ from sonde.probe.core import Probe
 if TYPE_CHECKING:
     from typing import Unpack
 
-__all__ = ["MXNetProbe", "probe", "select_layers"]
+__all__ = ["MXNetProbe", "NDArrayProbe", "probe", "select_layers", "to_torch"]
 
 log = logging.getLogger("sonde")
 
@@ -66,7 +66,7 @@ def _own_name(param: Any) -> str:
     return str(param.name).rsplit("_", 1)[-1]
 
 
-def _to_torch(array: Any) -> torch.Tensor:
+def to_torch(array: Any) -> torch.Tensor:
     """The NDArray's memory as a torch tensor, after MXNet's pending writes to it (no copy)."""
     return torch.from_dlpack(array.to_dlpack_for_read())
 
@@ -90,7 +90,24 @@ class _Tap(autograd.Function):  # type: ignore[misc]
         return dy
 
 
-class MXNetProbe(Probe):
+class NDArrayProbe(Probe):
+    """What the Gluon and the Symbol-module probes share: values given to :meth:`log` as NDArrays."""
+
+    def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
+        if isinstance(value, (int, float)):
+            return torch.tensor(float(value))
+        if isinstance(value, mx.nd.NDArray):
+            return to_torch(value)
+        raise ConfigError(f"Probe.log({topic}=...) expects an NDArray or a number, got {type(value).__name__}")
+
+    def log(self, **values: Any) -> None:
+        labels = values.get("labels")
+        if isinstance(labels, mx.nd.NDArray):
+            values["labels"] = to_torch(labels)
+        super().log(**values)
+
+
+class MXNetProbe(NDArrayProbe):
     """Probe of a Gluon block; see :func:`probe`."""
 
     framework = "mxnet"
@@ -115,7 +132,7 @@ class MXNetProbe(Probe):
             log.warning("sonde: %s hybridized: a hybridized block runs as one cached graph, so the blocks inside "
                         "it are not recorded; probe before calling hybridize()", ", ".join(hybrid))
         self.call_names = kit.CallNames()
-        self.param_publisher = kit.ParameterPublisher(self, _to_torch)
+        self.param_publisher = kit.ParameterPublisher(self, to_torch)
         self._phase = "train"
         self._attach()
 
@@ -160,19 +177,19 @@ class MXNetProbe(Probe):
             phase = _autograd_phase()
             x = _first_array(args)
             if x is not None and self.wants("inputs", phase):
-                self._guard("inputs capture", lambda: self.publish(layer, "inputs", _to_torch(x), phase=phase))
+                self._guard("inputs capture", lambda: self.publish(layer, "inputs", to_torch(x), phase=phase))
             output = forward(*args, **kwargs)
             y = _first_array(output)
             if y is None:
                 return output
             if self.wants("activations", phase):
-                self._guard("activations capture", lambda: self.publish(layer, "activations", _to_torch(y),
+                self._guard("activations capture", lambda: self.publish(layer, "activations", to_torch(y),
                                                                         phase=phase))
             if phase != "train" or not self.wants("output_grads"):
                 return output
             step = self.step
             tapped = _Tap(lambda dy: self._guard("output_grads capture", lambda: self.publish(
-                layer, "output_grads", _to_torch(dy), phase="train", step=step)))(y)
+                layer, "output_grads", to_torch(dy), phase="train", step=step)))(y)
             return kit.replace_leaf(output, y, tapped)
 
         return probed_forward
@@ -198,19 +215,6 @@ class MXNetProbe(Probe):
 
     def _after_update(self) -> None:
         self.param_publisher.after_step(lambda param: param.data())
-
-    def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
-        if isinstance(value, (int, float)):
-            return torch.tensor(float(value))
-        if isinstance(value, mx.nd.NDArray):
-            return _to_torch(value)
-        raise ConfigError(f"Probe.log({topic}=...) expects an NDArray or a number, got {type(value).__name__}")
-
-    def log(self, **values: Any) -> None:
-        labels = values.get("labels")
-        if isinstance(labels, mx.nd.NDArray):
-            values["labels"] = _to_torch(labels)
-        super().log(**values)
 
 
 def probe(block: Any, **kwargs: Any) -> MXNetProbe:

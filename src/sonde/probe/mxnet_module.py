@@ -30,13 +30,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import mxnet as mx
-import torch
 from mxnet.base import _LIB, NDArrayHandle, check_call, py_str
 
-from sonde.errors import ConfigError, ProbeError
+from sonde.errors import ProbeError
 from sonde.probe import kit
-from sonde.probe.core import Probe
-from sonde.probe.mxnet import _to_torch
+from sonde.probe.mxnet import NDArrayProbe, to_torch
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -135,7 +133,7 @@ def _set_monitor(executor: Any, callback: Any, monitor_all: bool) -> None:
     executor._monitor_callback, executor._monitor_all = callback, monitor_all
 
 
-class MXNetModuleProbe(Probe):
+class MXNetModuleProbe(NDArrayProbe):
     """Probe of an ``mx.mod.Module``; see :func:`probe_module`."""
 
     framework = "mxnet"
@@ -175,7 +173,7 @@ class MXNetModuleProbe(Probe):
         self._phase = "train"
         self._pass_step = self.step
         self._callback = self._make_callback()
-        self.param_publisher = kit.ParameterPublisher(self, _to_torch)
+        self.param_publisher = kit.ParameterPublisher(self, to_torch)
         self._attach()
 
     def _watch_list(self, symbol: Any) -> dict[str, list[tuple[str, str]]]:
@@ -232,7 +230,7 @@ class MXNetModuleProbe(Probe):
         for layer, topic in targets:
             phase = "train" if topic == "output_grads" else self._phase
             if self.wants(topic, phase):
-                tensor = _to_torch(array) if tensor is None else tensor  # read now: the buffer is reused
+                tensor = to_torch(array) if tensor is None else tensor  # read now: the buffer is reused
                 self.publish(layer, topic, tensor, phase=phase, step=self._pass_step)
 
     def _install(self) -> Any:
@@ -272,7 +270,7 @@ class MXNetModuleProbe(Probe):
         arrays = self.module._exec_group.execs[0].arg_dict
         for layer, variable in self._variable_inputs.items():
             if variable in arrays:
-                self.publish(layer, "inputs", _to_torch(arrays[variable]), phase=self._phase, step=self._pass_step)
+                self.publish(layer, "inputs", to_torch(arrays[variable]), phase=self._phase, step=self._pass_step)
 
     def current_phase(self) -> str:
         """The phase of the last forward pass: ``p.log`` after ``update()`` still logs the training step."""
@@ -311,19 +309,6 @@ class MXNetModuleProbe(Probe):
         else:
             _set_monitor(executor, _RELEASE, False)
             executor._sonde_released = _RELEASE  # not the user's: a later probe replaces it
-
-    def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
-        if isinstance(value, (int, float)):
-            return torch.tensor(float(value))
-        if isinstance(value, mx.nd.NDArray):
-            return _to_torch(value)
-        raise ConfigError(f"Probe.log({topic}=...) expects an NDArray or a number, got {type(value).__name__}")
-
-    def log(self, **values: Any) -> None:
-        labels = values.get("labels")
-        if isinstance(labels, mx.nd.NDArray):
-            values["labels"] = _to_torch(labels)
-        super().log(**values)
 
 
 def probe_module(module: Any, **kwargs: Any) -> MXNetModuleProbe:
