@@ -175,3 +175,21 @@ def test_each_alert_reaches_the_user_once(capsys: pytest.CaptureFixture[str], ca
         train(dead_model(), 4, Collect())
     assert sum(dead in r.getMessage() for r in caplog.records) == 1
     assert dead not in capsys.readouterr().out
+
+
+def test_nan_episodes_hold_when_records_arrive_out_of_step_order() -> None:
+    # The server's evaluator computes layers on several workers, so a layer's step-1 Records may
+    # arrive after another layer's step 2: one episode is still one alert.
+    def nonfinite(step: int, layer: str, share: float) -> list[Record]:
+        return [Record("r", step, "train", layer, "activations", "nonfinite_frac", share)]
+
+    alerts = Alerts(warmup=0)
+    assert [r.step for r in alerts.watch(nonfinite(1, "0", 0.25))] == [1]
+    assert alerts.watch(nonfinite(2, "0", 0.0)) == []  # finite again: the episode is over
+    assert alerts.watch(nonfinite(1, "1", 0.5)) == []  # late, and part of the episode that was
+    assert [r.step for r in alerts.watch(nonfinite(3, "0", 0.25))] == [3]  # a new episode
+
+    late = Alerts(warmup=0)
+    assert [r.step for r in late.watch(nonfinite(5, "0", 0.25))] == [5]
+    assert late.watch(nonfinite(4, "1", 0.0)) == []  # a late finite step from before the episode
+    assert late.watch(nonfinite(6, "0", 0.25)) == []  # the episode goes on: no second alert

@@ -91,7 +91,10 @@ class Alerts(Metric):
         self._lock = threading.Lock()
         self._active: set[tuple[str, ...]] = set()  # problems alerted and not over yet
         self._peak: dict[tuple[str, str, str], float] = {}
-        self._nonfinite_steps: dict[str, int] = {}  # phase -> last step with non-finite values
+        # NaN/Inf episodes per phase. Records may arrive out of step order (the server's evaluator
+        # computes layers on several workers), so an episode is bounded by steps, not by arrival:
+        self._nonfinite_since: dict[str, int] = {}  # phase -> step the current episode began
+        self._nonfinite_until: dict[str, int] = {}  # phase -> finite step that ended the last episode
         self._skipped: set[tuple[str, int]] = set()  # (phase, step) of optimizer steps a GradScaler skipped
 
     def combine(self, other: Metric) -> Metric | None:
@@ -129,12 +132,15 @@ class Alerts(Metric):
                 message = self._check(r)
                 if message is not None:
                     out.append(r._replace(metric="alert", value=1.0, message=message))
-            for phase, _step in finite_steps - set(first_nonfinite):
-                self._active.discard(("nonfinite", phase))
+            for phase, step in sorted(finite_steps - set(first_nonfinite)):
+                since = self._nonfinite_since.get(phase)
+                if since is not None and step > since:  # a finite step after the episode began ends it
+                    del self._nonfinite_since[phase]
+                    self._nonfinite_until[phase] = step
             for (phase, step), r in first_nonfinite.items():
-                if ("nonfinite", phase) in self._active:
-                    continue
-                self._active.add(("nonfinite", phase))
+                if phase in self._nonfinite_since or step < self._nonfinite_until.get(phase, -1):
+                    continue  # the episode is on, or this step belonged to one that is over
+                self._nonfinite_since[phase] = step
                 where = [x.layer or "(network)" for x in records
                          if x.metric == "nonfinite_frac" and x.phase == phase and x.step == step
                          and not (isinstance(x.value, float) and x.value == 0.0)]
