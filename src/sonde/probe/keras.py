@@ -174,6 +174,20 @@ def make_probe(model: Any, **options: Any) -> Any:
                      f"{backend!r} (set KERAS_BACKEND to one of them)")
 
 
+def send_graph(probe: Probe, model: Any) -> None:
+    """``model``'s graph (:func:`~sonde.graph.keras.keras_graph`) to the probe's sinks, on every
+    backend; a model the graph cannot be read from is logged, and the run goes on without a graph view."""
+    from sonde.graph.keras import keras_graph
+
+    try:
+        graph = keras_graph(model).to_dict()
+    except GraphError as exc:
+        log.info("sonde: no graph view for this run: %s", exc)
+        return
+    for runner in probe._runners:
+        runner.submit_graph(graph)
+
+
 class KerasProbe(Probe):
     """Probe of a Keras 3 model during ``fit``; made by :class:`SondeCallback`."""
 
@@ -201,7 +215,7 @@ class KerasProbe(Probe):
         """Swap in the recording training (and test) functions; called at ``on_train_begin``.
         Also hands the model's graph (:func:`sonde.graph.keras.keras_graph`) to the sinks."""
         model = self.model
-        self._guard("reading the model graph", self._send_graph)
+        self._guard("reading the model graph", lambda: send_graph(self, self.model))
         for name, layer in self.layers.items():
             self._patches.set(layer, "call", self._layer_call(name, layer.call))
         self._patches.set(model, "compute_loss", self._compute_loss(model.compute_loss))
@@ -216,17 +230,6 @@ class KerasProbe(Probe):
         self._plain_test = model.test_function
         recording_test = model._make_function(self._recording_step(model.test_step, training=False))
         self._set(model, "test_function", self._dispatch(self._plain_test, recording_test, "eval"))
-
-    def _send_graph(self) -> None:
-        from sonde.graph.keras import keras_graph
-
-        try:
-            graph = keras_graph(self.model).to_dict()
-        except GraphError as exc:
-            log.info("sonde: no graph view for this run: %s", exc)
-            return
-        for runner in self._runners:
-            runner.submit_graph(graph)
 
     def _set(self, obj: Any, attr: str, value: Any) -> None:
         object.__setattr__(obj, attr, value)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from keras.src.trainers import data_adapters
 
 from sonde.probe import kit
-from sonde.probe.keras import _KEY, KerasProbe, _Recorder
+from sonde.probe.keras import _KEY, KerasProbe, _Recorder, send_graph
 
 __all__ = ["KerasJaxProbe"]
 
@@ -81,7 +81,7 @@ class KerasJaxProbe(KerasProbe):
     def attach(self) -> None:
         """Swap in the recording training (and test) functions; called at ``on_train_begin``."""
         model = self.model
-        self._guard("reading the model graph", self._send_graph)
+        self._guard("reading the model graph", lambda: send_graph(self, self.model))
         for name, layer in self.layers.items():
             self._patches.set(layer, "call", self._layer_call(name, layer.call))
         model.make_train_function()

@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
-from sonde.errors import GraphError
 from sonde.probe import kit
-from sonde.probe.keras import _class_labels, check_model, select_layers
+from sonde.probe.keras import _class_labels, check_model, select_layers, send_graph
 from sonde.probe.torch import TorchProbe
 from sonde.records import NETWORK
 
@@ -69,22 +68,11 @@ class KerasTorchProbe(TorchProbe):
     def attach(self) -> None:
         """Wrap the model's ``compute_loss`` and its optimizer's ``apply``; called at
         ``on_train_begin`` (the hooks are in place from the probe's creation)."""
-        self._guard("reading the model graph", self._send_graph)
+        self._guard("reading the model graph", lambda: send_graph(self, self.model))
         model: Any = self.model
         self._patches.set(model, "compute_loss", self._compute_loss(model.compute_loss))
         if model.optimizer is not None:
             self._patches.set(model.optimizer, "apply", self._apply(model.optimizer.apply))
-
-    def _send_graph(self) -> None:
-        from sonde.graph.keras import keras_graph
-
-        try:
-            graph = keras_graph(self.model).to_dict()
-        except GraphError as exc:
-            log.info("sonde: no graph view for this run: %s", exc)
-            return
-        for runner in self._runners:
-            runner.submit_graph(graph)
 
     def detach(self) -> None:
         self._patches.restore()
