@@ -42,8 +42,8 @@ def test_probe_signature_follows_the_design() -> None:
 
     params = list(inspect.signature(TorchProbe.__init__).parameters)
     assert params == [
-        "self", "model", "run", "store", "server", "optimizer", "layers", "topics", "metrics", "every", "depth",
-        "sinks", "resume", "probe_set",
+        "self", "model", "run", "store", "server", "optimizer", "layers", "topics", "metrics", "every", "budget",
+        "max_interval", "depth", "sinks", "resume", "per_rank", "probe_set",
     ]
 
 

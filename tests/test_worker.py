@@ -61,7 +61,7 @@ def train(metric: Metric, steps: int, *, epochs_at: tuple[int, ...] = (), collec
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     batches = []
-    with sonde.probe(model, store=None, optimizer=opt, metrics=[metric], sinks=[collect], layers=["0"]) as p:
+    with sonde.probe(model, store=None, optimizer=opt, metrics=[metric], sinks=[collect], layers=["0"], every=1) as p:
         for step in range(steps):
             x = torch.randn(2 + step % 3, 3, generator=gen)
             batches.append(x.numpy().astype(np.float64))

@@ -2,7 +2,8 @@
 
 One metric instance exists per (phase, layer, topic, metric); it is cloned lazily from the
 template the user configured. A capture reaches the instances whose schedule accepts the
-step (evaluation passes are recorded whenever they happen), and the bus hands them to its
+step (the metric's own ``every=``, else the bus's :attr:`Bus.budget` when it has one, else the
+bus's schedule; evaluation passes are recorded whenever they happen), and the bus hands them to its
 engine, which runs the metric lifecycle (the same code the server's evaluator runs): at the end
 of a step, :meth:`Bus.flush` moves every staged partial state to the host in one batched
 transfer per device and folds it in; each metric whose ``compute_every`` accepts the step
@@ -22,15 +23,18 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
 
 import torch
 
+from sonde.budget import Budget
 from sonde.metrics.base import Capture, Metric, TensorMemo
 from sonde.metrics.engine import MetricEngine, to_host
 from sonde.records import Record
 from sonde.schedules import Schedule
-from sonde.worker import MetricTask, Worker
+from sonde.worker import ComputeTask, MetricTask, Worker
 
 __all__ = ["Bus", "to_host"]
 
@@ -63,6 +67,10 @@ class Bus:
         self._instances = self.engine.instances  # (phase, layer, topic) -> clones of the templates
         self._wants_cache: tuple[int, dict[str, bool]] = (-1, {})
         self.memo = TensorMemo()
+        #: The overhead budget that spaces the recordings of metrics without a schedule of their own
+        #: (:mod:`sonde.budget`; set by the probe when ``every=`` is not given), which also hears
+        #: what offloaded metrics cost.
+        self.budget: Budget | None = None
 
     @property
     def worker(self) -> Worker | None:
@@ -72,7 +80,8 @@ class Bus:
     @worker.setter
     def worker(self, worker: Worker | None) -> None:
         self._worker = worker
-        self.engine.offload = None if worker is None else _offload_to(worker, self.run)
+        self.engine.offload = None if worker is None else _offload_to(worker, self.run, self)
+        self.engine.defer = None if worker is None else _defer_to(worker)
 
     @property
     def watchers(self) -> list[Metric]:
@@ -84,7 +93,12 @@ class Bus:
         return set(self.templates)
 
     def scheduled(self, metric: Metric, step: int) -> bool:
-        return (metric.schedule or self.schedule)(step)
+        """Whether ``metric`` records at train ``step``: its own schedule, else the budget's, else the bus's."""
+        if metric.schedule is not None:
+            return bool(metric.schedule(step))
+        if self.budget is not None:
+            return self.budget.records(metric.name, step)
+        return bool(self.schedule(step))
 
     def wants(self, topic: str, step: int, phase: str = "train") -> bool:
         """Whether any metric records ``topic`` at ``step``: lets hooks skip work cheaply."""
@@ -130,8 +144,23 @@ class Bus:
             instance for template, instance in zip(self.templates.get(topic, ()), instances, strict=True)
             if phase != "train" or self.scheduled(template, step)
         ]
-        self.engine.update((layer, topic), due, capture)
+        budget = self.budget
+        if budget is not None and any(instance.offload for instance in due):
+            self._update_timed(budget, (layer, topic), due, capture)
+        else:
+            self.engine.update((layer, topic), due, capture)
         capture.finish()
+
+    def _update_timed(self, budget: Budget, where: tuple[str, str], due: list[Metric], capture: Capture) -> None:
+        """Update ``due``, timing each offloaded metric's update for the budget (the others share one pass)."""
+        cheap = [instance for instance in due if not instance.offload]
+        if cheap:
+            self.engine.update(where, cheap, capture)
+        for instance in due:
+            if instance.offload:
+                start = budget.clock()
+                self.engine.update(where, [instance], capture)
+                budget.add_metric_time(instance.name, budget.clock() - start, training_thread=True)
 
     def pending(self, phase: str) -> bool:
         return self.engine.pending(phase)
@@ -152,7 +181,9 @@ class Bus:
     def flush(self, phase: str, step: int, *, final: bool = False) -> list[Record]:
         """Fold in what ``phase`` staged since the last flush, compute the metrics due at ``step``
         (all of them when ``final``), and return the Records computed here (offloaded ones follow
-        from the worker)."""
+        from the worker). When the partials live on CUDA and the bus has a worker, the flush only
+        starts their copy to the host: the worker waits for it and emits the step's Records
+        (:meth:`MetricEngine.flush <sonde.metrics.engine.MetricEngine.flush>`), and this returns []."""
         self.memo.clear()
         return self.engine.flush(phase, step, final=final)
 
@@ -170,8 +201,38 @@ class Bus:
         return self.engine.report_failures()
 
 
-def _offload_to(worker: Worker, run: str) -> Callable[[Hashable, Metric, str, int, str, str], None]:
+def _offload_to(worker: Worker, run: str, bus: Bus) -> Callable[[Hashable, Metric, str, int, str, str], None]:
     def offload(key: Hashable, snapshot: Metric, phase: str, step: int, layer: str, topic: str) -> None:
-        worker.submit(key, MetricTask(snapshot, run=run, step=step, phase=phase, layer=layer, topic=topic))
+        budget = bus.budget
+        task = (MetricTask(snapshot, run=run, step=step, phase=phase, layer=layer, topic=topic) if budget is None
+                else _TimedTask(budget, snapshot, run=run, step=step, phase=phase, layer=layer, topic=topic))
+        worker.submit(key, task)
 
     return offload
+
+
+class _TimedTask(MetricTask):
+    """A metric's compute on the worker, its time told to the budget (the worker competes for the cores)."""
+
+    def __init__(self, budget: Budget, metric: Metric, **where: Any) -> None:
+        super().__init__(metric, **where)
+        self.budget = budget
+
+    def run(self) -> list[Any]:
+        start = self.budget.clock()
+        try:
+            return super().run()
+        finally:
+            self.budget.add_metric_time(self.metric.name, self.budget.clock() - start, training_thread=False)
+
+
+def _defer_to(worker: Worker) -> Callable[[Callable[[], list[Record]]], bool]:
+    """The engine's ``defer``: a flush's host part as a task of its own on ``worker``, after the
+    tasks queued before it; the worker hands its Records to the probe's sinks. False when the
+    worker skipped it (its queue is full, or it is closed)."""
+    numbers = itertools.count()
+
+    def defer(finish: Callable[[], list[Record]]) -> bool:
+        return worker.submit(("flush", next(numbers)), ComputeTask(finish, name="flush"))
+
+    return defer

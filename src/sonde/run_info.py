@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,3 +51,13 @@ class RunInfo:
     layers: list[LayerInfo] = field(default_factory=list)
     resume: bool = False
     first_step: int = 0
+
+
+def user_class(cls: type) -> type:
+    """The class the user wrote for a module. FSDP2's ``fully_shard`` swaps a module's class for a
+    subclass of it (``FSDPLinear`` for ``Linear``): that gives the original; any other class is its own."""
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp is None or not issubclass(cls, fsdp):
+        return cls
+    original: type = cls.__mro__[getattr(cls, "_orig_cls_mro_index", 2)]
+    return original

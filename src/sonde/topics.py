@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GRADS_AND_UPDATES", "PARAM_TOPICS", "STEP_TOPICS", "TENSOR_TOPICS", "TOPICS", "UPDATE_OF"]
+__all__ = ["GRADS_AND_UPDATES", "PARAM_TOPICS", "SCHEDULE_TOPIC", "STEP_TOPICS", "TENSOR_TOPICS", "TOPICS", "UPDATE_OF"]
 
 #: Per-layer topics carrying a tensor.
 TENSOR_TOPICS = (
@@ -21,6 +21,10 @@ STEP_TOPICS = ("loss", "labels", "outputs")
 TOPICS = TENSOR_TOPICS + STEP_TOPICS
 #: Topics read off a layer's parameters rather than its forward/backward pass.
 PARAM_TOPICS = ("weights", "biases", "weight_grads", "bias_grads", "weight_updates", "bias_updates")
+#: The topic of the Records in which the overhead budget says how often each metric is recorded
+#: (layer ``""``, metric: the metric's name, value: its interval in steps; :mod:`sonde.budget`).
+#: Not a topic a probe captures.
+SCHEDULE_TOPIC = "schedule"
 #: The parameter topic each update topic is a change of.
 UPDATE_OF = {"weight_updates": "weights", "bias_updates": "biases"}
 #: A parameter topic's gradient and update topics.

@@ -23,6 +23,7 @@ Example:
     >>> out = []
     >>> w = Worker(out.extend)
     >>> w.submit(("train", "fc", "activations", "peak"), ComputeTask(lambda: ["a record"]))
+    True
     >>> w.close()
     True
     >>> out
@@ -151,11 +152,12 @@ class Worker:
         with self._cond:
             return len(self._pending) + self._busy
 
-    def submit(self, key: Hashable, task: ComputeTask) -> None:
-        """Queue ``task`` under ``key``; returns at once (see the module docstring for overload)."""
+    def submit(self, key: Hashable, task: ComputeTask) -> bool:
+        """Queue ``task`` under ``key``; returns at once (see the module docstring for overload):
+        False when the task was skipped (a full queue, or a closed worker)."""
         with self._cond:
             if self._stopping:
-                return
+                return False
             waiting = self._waiting.setdefault(key, [])
             older = None
             if waiting and self._backlog_full(key, waiting, task):
@@ -171,17 +173,20 @@ class Worker:
                         self.coalesced, task.name, key,
                     )
             elif len(self._pending) >= self.max_pending:
+                if not waiting:
+                    del self._waiting[key]
                 self.skipped += 1
                 if self.skipped == 1 or self.skipped % 1000 == 0:
                     log.error(
                         "sonde: the background worker's queue is full (%d tasks); skipped %d value(s) so far, "
                         "e.g. %r of %s; training is not slowed", self.max_pending, self.skipped, task.name, key,
                     )
-                return
+                return False
             self._seq += 1
             waiting.append(self._seq)
             self._pending[(key, self._seq)] = task
             self._cond.notify_all()
+            return True
 
     def _backlog_full(self, key: Hashable, waiting: list[int], task: ComputeTask) -> bool:
         if len(waiting) >= self.max_backlog:
@@ -233,7 +238,10 @@ class Worker:
                 if self._stopping:
                     return
                 (key, seq), task = self._pending.popitem(last=False)
-                self._waiting[key].remove(seq)
+                waiting = self._waiting[key]
+                waiting.remove(seq)
+                if not waiting:
+                    del self._waiting[key]  # keys used once (a deferred flush's) must not pile up
                 self._busy = True
             try:
                 self._run(task)

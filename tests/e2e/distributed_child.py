@@ -6,7 +6,8 @@ Usage: ``python distributed_child.py MODE OUT`` with MODE ``ddp`` (a DDP model w
 a second run into ``extra.db`` with a gathered state and a ``reset="never"`` mean) or
 ``fail`` (first a store rank 0 cannot open, then the DDP run with the merge failing on rank 1 at
 the second recorded step); each rank writes ``OUT/rank<r>.json`` with the run name it was given,
-whether monitoring was switched off and the error the bad store raised.
+whether monitoring was switched off and the error the bad store raised. MODE ``fsdp``: an FSDP2
+model (:func:`fsdp`); ``hsdp``: the same with each parameter whole on both ranks (two replicas of one shard).
 """
 
 from __future__ import annotations
@@ -72,7 +73,53 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, probe: Any, rank: int, s
         probe.log(loss=loss)
 
 
+def make_fsdp_net() -> nn.Sequential:
+    """Parameters whose first dimension 2 ranks share unevenly (7, 3) and one (1) that leaves rank 1 an empty shard."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
+
+
+def fsdp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(model(x).squeeze(-1), y.float())
+
+
+def fsdp(out: Path, replicas: int = 1, optimizer: bool = True) -> None:
+    """FSDP2: ``fully_shard`` on each Linear and on the root, over a CPU device mesh of ``replicas``
+    replicas (HSDP when more than 1) of the shards; SGD with momentum, given to the probe or not
+    (``optimizer``: gradients are then read as backward accumulates them)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    mesh = (init_device_mesh("cpu", (size,)) if replicas == 1 else
+            init_device_mesh("cpu", (replicas, size // replicas), mesh_dim_names=("replicate", "shard")))
+    model = make_fsdp_net()
+    for block in model:
+        if isinstance(block, nn.Linear):
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    share = GLOBAL_BATCH // size
+    with sonde.probe(model, optimizer=opt if optimizer else None) as p:
+        for step in range(STEPS):
+            x, y = global_batch(step)
+            loss = fsdp_loss(model, x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            p.log(loss=loss)
+        run, switched_off = p.run, p.switched_off
+        graph_error = "" if p._graph_job is None or p._graph_job.error is None else str(p._graph_job.error)
+    (out / f"rank{rank}.json").write_text(json.dumps({"run": run, "switched_off": switched_off,
+                                                      "graph_error": graph_error}))
+    dist.destroy_process_group()
+
+
 def main(mode: str, out: Path) -> None:
+    if mode in ("fsdp", "hsdp", "fsdp-no-optimizer"):
+        fsdp(out, replicas=2 if mode == "hsdp" else 1, optimizer=mode != "fsdp-no-optimizer")
+        return
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     if mode == "fail" and rank == 1:

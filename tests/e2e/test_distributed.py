@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import distributed_child as child
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 import sonde
+from sonde.store import open_store
 
 CHILD = Path(__file__).with_name("distributed_child.py")
 TIMEOUT = 45
@@ -169,3 +171,135 @@ def test_a_failure_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     assert "switched off on every rank" in results[0].stderr
     df = sonde.load(tmp_path / "sonde.db")
     assert sorted(set(df[df["phase"] == "train"]["step"])) == [0]  # step 0 merged; none after the failure
+
+
+def fsdp_reference() -> dict[tuple[int, str, str], np.ndarray]:
+    """One process, the global batch, the unsharded network of the FSDP2 run: each layer's tensors by
+    (step, layer, topic), the whole parameters' values, gradients and updates, the loss by (step, '', 'loss')."""
+    net = child.make_fsdp_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    seen: dict[tuple[int, str, str], np.ndarray] = {}
+    step = 0
+
+    def forward(name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            seen[(step, name, "inputs")] = args[0].detach().double().numpy().copy()
+            seen[(step, name, "activations")] = output.detach().double().numpy().copy()
+            at = step
+            output.register_hook(lambda g: seen.__setitem__((at, name, "output_grads"), g.double().numpy().copy()))
+        return hook
+
+    for name, module in net.named_children():
+        module.register_forward_hook(forward(name))
+    for step in range(child.STEPS):
+        x, y = child.global_batch(step)
+        before = {n: p.detach().double().numpy().copy() for n, p in net.named_parameters()}
+        loss = child.fsdp_loss(net, x, y)
+        opt.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.double().numpy().copy() for n, p in net.named_parameters()}
+        opt.step()
+        seen[(step, "", "loss")] = np.array(loss.item())
+        for n, p in net.named_parameters():
+            layer, kind = n.split(".")
+            topics = ("weights", "weight_grads", "weight_updates") if kind == "weight" else (
+                "biases", "bias_grads", "bias_updates")
+            for topic, value in zip(topics, (before[n], grads[n], p.detach().double().numpy() - before[n]),
+                                    strict=True):
+                seen[(step, layer, topic)] = value
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "hsdp"])
+def test_fsdp2_two_ranks_record_whole_parameters_from_their_shards(mode: str, tmp_path: Path) -> None:
+    """FSDP2 (``fully_shard`` per Linear and on the root, CPU mesh): the statistics of each sharded
+    parameter are those of the whole parameter (``fsdp``: shards of 4+3, 2+1 and 1+0 rows; ``hsdp``: two
+    replicas of one whole shard, counted once), activations and output_grads those of the global batch,
+    names the user's, and the graph is stored."""
+    launch(mode, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["run"] == ranks[1]["run"]
+    assert not any(r["switched_off"] for r in ranks)
+    assert ranks[0]["graph_error"] == ""
+    df = sonde.load(tmp_path / "sonde.db")
+    keys = df[["step", "phase", "layer", "topic", "metric"]].astype(str).agg("|".join, axis=1)
+    assert keys.is_unique
+    train = df[df["phase"] == "train"]
+    assert set(train["layer"]) - {""} == {"0", "1", "2", "3", "4"}  # no FSDP prefix
+    values = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in train.itertuples()}
+
+    ref = fsdp_reference()
+    compared = 0
+    for (step, layer, topic), tensor in ref.items():
+        if topic == "loss":
+            assert values[(step, "", "loss", "loss")] == pytest.approx(float(tensor), rel=1e-6)
+            continue
+        for metric, expected in numpy_stats(tensor).items():
+            got = values[(step, layer, topic, metric)]
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, layer, topic, metric)
+            compared += 1
+        if topic in ("weight_updates", "bias_updates"):
+            weights = ref[(step, layer, "weights" if topic == "weight_updates" else "biases")]
+            expected = np.sqrt((tensor * tensor).sum() / (weights * weights).sum())
+            assert values[(step, layer, topic, "update_ratio")] == pytest.approx(expected, rel=1e-5), (step, layer)
+    params = 3 * 2 * 3  # three Linear layers, weights and biases, value / gradient / update
+    assert compared == child.STEPS * (5 * 3 + params) * 8
+
+    # Histograms of the whole parameters: edges from the first step's range over both shards, counts from
+    # step 1 on (a rank's empty shard adds none).
+    arrays = sonde.load(tmp_path / "sonde.db", arrays=True)
+    hist = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in arrays.itertuples()}
+    checked = 0
+    for layer in ("0", "2", "4"):
+        for topic in ("weights", "weight_grads", "weight_updates", "biases"):
+            first = ref[(0, layer, topic)]
+            if first.max() == first.min():
+                continue
+            edges = np.linspace(first.min(), first.max(), 65)
+            got_edges = np.asarray(next(v for (s, la, t, m), v in hist.items()
+                                        if la == layer and t == topic and m == "histogram_edges"))
+            np.testing.assert_allclose(got_edges, edges, rtol=1e-6, atol=1e-9)
+            for step in (1, 2):
+                tensor = ref[(step, layer, topic)].reshape(-1)
+                bins = np.clip(np.floor((tensor - edges[0]) * 64 / (edges[-1] - edges[0])), 0, 63).astype(int)
+                got = np.asarray(hist[(step, layer, topic, "histogram")])
+                assert got.sum() == tensor.size, (layer, topic, step)
+                assert np.abs(got - np.bincount(bins, minlength=64)).sum() <= 2, (layer, topic, step)
+                checked += 1
+    assert checked >= 3 * 3 * 2
+
+    with open_store(tmp_path / "sonde.db") as store:
+        graph = store.get_graph(ranks[0]["run"])
+    assert graph is not None
+    modules = {n["name"]: n for n in graph["nodes"] if n["kind"] == "module"}
+    assert sorted(modules) == ["0", "1", "2", "3", "4"]
+    assert modules["4"]["op"] == "Linear" and modules["4"]["params"] == {"weight": [1, 3], "bias": [1]}
+    assert modules["2"]["output_shapes"] == [[4, 3]]  # rank 0's batch share, whole-parameter shapes
+    assert graph["num_params"] == sum(p.numel() for p in child.make_fsdp_net().parameters())
+
+
+def test_fsdp2_without_an_optimizer_records_whole_gradients_and_the_users_class_names(tmp_path: Path) -> None:
+    """Without ``optimizer=`` the gradients are read as backward accumulates them, which FSDP2 hands over
+    as sharded ``DTensor`` gradients: their statistics are still those of the whole gradient. The run
+    and its layers are named by the user's classes (``Sequential``, ``Linear``), not FSDP's."""
+    launch("fsdp-no-optimizer", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert not any(r["switched_off"] for r in ranks)
+    df = sonde.load(tmp_path / "sonde.db")
+    train = df[df["phase"] == "train"]
+    values = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in train.itertuples()}
+    ref = fsdp_reference()
+    compared = 0
+    for (step, layer, topic), tensor in ref.items():
+        if topic not in ("weight_grads", "bias_grads", "activations"):
+            continue
+        for metric, expected in numpy_stats(tensor).items():
+            assert values[(step, layer, topic, metric)] == pytest.approx(expected, rel=1e-5, abs=1e-7), (
+                step, layer, topic, metric)
+            compared += 1
+    assert compared == child.STEPS * (3 * 2 + 5) * 8
+    assert ranks[0]["run"].startswith("sequential")
+    with open_store(tmp_path / "sonde.db") as store:
+        layers = store.layers(ranks[0]["run"])
+    types = dict(zip(layers["name"], layers["type"], strict=True))
+    assert types["0"] == "Linear" and types["1"] == "Tanh"

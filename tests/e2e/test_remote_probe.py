@@ -39,7 +39,7 @@ def test_records_survive_a_server_killed_and_restarted_mid_training(server: Sond
         return len(list(spill.glob("*/[0-9]*.msgpack")))
 
     steps = 60
-    with sonde.probe(model, run="killed", server=sink, optimizer=opt, sinks=[collect]) as p:
+    with sonde.probe(model, run="killed", server=sink, optimizer=opt, sinks=[collect], every=1) as p:
         for step in range(steps):
             x = torch.randn(32, 16)
             loss = nn.functional.cross_entropy(model(x), torch.randint(0, 4, (32,)))

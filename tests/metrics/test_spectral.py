@@ -51,7 +51,7 @@ def test_spectral_norm_over_a_training_run_agrees_with_svd_at_every_step(collect
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # large steps: the weights move
     gen = torch.Generator().manual_seed(2)
     expected: dict[tuple[int, str], np.ndarray] = {}
-    with sonde.probe(model, store=None, optimizer=opt, sinks=[collect],
+    with sonde.probe(model, store=None, optimizer=opt, sinks=[collect], every=1,
                      metrics=["spectral_norm", ConditionNumber(compute_every=4)]) as p:
         for step in range(12):
             x, y = torch.randn(32, 48, generator=gen), torch.randint(0, 7, (32,), generator=gen)

@@ -83,7 +83,24 @@ def _replay(params: dict[str, np.ndarray], data: list[tuple[np.ndarray, np.ndarr
     return steps
 
 
-def test_every_topic_at_every_jitted_step_matches_a_hand_replay(collect: Collect) -> None:
+# where the statistics are taken: (JaxProbe.device_statistics, JaxProbe.statistics_kernel); on the CPU
+# the default is in the step by sonde's kernel, "host" sends the arrays, "jnp" reduces with XLA's ops
+PATHS = {"kernel": (None, True), "host": (False, True), "jnp": (True, False)}
+
+
+def _use(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    import sys
+
+    probe_class = sys.modules["sonde.probe.jax"].JaxProbe
+    on_device, kernel = PATHS[path]
+    monkeypatch.setattr(probe_class, "device_statistics", on_device)
+    monkeypatch.setattr(probe_class, "statistics_kernel", kernel)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_topic_at_every_jitted_step_matches_a_hand_replay(
+        collect: Collect, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    _use(monkeypatch, path)
     model = MLP(nnx.Rngs(0))
     params = {"w1": np.asarray(model.fc1.kernel.get_value()), "b1": np.asarray(model.fc1.bias.get_value()),
               "w2": np.asarray(model.fc2.kernel.get_value()), "b2": np.asarray(model.fc2.bias.get_value())}
@@ -227,13 +244,16 @@ def test_steps_the_schedule_skips_send_nothing_to_the_host(collect: Collect, mon
     assert len(sent) == 3 * 2 * 3
 
 
-def _spy_payloads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
-    """Statistics taken in the step (as on accelerators; the CPU default is on the host), and
-    every (topic, leaf) that reaches the host through the probe's tensor callbacks."""
+def _spy_payloads(monkeypatch: pytest.MonkeyPatch, path: str) -> list[tuple[str, Any]]:
+    """Statistics taken in the step (``path``: by sonde's kernel, the CPU default, or by ``jnp``
+    reductions, as on accelerators), and every (topic, leaf) that reaches the host through the
+    probe's tensor callbacks."""
     import sys
 
     probe_module = sys.modules["sonde.probe.jax"]
-    monkeypatch.setattr(probe_module.JaxProbe, "device_statistics", True)
+    _use(monkeypatch, path)
+    if path == "kernel":
+        assert probe_module.jax_kernel.available()  # the test machine has a C compiler
     seen: list[tuple[str, Any]] = []
     on_arrays, on_update = probe_module.JaxProbe._on_arrays, probe_module.JaxProbe._on_update
 
@@ -256,9 +276,10 @@ def _bin(value: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
     return np.bincount(index, minlength=bins)
 
 
+@pytest.mark.parametrize("path", ["kernel", "jnp"])
 def test_default_statistics_are_taken_in_the_step_and_only_they_cross(
-        collect: Collect, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = _spy_payloads(monkeypatch)
+        collect: Collect, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    seen = _spy_payloads(monkeypatch, path)
     model = MLP(nnx.Rngs(0))
     params = {"w1": np.asarray(model.fc1.kernel.get_value()), "b1": np.asarray(model.fc1.bias.get_value()),
               "w2": np.asarray(model.fc2.kernel.get_value()), "b2": np.asarray(model.fc2.bias.get_value())}
@@ -268,8 +289,10 @@ def test_default_statistics_are_taken_in_the_step_and_only_they_cross(
         for x, y in data:
             loss, logits = _train_step(model, optimizer, x, y)
             p.log(loss=loss, labels=y, outputs=logits)
-    # per tensor: 6 float partials, 4 counts (size, non-zero, NaN, Inf) and 64 histogram counts; no array
-    assert seen and {(np.ndim(leaf), np.size(leaf)) for _, leaf in seen} == {(1, 6), (1, 4), (1, 64)}
+    # per tensor, no array: by jnp, 6 float partials, 4 counts (size, non-zero, NaN, Inf) and 64 histogram
+    # counts; by the kernel, one vector of 32-bit words: 10 float64 partials, 64 int64 counts, 2 float32
+    expected = {(1, 150)} if path == "kernel" else {(1, 6), (1, 4), (1, 64)}
+    assert seen and {(np.ndim(leaf), np.size(leaf)) for _, leaf in seen} == expected
     edges: dict[tuple[str, str], tuple[float, float]] = {}
     for k, step in enumerate(_replay(params, data)):
         for (layer, topic), value in step.items():
@@ -313,8 +336,10 @@ class _Peak(Metric):
         return {"peak": float(self.state["peak"])}
 
 
-def test_a_metric_that_reads_samples_gets_the_whole_array(collect: Collect, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = _spy_payloads(monkeypatch)
+@pytest.mark.parametrize("path", ["kernel", "jnp"])
+def test_a_metric_that_reads_samples_gets_the_whole_array(
+        collect: Collect, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    seen = _spy_payloads(monkeypatch, path)
     model = MLP(nnx.Rngs(0))
     params = {"w1": np.asarray(model.fc1.kernel.get_value()), "b1": np.asarray(model.fc1.bias.get_value()),
               "w2": np.asarray(model.fc2.kernel.get_value()), "b2": np.asarray(model.fc2.bias.get_value())}
@@ -336,8 +361,10 @@ def test_a_metric_that_reads_samples_gets_the_whole_array(collect: Collect, monk
                     float(value.mean()), rel=1e-4, abs=1e-6)
 
 
-def test_evaluation_passes_merge_their_device_statistics(collect: Collect, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = _spy_payloads(monkeypatch)
+@pytest.mark.parametrize("path", ["kernel", "jnp"])
+def test_evaluation_passes_merge_their_device_statistics(
+        collect: Collect, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    seen = _spy_payloads(monkeypatch, path)
     model = MLP(nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.sgd(LR), wrt=nnx.Param)
     data = _data(3)

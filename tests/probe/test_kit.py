@@ -70,8 +70,8 @@ def test_the_reference_signature_takes_every_keyword_of_the_kit_in_its_order() -
 
 def test_unexpected_keywords_are_named_with_what_is_taken() -> None:
     kit.check_keywords("Callback", ["run", "every"])
-    with pytest.raises(ConfigError, match=r"Callback got unexpected keyword\(s\) evry; it takes depth, every, .*"
-                                          r"sinks, store, topics \(note\)"):
+    with pytest.raises(ConfigError, match=r"Callback got unexpected keyword\(s\) evry; it takes budget, depth, "
+                                          r"every, .*sinks, store, topics \(note\)"):
         kit.check_keywords("Callback", ["run", "evry"], note=" (note)")
 
 
@@ -133,7 +133,7 @@ def test_an_adapter_for_a_new_framework_is_made_of_the_kit(collect: Collect, cap
         ToyProbe(model, store=None, layers=["conv*"])
     with caplog.at_level(logging.WARNING, logger="sonde"), ToyProbe(model, store=None, stepped=False):
         assert "no stepped= given, so weights, gradients and updates are unavailable" in caplog.text
-    p = ToyProbe(model, store=None, sinks=[collect], metrics=["mean"])
+    p = ToyProbe(model, store=None, sinks=[collect], metrics=["mean"], every=1)
     assert p.info.config == {"every": "1", "depth": None, "optimizer": None}
     assert [(i.name, i.param_shapes) for i in p.info.layers] == [
         ("fc", {"weight": [3, 2], "bias": [3]}), ("out", {"weight": [3, 3], "bias": [3]})]

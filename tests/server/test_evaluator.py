@@ -43,9 +43,10 @@ def app(tmp_path: Path) -> Iterator[FastAPI]:
 
 
 def probe_and_train(app_client: Any, tmp_path: Path, metrics: list[Any], steps: int = 4,
-                    log_outputs: bool = False, epoch: int | None = None) -> dict[tuple[int, str], np.ndarray]:
+                    log_outputs: bool = False, epoch: int | None = None,
+                    every: int | None = 1) -> dict[tuple[int, str], np.ndarray]:
     """Train a small model with the probe reporting to the app (``p.end_epoch()`` every ``epoch``
-    steps); return each layer's activations per step."""
+    steps, ``every`` as sonde.probe takes it); return each layer's activations per step."""
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen: dict[tuple[int, str], np.ndarray] = {}
@@ -54,8 +55,8 @@ def probe_and_train(app_client: Any, tmp_path: Path, metrics: list[Any], steps: 
         module.register_forward_hook(
             lambda m, a, out, name=name: seen.__setitem__((step[0], name), out.detach().numpy().copy()))
     sink = RemoteSink(URL, client=app_client, spill_dir=tmp_path / "spill")
-    with sonde.probe(model, run="r", server=sink, optimizer=opt, metrics=metrics, topics=["activations", "outputs"]
-                     ) as p:
+    with sonde.probe(model, run="r", server=sink, optimizer=opt, metrics=metrics, topics=["activations", "outputs"],
+                     every=every) as p:
         for step[0] in range(steps):
             y = torch.randint(0, 3, (16,))
             out = model(torch.randn(16, 6))
@@ -97,6 +98,20 @@ def test_server_side_stats_equal_numpy_on_the_shipped_rows(app: FastAPI, tmp_pat
         pair = sorted(means[(means.step == step) & (means.layer == "2")].value)
         expected = sorted([seen[(step, "2")][:5].mean(), seen[(step, "2")].mean()])
         assert pair == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_server_metrics_on_layers_are_recorded_under_the_default_budget(app: FastAPI, tmp_path: Path) -> None:
+    """Every ServerMetric is named ``server``: one of them on network-wide values (train_accuracy, a
+    scalar the budget records every step) must not make the layer ones free of the layer hooks."""
+    seen = probe_and_train(TestClient(app, base_url=URL), tmp_path,
+                           [ServerMetric("mean", sample=None), ServerMetric("train_accuracy")],
+                           steps=3, log_outputs=True, every=None)
+    assert evaluator_of(app).join(30)
+    means = app.state.store.load("r", layers="0", metrics="mean")
+    assert list(means.step) == [0, 1, 2]  # the budget records the first steps in full
+    for step in range(3):
+        assert value(app.state.store, "0", "mean", step) == pytest.approx(float(seen[(step, "0")].mean()),
+                                                                       rel=1e-5, abs=1e-7)
 
 
 def test_histogram_edges_stay_fixed_across_steps_on_the_server(app: FastAPI, tmp_path: Path) -> None:

@@ -12,6 +12,11 @@ failing that on real tensors: the copy then shares the real parameters (no copy;
 ``torch.no_grad()``) and works on clones of the buffers, and the global random state is
 restored afterwards, so the model and the training run are left exactly as they were.
 
+A model sharded with FSDP2 (``fully_shard``) is copied as the classes it was built from
+(``Linear``, not ``FSDPLinear``), without FSDP's hooks, and its sharded parameters (``DTensor``)
+become meta or fake tensors of the whole parameter's shape: the trace reads no shard and runs no
+collective. Such a model is not traced on real tensors (that would need the gathered parameters).
+
 Names follow the probe's: module paths, ``name:2`` for a second call of a module in one
 forward pass; functions are ``<enclosing module call>/<function>`` (``layer1.0/add``), ``:2``
 for repeats.
@@ -20,6 +25,7 @@ for repeats.
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import fields, is_dataclass
@@ -32,6 +38,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from sonde.graph.model import Graph, GraphError, Node
+from sonde.run_info import user_class
 
 __all__ = ["graph", "trace"]
 
@@ -55,6 +62,10 @@ _HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
                "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                "_load_state_dict_post_hooks")
+# Attributes by which a library marks a module whose hooks it installed; the copy has no hooks, so it
+# loses the mark too and the library installs them on the copy (transformers' output capturing, which
+# collects Mixtral's router logits: without it the copy's forward fails).
+_HOOK_MARKS = ("_output_capturing_hooks_installed",)
 
 
 def graph(model: nn.Module, example_input: Any, *, device: str = "auto") -> Graph:
@@ -131,7 +142,7 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, m
     elif background:
         shadow.eval()
     tracer = _Tracer(shadow)
-    name = type(model).__name__
+    name = _module_type(model)
     with torch.no_grad():
         if fake is not None:
             with fake:
@@ -144,7 +155,22 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, m
 
 
 def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
+    if _is_dtensor(tensor):  # the whole parameter's shape, as a plain tensor (empty_like would keep the DTensor)
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
     return torch.empty_like(tensor, device="meta")
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter FSDP2 shards across ranks)."""
+    module = sys.modules.get("torch.distributed.tensor")  # none exists before torch.distributed.tensor is imported
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def _fsdp_original(cls: type[nn.Module]) -> type[nn.Module] | None:
+    """The class FSDP2's ``fully_shard`` made ``cls`` from (``Linear`` for ``FSDPLinear``), else None."""
+    original = user_class(cls)
+    return None if original is cls else original  # type: ignore[return-value]
 
 
 def _fake_like(fake: FakeTensorMode) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -173,6 +199,9 @@ def _shadow(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] | 
     modules: dict[int, nn.Module] = {}
 
     def param(p: nn.Parameter) -> Any:
+        if convert is None and _is_dtensor(p):
+            raise GraphError("its parameters are sharded across ranks (DTensor): a trace on real tensors would "
+                             "gather them")
         if id(p) not in tensors:
             tensors[id(p)] = nn.Parameter(convert(p), requires_grad=p.requires_grad) if convert is not None else p
         return tensors[id(p)]
@@ -186,6 +215,8 @@ def _shadow(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] | 
         if id(module) in modules:
             return modules[id(module)]
         twin = _shallow_copy(module)
+        for mark in _HOOK_MARKS:
+            twin.__dict__.pop(mark, None)
         modules[id(module)] = twin
         twin._parameters = {k: None if v is None else param(v) for k, v in module._parameters.items()}
         twin._buffers = {k: None if v is None else buffer(v) for k, v in module._buffers.items()}
@@ -198,6 +229,8 @@ def _shadow(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] | 
 
     try:
         return clone(model)
+    except GraphError:
+        raise
     except Exception as exc:  # any copy failure means the same thing to the caller
         raise GraphError(f"cannot copy {type(model).__name__}'s module tree to trace it: {type(exc).__name__}: {exc}"
                          ) from exc
@@ -211,8 +244,8 @@ def _is_parametrizations(module: nn.Module, child: str) -> bool:
 
 def _module_type(module: nn.Module) -> str:
     """The module's class name; a parametrized module's is its original class's (``Linear``, not
-    ``ParametrizedLinear``)."""
-    cls = type(module)
+    ``ParametrizedLinear``), and so is a module FSDP2 shards (``Linear``, not ``FSDPLinear``)."""
+    cls = _fsdp_original(type(module)) or type(module)
     if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized"):
         cls = cls.__bases__[0]
     return cls.__name__
@@ -220,10 +253,14 @@ def _module_type(module: nn.Module) -> str:
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
     """``copy.copy(module)``, also for a parametrized module (``torch.nn.utils.parametrize``), whose
-    class refuses to be pickled or copied: the same class, a new attribute dict with the same values."""
-    if not parametrize.is_parametrized(module):
+    class refuses to be pickled or copied: the same class, a new attribute dict with the same values;
+    and for a module FSDP2 shards, whose class constructs its original class instead (``__new__``
+    calls ``__init__`` without arguments): a module of the original class, without FSDP's methods."""
+    original = _fsdp_original(type(module))
+    if original is None and not parametrize.is_parametrized(module):
         return copy.copy(module)
-    twin = type(module).__new__(type(module))
+    cls = original or type(module)
+    twin = cls.__new__(cls)
     twin.__dict__.update(module.__dict__)
     return twin
 

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from sonde.graph.extract import trace
@@ -48,7 +49,10 @@ class GraphJob:
         self._thread: threading.Thread | None = None
 
     def on_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        """Forward pre-hook (``with_kwargs=True``): start the trace once, then remove the hook."""
+        """Forward pre-hook (``with_kwargs=True``): start the trace once, then remove the hook.
+        Dynamo tracing a compiled model's forward traces it into nothing (it runs at an eager forward)."""
+        if torch.compiler.is_compiling():
+            return
         try:
             if self._thread is not None:
                 return

@@ -27,14 +27,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from sonde.metrics.base import Capture, Metric
+from sonde.metrics.transfer import Copier, Transfer, default_copier
 from sonde.records import Record
 
 __all__ = ["MetricEngine", "to_host"]
@@ -50,6 +52,23 @@ Where = tuple[str, str]
 #: ``offload(key, snapshot, phase, step, layer, topic)``: computes a snapshot of an ``offload`` metric
 #: off this thread (the probe's background worker, :mod:`sonde.worker`); its Records follow from there.
 Offload = Callable[[Hashable, Metric, str, int, str, str], None]
+#: ``defer(finish)``: runs ``finish`` (the host part of a flush, returning its Records) on a
+#: background thread, in submission order, and hands the Records on (the probe's worker); False
+#: when it will not run (the worker's queue is full: that step's values are lost, loudly).
+Defer = Callable[[Callable[[], list[Record]]], bool]
+
+#: The metrics whose ``update`` keeps its host-side effects in declared state (and stages the
+#: rest), so that their host part may run a step late on the background thread. A run whose
+#: metrics are all among them reads its device partials back without host synchronisation.
+DEFERRABLE = frozenset(
+    f"sonde.metrics.{name}"
+    for name in (
+        "stats.TensorStats", "stats.Mean", "stats.Std", "stats.Var", "stats.Min", "stats.Max", "stats.AbsMean",
+        "stats.Norm", "stats.ZeroFrac", "stats.NonfiniteFrac", "stats.Histogram", "stats.UpdateRatio",
+        "training.Loss", "training.TrainAccuracy", "alerts.Alerts", "spectral.SpectralNorm",
+        "spectral.ConditionNumber",
+    )
+)
 
 
 class RankMerger(Protocol):
@@ -88,7 +107,22 @@ class MetricEngine:
         self.watchers = [m for m in self.metrics if m.watches] if watchers is None else list(watchers)
         self.instances: dict[Hashable, list[Metric]] = {}
         self.offload: Offload | None = None
+        #: Runs the host part of a flush on a background thread (set by the bus when it has a
+        #: worker); used when the staged partials live on CUDA (see :meth:`flush`).
+        self.defer: Defer | None = None
+        #: How each device's packed partials reach the host (:func:`sonde.metrics.transfer.default_copier`).
+        self.copier: Copier = default_copier
+        #: True once reading a step back failed on the background thread: monitoring is off.
+        self.off = False
         self.on_failure = on_failure
+        # Deferred flushes (decided at the first flush that stages something, for the whole run):
+        # the training thread detaches each updated instance's staged partials and host state at
+        # its flush; the background thread folds them into the instance's state kept in _base.
+        # _lock guards an instance's state and staged list between the two threads.
+        self._deferred: bool | None = None
+        self._base: dict[int, dict[str, Any]] = {}
+        self._inflight = 0
+        self._lock = threading.Lock()
         #: Under torch.distributed: merges the due states of every rank before compute (set by the probe).
         self.merge_ranks: RankMerger | None = None
         # Per phase: instances updated since the last flush, and those holding state not computed yet.
@@ -101,6 +135,12 @@ class MetricEngine:
     # -- the training thread's part -------------------------------------------------------------
     def update(self, where: Where, instances: Sequence[Metric], capture: Capture) -> None:
         """``prepare`` then ``update`` each instance with ``capture`` (staging partials); never raises."""
+        if self.off:
+            return
+        with self._lock:
+            self._update(where, instances, capture)
+
+    def _update(self, where: Where, instances: Sequence[Metric], capture: Capture) -> None:
         for instance in instances:
             try:
                 instance.prepare(capture)
@@ -128,14 +168,16 @@ class MetricEngine:
 
     def discard(self, phase: str) -> None:
         """Forget what was updated in ``phase`` since the last flush (a pass that broke off)."""
-        for instances in self._touched.get(phase, {}).values():
-            for metric in instances:
-                metric.reset()
-        self._touched[phase] = {}
+        with self._lock:
+            for instances in self._touched.get(phase, {}).values():
+                for metric in instances:
+                    metric.reset()  # deferred: the live state holds only what was published since the flush
+            self._touched[phase] = {}
 
     def accumulating(self) -> bool:
-        """Whether some metric holds recorded state that has not been computed yet."""
-        return any(self._dirty.values())
+        """Whether some metric holds recorded state that has not been computed yet (or a flush
+        is still on its way to the host)."""
+        return self._inflight > 0 or any(self._dirty.values())
 
     def end_epoch(self) -> None:
         """The current train step is the last of an epoch: at its flush, metrics with
@@ -160,11 +202,87 @@ class MetricEngine:
             epoch_end = self._epoch_end and phase == "train"
             if epoch_end:
                 self._epoch_end = False
-        if not touched and not dirty and not epoch_end:
+        if self.off:
+            return []
+        if not touched and not dirty and not epoch_end and not self._inflight:
             if self.merge_ranks is not None:  # the other ranks may hold state: meet them all the same
                 self.merge_ranks.merge(phase, step, final, [])
             return []
-        host = to_host(value for instances in touched.values() for m in instances for _, value in m.staged)
+        transfer = Transfer((value for instances in touched.values() for m in instances for _, value in m.staged),
+                            self.copier)
+        if self._deferred is None and (transfer.devices or any(m.staged for ms in touched.values() for m in ms)):
+            self._deferred = bool(transfer.devices) and transfer.asynchronous and self._may_defer()
+        if not self._deferred:
+            transfer.start()
+            return self._finish(phase, step, final, epoch_end, only, touched, transfer.wait(), {})
+        # Deferred: detach what this step staged and added to host state, start the copy, return.
+        detached: dict[int, tuple[list[tuple[str, Any]], dict[str, Any]]] = {}
+        with self._lock:
+            for instances in touched.values():
+                for metric in instances:
+                    detached[id(metric)] = (metric.staged, metric.state)
+                    metric.staged = []
+                    _fresh_state(metric)
+            self._inflight += 1
+        transfer.start()
+        defer = self.defer
+        assert defer is not None
+
+        def finish() -> list[Record]:
+            try:
+                host = transfer.wait()
+                return self._finish(phase, step, final, epoch_end, only, touched, host, detached)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never break training
+                self._reader_failed(exc)
+                return []
+            finally:
+                with self._lock:
+                    self._inflight -= 1
+
+        if not defer(finish):
+            with self._lock:
+                self._inflight -= 1
+        return []
+
+    def _may_defer(self) -> bool:
+        """Whether this run's flushes may finish on the background thread (see :data:`DEFERRABLE`);
+        under torch.distributed the ranks merge on the training thread, so they stay synchronous."""
+        return self.defer is not None and self.merge_ranks is None and all(
+            f"{type(m).__module__}.{type(m).__qualname__}" in DEFERRABLE for m in self.metrics)
+
+    def _reader_failed(self, exc: Exception) -> None:
+        if not self.off:
+            self.off = True
+            log.error("sonde: reading a recorded step back from the device failed (%s: %s); training goes on, "
+                      "and run %r records no more metrics", type(exc).__name__, exc, self.run, exc_info=exc)
+
+    @contextlib.contextmanager
+    def _held(self, metric: Metric) -> Iterator[None]:
+        """Gives the block ``metric``'s recorded state: in deferred mode the state kept for it here,
+        swapped in under the lock (the training thread's live state and staged partials are put
+        back after); otherwise its own, as it is."""
+        if not self._deferred:
+            yield
+            return
+        with self._lock:
+            live_state, live_staged = metric.state, metric.staged
+            base = self._base.get(id(metric))
+            if base is None:
+                _fresh_state(metric)
+            else:
+                metric.state = base
+            metric.staged = []
+            try:
+                yield
+            finally:
+                self._base[id(metric)] = metric.state
+                metric.state, metric.staged = live_state, live_staged
+
+    def _finish(self, phase: str, step: int, final: bool, epoch_end: bool, only: Collection[Metric] | None,
+                touched: dict[Where, list[Metric]], host: dict[int, np.ndarray],
+                detached: dict[int, tuple[list[tuple[str, Any]], dict[str, Any]]]) -> list[Record]:
+        """The host part of a flush: absorb the host copies, compute what is due, reset, derive."""
+        dirty = self._dirty.setdefault(phase, {})
         derived: list[tuple[str, str, Metric]] = []
         for key, instances in touched.items():
             for metric in instances:
@@ -172,10 +290,17 @@ class MetricEngine:
                     derived.append((*key, metric))
                     continue
                 try:
-                    metric.absorb_staged(host)
+                    with self._held(metric):
+                        if id(metric) in detached:
+                            staged, added = detached[id(metric)]
+                            for name, value in added.items():
+                                metric.absorb(name, value)
+                            metric.staged = staged
+                        metric.absorb_staged(host)
                 except Exception as exc:  # noqa: BLE001
                     self._report(metric, exc, *key)
-                    metric.reset()
+                    with self._held(metric):
+                        metric.reset()
                     continue
                 waiting = dirty.setdefault(key, [])
                 if metric not in waiting:
@@ -207,12 +332,14 @@ class MetricEngine:
         for key, metrics in due.items():
             layer, topic = key
             for metric in metrics:
-                for name, value in self._compute(metric, phase, step, layer, topic).items():
+                with self._held(metric):
+                    computed = self._compute(metric, phase, step, layer, topic)
+                    if metric.reset_policy == "compute":
+                        metric.reset()
+                for name, value in computed.items():
                     if name in read:
                         values[(layer, topic, name)] = value
                     records.append(Record(self.run, step, phase, layer, topic, name, value))
-                if metric.reset_policy == "compute":
-                    metric.reset()
         if self.merge_ranks is not None:
             self.merge_ranks.restore()  # state kept across computes goes on from this rank's own
         for layer, topic, metric in derived:
@@ -224,12 +351,14 @@ class MetricEngine:
             for name, value in result.items():
                 values[(layer, topic, name)] = value
                 records.append(Record(self.run, step, phase, layer, topic, name, value))
-            metric.reset()
+            with self._held(metric):
+                metric.reset()
         if epoch_end:
-            everything = (m for instances in self.instances.values() for m in instances)
+            everything = [m for instances in list(self.instances.values()) for m in instances]
             for metric in everything if only is None else only:
                 if metric.reset_policy == "epoch":
-                    metric.reset()
+                    with self._held(metric):
+                        metric.reset()
             self.boundary("epoch")
         return records
 
@@ -248,6 +377,7 @@ class MetricEngine:
         """Drop the instances under ``keys`` (their run ended), with any state they still hold."""
         for key in keys:
             for metric in self.instances.pop(key, ()):
+                self._base.pop(id(metric), None)
                 for waiting in (*self._touched.values(), *self._dirty.values()):
                     for where, instances in list(waiting.items()):
                         if metric in instances:
@@ -257,7 +387,15 @@ class MetricEngine:
 
     # -- boundaries, watchers, failures -----------------------------------------------------------
     def end_run(self) -> None:
-        """After the last flush: tell the configured metrics the run ended (:meth:`Metric.boundary`)."""
+        """After the last flush: tell the configured metrics the run ended (:meth:`Metric.boundary`);
+        in deferred mode after the background thread has finished the last flush."""
+        if self._deferred and self.defer is not None:
+            def after_the_last_flush() -> list[Record]:
+                self.boundary("run")
+                return []
+
+            if self.defer(after_the_last_flush):
+                return
         self.boundary("run")
 
     def boundary(self, kind: str) -> None:
@@ -305,53 +443,21 @@ class MetricEngine:
 
 
 def to_host(staged: Iterable[Any]) -> dict[int, np.ndarray]:
-    """Host copies of staged partials: one transfer per accelerator, none for CPU tensors.
+    """Host copies of staged partials, keyed by ``id`` of the staged value: one packed transfer per
+    accelerator (:class:`~sonde.metrics.transfer.Transfer`), none for CPU tensors; waits for it.
 
     A staged partial is a tensor, a numpy array (already on the host), or a tuple of 0-d
     tensors and floats read back as one vector.
     """
-    host: dict[int, np.ndarray] = {}
-    device_parts: dict[torch.device, list[torch.Tensor]] = {}
-    pending: list[tuple[int, Any]] = []
-    seen: set[int] = set()
-    for value in staged:
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if isinstance(value, np.ndarray):
-            host[id(value)] = value
-            continue
-        parts = value if isinstance(value, tuple) else (value,)
-        if all(not isinstance(p, torch.Tensor) or p.device.type == "cpu" for p in parts):
-            host[id(value)] = _cpu_value(value)
-            continue
-        pending.append((id(value), value))
-        for part in parts:
-            if isinstance(part, torch.Tensor) and part.device.type != "cpu":
-                device_parts.setdefault(part.device, []).append(part)
-    if pending:
-        fetched: dict[int, np.ndarray] = {}
-        for group in device_parts.values():
-            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in group]).cpu().numpy()
-            offset = 0
-            for tensor in group:
-                fetched[id(tensor)] = flat[offset : offset + tensor.numel()].reshape(tensor.shape)
-                offset += tensor.numel()
-        for key, value in pending:
-            if isinstance(value, tuple):
-                host[key] = np.array([_part_value(p, fetched) for p in value], dtype=np.float64)
-            else:
-                host[key] = fetched[id(value)]
-    return host
+    transfer = Transfer(staged)
+    transfer.start()
+    return transfer.wait()
 
 
-def _cpu_value(value: Any) -> np.ndarray:
-    if isinstance(value, tuple):
-        return np.array([float(p) for p in value], dtype=np.float64)
-    return value.detach().numpy().astype(np.float64, copy=False)
-
-
-def _part_value(part: Any, fetched: dict[int, np.ndarray]) -> float:
-    if isinstance(part, torch.Tensor):
-        return float(fetched[id(part)]) if part.device.type != "cpu" else float(part)
-    return float(part)
+def _fresh_state(metric: Metric) -> None:
+    """Give ``metric`` a new state dict holding its declared defaults (its staged partials and
+    update count are kept)."""
+    staged, updates = metric.staged, metric.updates
+    metric.state, metric.staged = {}, []
+    metric.reset()
+    metric.staged, metric.updates = staged, updates

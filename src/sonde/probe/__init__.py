@@ -25,10 +25,19 @@ def probe(model: Any, **kwargs: Any) -> Probe:
         layers: a callable ``(name, module) -> bool`` or a list of names/globs.
         topics: topics to capture (default: all); see ``sonde.topics.TOPICS``.
         metrics: metric names and/or configured ``sonde.metrics`` instances (default: all built-ins).
-        every: record step k when ``k % every == 0``, or any schedule ``step -> bool``.
+        every: record step k when ``k % every == 0``, or any schedule ``step -> bool``; ``every=1``
+            records every step. Default None: the overhead budget chooses (:mod:`sonde.budget`).
+        budget: when ``every`` is None, the fraction of training time monitoring may take (default
+            0.05): sonde measures its own cost and records each metric as often as that allows
+            (offloaded metrics such as saturation less often), every step of the first 8 steps and of
+            the 5 steps after the loss turns NaN/Inf or spikes; ``p.schedule()`` says what it chose.
+        max_interval: when ``every`` is None, no metric goes longer than this many steps without a
+            value (default 100).
         depth: None for leaf modules (and modules owning parameters), k for modules k levels down.
         sinks: extra sinks by name (``"tensorboard"``, ``"csv"``, ``"console"``) or instance.
         resume: append to an existing run of the same name instead of refusing.
+        per_rank: under torch.distributed, also record each rank's own ``activations`` statistics
+            (before the merge) as layers ``<layer>@rank<r>``, beside the merged ones (default False).
         probe_set: inputs, or ``(inputs, labels)``, evaluated aside (no grad, eval mode, modes and
             RNG restored, not seen by the other metrics) at the steps the probe-set metrics
             (``cka``, ``svcca``, ``cka_matrix``, ``probe_f1``, ``cluster_mi``) compute.

@@ -14,22 +14,24 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
 
+from sonde.budget import SCHEDULE_TOPIC, Budget, PlanState, TroubleWatch
 from sonde.bus import Bus
 from sonde.errors import ConfigError, ProbeError
+from sonde.metrics.base import Capture, Metric
 from sonde.metrics.registry import resolve_metrics
-from sonde.probe import distributed
+from sonde.probe import distributed, rank_checks
 from sonde.probe.heap import HeapChurnCheck
 from sonde.probe.kit import KEYWORDS, ProbeOptions
 from sonde.records import NETWORK, Record
 from sonde.run_config import check_config
-from sonde.run_info import LayerInfo, RunInfo
+from sonde.run_info import LayerInfo, RunInfo, user_class
 from sonde.run_name import check_run_name
-from sonde.schedules import as_schedule
+from sonde.schedules import Schedule, as_schedule, every
 from sonde.sinks import SinkRunner, resolve_sinks
 from sonde.topics import STEP_TOPICS, TOPICS
 from sonde.worker import Worker
@@ -41,16 +43,21 @@ __all__ = ["Probe", "guarded", "not_a_module", "shared_tensor"]
 
 log = logging.getLogger("sonde")
 
+_NOTHING = torch.zeros(())  # what the budget's proposal is "captured" from
+
 
 def guarded(warned: set[str], where: str, fn: Callable[[], Any]) -> None:
     """Run monitoring code; a failure is logged loudly, once per ``where`` (noted in ``warned``),
-    and never reaches training."""
+    never reaches training, and switches that part off: ``fn`` is not called again for ``where``."""
+    if where in warned:
+        return  # that part of monitoring is switched off
     try:
         fn()
     except Exception as exc:
-        if where not in warned:
-            warned.add(where)
-            log.exception("sonde: %s failed; training goes on without it: %s", where, exc)
+        warned.add(where)
+        log.exception("sonde: %s failed; training goes on without it (this part of monitoring is off for the "
+                      "rest of the run; the traceback below says why: leave the layer, topic or metric out, "
+                      "or report it): %s", where, exc)
 
 
 def shared_tensor(array: Any) -> torch.Tensor:
@@ -114,28 +121,37 @@ class Probe:
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) {', '.join(unknown)}; "
                             f"it takes {', '.join(KEYWORDS)}")
-        model_name = type(model).__name__
+        model_name = user_class(type(model)).__name__  # FSDP2's FSDPSequential is the user's Sequential
         run, store, server = options.get("run"), options.get("store", "sonde.db"), options.get("server")
         metrics, topics, sinks = options.get("metrics"), options.get("topics"), options.get("sinks")
-        every = options.get("every", 1)
+        every_option = options.get("every")
+        fraction, max_interval = options.get("budget", 0.05), options.get("max_interval", 100)
+        budget = None if every_option is not None else Budget(fraction, max_interval)
         resume = options.get("resume", False)
-        config = {"every": repr(every), "depth": options.get("depth"), "optimizer": optimizer, **(config or {})}
+        chosen = repr(every_option) if budget is None else f"budget({fraction:g}, max_interval={max_interval})"
+        config = {"every": chosen, "depth": options.get("depth"), "optimizer": optimizer, **(config or {})}
         check_config(config)  # the bound the store and the server hold a run's config to, before any sink opens
         if run is not None:
             check_run_name(run)  # a name the server cannot address would lose every Record sent to it
         self.layers = probed
-        infos = [LayerInfo(name, type(layer).__name__, {p: list(s) for p, s in shapes.get(name, {}).items()})
-                 for name, layer in probed.items()]
+        infos = [LayerInfo(name, user_class(type(layer)).__name__,
+                           {p: list(s) for p, s in shapes.get(name, {}).items()}) for name, layer in probed.items()]
         if topics is not None:
             unknown = [t for t in topics if t not in TOPICS]
             if unknown or isinstance(topics, str):
                 raise ConfigError(f"unknown topic(s) {unknown or topics!r}; topics are: {', '.join(TOPICS)}")
-        self.schedule = as_schedule(every)
+        #: What ``every=`` says (every step under the budget, which spaces the metrics itself).
+        self.every: Schedule = as_schedule(every(1) if every_option is None else every_option)
         self.metrics = resolve_metrics(metrics)
         self._runners: list[SinkRunner] = []
         # Under torch.distributed every rank captures; rank 0 alone names the run and writes it.
         self.ranks = distributed.world()
         self.rank = 0 if self.ranks is None else self.ranks[0]
+        per_rank = bool(options.get("per_rank", False)) and self.ranks is not None
+        if per_rank:  # each rank's own activations are layers of their own: <layer>@rank<r>
+            assert self.ranks is not None
+            infos += [LayerInfo(rank_checks.rank_layer(info.name, r), info.type, {})
+                      for r in range(self.ranks[1]) for info in list(infos)]
 
         def start() -> str:
             """Open the sinks (the store, the remote connection) and name the run; returns its name."""
@@ -184,9 +200,18 @@ class Probe:
                     name=run, model=model_name, framework=self.framework, config=config, layers=infos, resume=resume
                 )
         self.run = run
-        self.bus = Bus(run, self.metrics, topics=TOPICS if topics is None else topics, schedule=self.schedule)
+        self.bus = Bus(run, self.metrics, topics=TOPICS if topics is None else topics, schedule=self.every)
         self.bus.layer_types = {info.name: info.type for info in infos}
-        if any(m.offload for m in self.metrics):
+        #: The overhead budget (:mod:`sonde.budget`), when ``every=`` is not given.
+        self.budget = budget
+        self._trouble: TroubleWatch | None = None
+        if budget is not None:
+            self._budget_plan = PlanState(budget)
+            self._trouble = TroubleWatch()
+            self.share_budget(self.bus)
+        # The worker runs offloaded computes, and finishes the steps recorded on a CUDA device (their
+        # partial sums arrive by an asynchronous copy: sonde.metrics.transfer).
+        if any(m.offload for m in self.metrics) or torch.cuda.is_available():
             self.bus.worker = Worker(self._emit, name=f"sonde-worker-{run}")
         self.step = self.info.first_step
         self._step_started = False  # a train forward (or log) happened in the current step
@@ -201,6 +226,8 @@ class Probe:
         if self.ranks is not None:
             self.bus.engine.merge_ranks = distributed.RankMerge(*self.ranks, recorded=self._recorded,
                                                                 switch_off=self._switch_off)
+            if per_rank:
+                self.bus.engine.merge_ranks.checks.append(rank_checks.PerRankView(run))
 
     # -- steps -------------------------------------------------------------------------------
     def wants(self, topic: str, phase: str = "train") -> bool:
@@ -208,8 +235,56 @@ class Probe:
         return not (self.closed or self.switched_off) and self.bus.wants(topic, step, phase)
 
     def _recorded(self, step: int) -> bool:
-        """Whether any metric records at train ``step`` (the steps the ranks merge at)."""
-        return any(self.bus.scheduled(m, step) for templates in self.bus.templates.values() for m in templates)
+        """Whether any metric records at train ``step`` (the steps the ranks merge at), the network-wide
+        values the budget records every step (``loss``) left aside. Answered for step k + 1 at the end
+        of step k, the answer never changes."""
+        free = self.budget.free if self.budget is not None else ()
+        return any(self.bus.scheduled(m, step) for templates in self.bus.templates.values() for m in templates
+                   if m.name not in free)
+
+    @property
+    def step_schedule(self) -> Schedule:
+        """The steps the probe records (``every=``, or the budget's choice): for side passes."""
+        return self.every if self.budget is None else self._recorded
+
+    def share_budget(self, bus: Bus) -> None:
+        """Let the budget space the metrics of ``bus`` too (the probe's own, or a side pass's), and
+        hear what its offloaded metrics cost."""
+        budget = self.budget
+        if budget is None:
+            return
+        bus.budget = budget
+        by_name: dict[str, list[Metric]] = {}  # the budget spaces metrics by name (ServerMetrics share one)
+        for metric in {id(m): m for templates in bus.templates.values() for m in templates}.values():
+            if metric.schedule is None:
+                by_name.setdefault(metric.name, []).append(metric)
+        for name, metrics in by_name.items():
+            # network-wide values cost a scalar: every step, except where recording means a collective
+            free = self.ranks is None and all(set(m.topics) <= set(STEP_TOPICS) for m in metrics)
+            budget.register(name, expensive=any(m.offload for m in metrics), free=free)
+
+    @overload
+    def schedule(self) -> dict[str, int]: ...
+    @overload
+    def schedule(self, step: int) -> bool: ...
+    def schedule(self, step: int | None = None) -> dict[str, int] | bool:
+        """How often each metric records, in steps, by metric name: the budget's choice now (see
+        :mod:`sonde.budget`), or what ``every=N`` and the metrics' own ``every=N`` say (schedules
+        that are not a fixed interval, such as ``log_spaced``, are left out). With ``step``: whether
+        the probe records that step (:attr:`step_schedule`).
+
+        Example:
+            ``p.schedule()`` → ``{'histogram': 4, 'loss': 1, 'saturation': 16, 'stats': 4, ...}``
+        """
+        if step is not None:
+            return bool(self.step_schedule(step))
+        out = self.budget.schedule() if self.budget is not None else {}
+        for templates in self.bus.templates.values():
+            for metric in templates:
+                schedule = metric.schedule or (None if self.budget is not None else self.every)
+                if isinstance(schedule, every):
+                    out[metric.name] = schedule.n
+        return dict(sorted(out.items()))
 
     def _switch_off(self) -> None:
         """Stop monitoring (every rank does it at the same step, see :mod:`sonde.probe.distributed`)."""
@@ -222,7 +297,11 @@ class Probe:
 
     def begin_train_forward(self) -> bool:
         """Called at each train-mode forward of the root; returns True when a new step began."""
-        self.finish_eval()
+        try:
+            self.finish_eval()
+        except Exception as exc:
+            self._abandon_merge(exc)
+            raise
         if self._step_started and (self._step_closed or not self.steps_on_optimizer):
             self.finish_step()
             self.step += 1
@@ -249,7 +328,13 @@ class Probe:
 
     def begin_optimizer_step(self) -> None:
         """The optimizer is about to step: the current step has begun, whether or not a train
-        forward of the probed model ran in it (a trainer's closure runs it inside the step)."""
+        forward of the probed model ran in it (a trainer's closure runs it inside the step).
+
+        A step after the previous one with no train forward seen between them is the next step's:
+        a compiled model's forward runs none of the probe's hooks on unrecorded steps (the train
+        ``log`` of such a step is filed as the loop's recorded steps showed, see ``_file_train_log``)."""
+        if self._step_closed:
+            self.begin_train_forward()
         self._step_started = True
 
     def optimizer_stepped(self) -> None:
@@ -258,7 +343,43 @@ class Probe:
         self._step_closed = True
 
     def finish_step(self, final: bool = False) -> None:
-        self._emit(self.bus.flush("train", self.step, final=final))
+        budget = self.budget
+        merger = self.bus.engine.merge_ranks
+        try:
+            if budget is None:
+                self._emit(self.bus.flush("train", self.step, final=final))
+            else:
+                self._finish_budgeted_step(budget, final)
+        except Exception as exc:
+            self._abandon_merge(exc, final)
+            raise
+        if isinstance(merger, distributed.RankMerge) and merger.records:
+            # What the checks across ranks found (desync alerts, per-rank values): not watched by alerts.
+            records, merger.records = merger.records, []
+            if self.rank == 0:
+                self._log_alerts([r for r in records if r.metric == "alert"])
+                with self._emit_lock:
+                    for runner in self._runners:
+                        runner.submit(records)
+
+    def _abandon_merge(self, exc: Exception, final: bool = False) -> None:
+        """This rank's flush failed before the current step's merge: the other ranks may be waiting
+        in it, so meet them there with a failure flag (every rank then switches monitoring off)."""
+        merger = self.bus.engine.merge_ranks
+        if isinstance(merger, distributed.RankMerge):
+            merger.abandon(self.step, final, f"{type(exc).__name__}: {exc}")
+
+    def _finish_budgeted_step(self, budget: Budget, final: bool) -> None:
+        """The flush, timed for the budget; at a recorded step where a decision is due, this rank's
+        proposal joins the flush (its merge across ranks, under torch.distributed, is the decision)."""
+        start, step = budget.clock(), self.step
+        if budget.due(step) and budget.recorded(step):
+            capture = Capture(_NOTHING, layer=NETWORK, topic=SCHEDULE_TOPIC, step=step)
+            self.bus.engine.update((NETWORK, SCHEDULE_TOPIC), [self._budget_plan], capture)
+        records = self.bus.flush("train", step, final=final)
+        self._emit(records + budget.settled_records(self.run, step))
+        budget.add_own_time(budget.clock() - start)
+        budget.step_ended(step)
 
     def finish_eval(self) -> None:
         if self.bus.pending("eval"):
@@ -267,7 +388,13 @@ class Probe:
     def publish(self, layer: str, topic: str, tensor: Any, *, phase: str, step: int | None = None, **kw: Any) -> None:
         if step is None:
             step = self.eval_step if phase == "eval" else self.step
+        budget = self.budget
+        if budget is None:
+            self.bus.publish(layer, topic, tensor, phase=phase, step=step, **kw)
+            return
+        start = budget.clock()
         self.bus.publish(layer, topic, tensor, phase=phase, step=step, **kw)
+        budget.add_own_time(budget.clock() - start)
 
     def _emit(self, records: list[Record]) -> None:
         """Send Records to every sink (from the training thread or the worker), alerts added.
@@ -309,14 +436,62 @@ class Probe:
             raise ConfigError("Probe.log() called after the probe closed; log inside the `with sonde.probe(...)` block")
         phase = self.current_phase()
         if phase == "train":
-            self._step_started = True
+            self._file_train_log()
+            loss = values.get("loss")
+            if self._trouble is not None and loss is not None and not self.switched_off:
+                self._guard("loss check", lambda: self._check_loss(loss))
         labels = values.get("labels")
         for topic in ("loss", "outputs"):
             value = values.get(topic)
             if value is None or not self.wants(topic, phase):
                 continue
-            tensor = self.as_tensor(value, topic)
-            self.publish(NETWORK, topic, tensor, phase=phase, labels=labels if topic == "outputs" else None)
+            tensor = self.as_tensor(value, topic)  # a value of the wrong kind raises (bad input)
+            self._guard(f"{topic} capture", lambda t=topic, x=tensor: self.publish(  # type: ignore[misc]
+                NETWORK, t, x, phase=phase, labels=labels if t == "outputs" else None))
+
+    def _file_train_log(self) -> None:
+        """Which step a train ``log`` belongs to. After the optimizer stepped and before the next train
+        forward it is the step just stepped (``p.log`` after ``opt.step()``), unless this loop logs
+        before its optimizer steps (seen at steps whose forward the probe saw) and no forward is seen
+        any more (a compiled model's unrecorded steps): then the log opens the next step."""
+        if not self._step_closed:
+            if self._step_started:
+                self._logs_before_step = True
+        elif self._logs_before_step and not self._logs_after_step and self.forward_unseen():
+            self.begin_train_forward()
+        else:
+            self._logs_after_step = True
+        self._step_started = True
+
+    #: Whether this loop logs before (after) its optimizer steps, learnt from the steps whose forward was seen.
+    _logs_before_step = False
+    _logs_after_step = False
+
+    def forward_unseen(self) -> bool:
+        """Whether the model's train forward may run without the probe seeing it (adapters override:
+        a compiled torch model between recorded steps)."""
+        return False
+
+    def _check_loss(self, loss: Any) -> None:
+        """NaN/Inf or a spike of the loss (:class:`~sonde.budget.TroubleWatch`): the next steps are
+        recorded in full, whatever the budget says, and an alert says so. In one process from the
+        next step nobody asked about; under torch.distributed from the step after the next recorded
+        one, where every rank hears of it through the merge."""
+        assert self._trouble is not None and self.budget is not None
+        found = self._trouble.observe(self.step, self.as_tensor(loss, "loss"))
+        if found is None:
+            return
+        at, what = found
+        if self.ranks is None:
+            first, end = self.budget.force(at + 1)
+            which = f"steps {first}-{end - 1} are recorded in full"
+        else:
+            self.budget.trouble_seen = True
+            which = f"the {self.budget.trouble_steps} steps after the next recorded one are recorded in full"
+        alert = Record(self.run, at, "train", NETWORK, "loss", "alert", 1.0, message=(
+            f"loss {what} at step {at}: {which} (every metric of every layer, whatever the overhead budget)"))
+        self._log_alerts([alert])
+        self._emit([alert])
 
     def current_phase(self) -> str:
         return "train"
@@ -361,11 +536,17 @@ class Probe:
         """
         if self.closed:
             return
-        try:
+        merger = self.bus.engine.merge_ranks
+        if status == "failed" and isinstance(merger, distributed.RankMerge):
+            merger.active = False  # leaving on an error: the other ranks are elsewhere, so no collective
+        def finish() -> None:
             self.finish_eval()
             if self._step_started or self.bus.accumulating():
                 self.finish_step(final=True)
             self.bus.end_run()
+
+        try:
+            self._guard("recording the last step", finish)  # leaving the `with` block never raises because of sonde
         finally:
             self.closed = True
             self.detach()

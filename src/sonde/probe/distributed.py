@@ -20,16 +20,25 @@ next recorded step on, once every rank bins over the same edges (the counts of t
 the edges were taken over each rank's own range, and are dropped).
 Parameter topics (weights, gradients, updates) of a replicated model are identical on every rank
 after DDP's all-reduce: rank 0's state is taken, the others contribute the reduction's identity.
+Those of parameters sharded across ranks (FSDP2's DTensor parameters) are captured from each rank's
+local shard (:func:`local_shard`) and every rank's state is merged, which gives the statistics of
+the whole parameter without gathering it; the probe says which layers and topics these are
+(:func:`shards`, :attr:`RankMerge.shards`).
+
+The checks across ranks (:mod:`sonde.probe.rank_checks`: parameters out of sync, each rank's own
+values) add their values to these buffers and to the gather; they make no collective of their own.
 
 When the control vector says a rank failed or the ranks disagree, every rank logs it, computes
-nothing for that step, and switches monitoring off; no later collective is made.
+nothing for that step, and switches monitoring off; no later collective is made. A rank whose
+flush fails before its merge meets the others there with the failure flag (:meth:`RankMerge.abandon`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +50,11 @@ from sonde.errors import ConfigError, ProbeError
 from sonde.functional.stats import ABS_SUM, INFS, M2, MAX, MEAN, MIN, NANS, ZEROS, N
 from sonde.metrics.base import _REDUCERS, Metric
 from sonde.metrics.stats import Histogram
-from sonde.topics import PARAM_TOPICS
+from sonde.probe.rank_checks import RankCheck
+from sonde.records import Record
+from sonde.topics import GRADS_AND_UPDATES, PARAM_TOPICS
 
-__all__ = ["RankMerge", "agree", "world"]
+__all__ = ["RankMerge", "agree", "averages_gradients", "counted", "local_shard", "shards", "world"]
 
 log = logging.getLogger("sonde")
 
@@ -81,6 +92,83 @@ def agree(rank: int, decide: Callable[[], str]) -> str:
     return str(message[0])
 
 
+def _dtensor_type() -> Any:
+    """``DTensor``, once something imported it (no DTensor exists before), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def local_shard(value: Any) -> Any:
+    """This rank's local shard of a ``DTensor`` (an FSDP2 parameter, its gradient); any other value as it is.
+
+    Reads no other rank's data: no collective runs.
+    """
+    dtensor = _dtensor_type()
+    return value.to_local() if dtensor is not None and isinstance(value, dtensor) else value
+
+
+def counted(tensor: Any, rank: int) -> bool:
+    """Whether this rank's part of a parameter counts in the merge of the parameter's statistics.
+
+    A ``DTensor``'s local shard counts where this rank's mesh coordinate is 0 on every mesh
+    dimension the tensor is replicated over (HSDP's replicas), so that each shard counts once: with
+    FSDP2 over a 1-D mesh, on every rank. A plain tensor is the same on every rank (DDP, or no
+    wrapper): rank 0's counts.
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return rank == 0
+    coordinate = tensor.device_mesh.get_coordinate()
+    return coordinate is not None and all(
+        placement.is_shard() or at == 0 for placement, at in zip(tensor.placements, coordinate, strict=True))
+
+
+def shards(params: Mapping[str, Iterable[tuple[str, Any]]], rank: int,
+           kind: Callable[[str], str]) -> tuple[dict[tuple[str, str], bool], set[int]]:
+    """Where a probe's parameters are sharded across ranks, for :attr:`RankMerge.shards`.
+
+    Args:
+        params: each layer's ``(name, parameter)`` pairs.
+        rank: this process's rank.
+        kind: a parameter's topic (``weights`` or ``biases``) from its name.
+
+    Returns:
+        ``(layer, topic)`` → whether this rank's state counts, for every parameter topic of a
+        layer with a ``DTensor`` parameter; and the ids of the parameters this rank does not
+        publish: in a layer whose state counts here, those whose part does not count here (a
+        replicated parameter next to sharded ones), so that nothing is counted twice.
+    """
+    merged: dict[tuple[str, str], bool] = {}
+    skipped: set[int] = set()
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return merged, skipped
+    for layer, named in params.items():
+        by_kind: dict[str, list[Any]] = {}
+        for name, param in named:
+            by_kind.setdefault(kind(name), []).append(param)
+        for topic, group in by_kind.items():
+            if not any(isinstance(p, dtensor) for p in group):
+                continue
+            counts = [counted(p, rank) for p in group]
+            here = any(counts)
+            for each in (topic, *GRADS_AND_UPDATES[topic]):
+                merged[(layer, each)] = here
+            if here:
+                skipped.update(id(p) for p, c in zip(group, counts, strict=True) if not c)
+    return merged, skipped
+
+
+def averages_gradients(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameter gradients are averaged over the ranks: DDP, or FSDP2
+    (``fully_shard`` on the model or any of its modules)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return True
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_type = getattr(fsdp, "FSDPModule", None)
+    return module_type is not None and any(isinstance(m, module_type) for m in model.modules())
+
+
 @dataclass
 class _Packing:
     """One rank's contribution to a merge, and where each value goes back."""
@@ -113,6 +201,14 @@ class RankMerge:
         self.active = True
         #: Bytes this rank sent through the collectives at the last merge (the benchmark reads it).
         self.last_bytes = 0
+        #: Checks carried by the merge's collectives (:mod:`sonde.probe.rank_checks`), and the Records
+        #: they gave, which the probe takes after each flush.
+        self.checks: list[RankCheck] = []
+        self.records: list[Record] = []
+        self._merged = -1  # the last train step a merge was entered for
+        #: Parameter topics of sharded parameters, ``(layer, topic)`` → whether this rank's state
+        #: counts (:func:`shards`); any other parameter topic counts on rank 0 alone (replicated).
+        self.shards: dict[tuple[str, str], bool] = {}
         self._kept: list[tuple[Metric, dict[str, Any]]] = []  # own state of instances that keep it
 
     def restore(self) -> None:
@@ -128,6 +224,7 @@ class RankMerge:
         """
         if phase != "train":
             return True
+        self._merged = step
         if not self.active:
             return False
         if not (final or due or self.recorded(step)):
@@ -143,14 +240,28 @@ class RankMerge:
             self._off(f"a collective failed on rank {self.rank} ({type(exc).__name__}: {exc})")
             return False
 
+    def abandon(self, step: int, final: bool, why: str) -> None:
+        """This rank's flush of ``step`` failed before its merge: meet the other ranks' first
+        collective with the failure flag, so that every rank switches off instead of waiting."""
+        if not self.active or self._merged == step or not (final or self.recorded(step)):
+            return
+        self._merged = step
+        try:
+            self._reduce(None, why, step)
+        except Exception as exc:  # noqa: BLE001 - a broken process group: stop here, never retry
+            self._off(f"a collective failed on rank {self.rank} ({type(exc).__name__}: {exc})")
+
     # -- packing --------------------------------------------------------------------------------
     def _pack(self, due: list[tuple[str, str, Metric]]) -> _Packing:
         pack = _Packing()
         for layer, topic, metric in due:
-            once = topic in PARAM_TOPICS and self.rank != 0  # replicated: rank 0's state alone
+            # replicated: rank 0's state alone; sharded: each rank's shard
+            once = topic in PARAM_TOPICS and not self.shards.get((layer, topic), self.rank == 0)
             for name, (_, reduce) in metric._defaults.items():
                 value = metric.state[name]
                 kind = _kind(metric, name, reduce)
+                if value is None and kind == "sum" and isinstance(metric, Histogram):
+                    value = np.zeros(metric.bins)  # nothing binned on this rank (an empty shard)
                 shape = None if value is None else np.shape(value)
                 fixed = kind in ("sum", "max", "min")  # the other kinds pack a size of their own
                 pack.schema.append((layer, topic, metric.name, name, kind, shape if fixed else None))
@@ -175,6 +286,8 @@ class RankMerge:
                     target = {"sum": pack.sums, "max": pack.maxes, "min": pack.mins}[kind]
                     pack.slots.append((metric, name, kind, (len(target),)))
                     target.extend(flat.tolist())
+        for check in self.checks:
+            check.pack(pack, due)
         return pack
 
     # -- the collectives ------------------------------------------------------------------------
@@ -211,6 +324,11 @@ class RankMerge:
             gathered = [None] * self.size
             dist.all_gather_object(gathered, pack.objects)
         self._unpack(pack, reduced, gathered)
+        for check in self.checks:
+            try:
+                self.records.extend(check.unpack(reduced, gathered, step))
+            except Exception as exc:  # noqa: BLE001 - after the collectives: this check's Records alone are lost
+                log.error("sonde: %s failed at step %d (%s: %s)", type(check).__name__, step, type(exc).__name__, exc)
         return True
 
     def _unpack(self, pack: _Packing, reduced: dict[str, np.ndarray], gathered: list[Any]) -> None:

@@ -20,20 +20,27 @@ are biases, every other ``nnx.Param`` is a weight.
 Each pass's first callback asks the host whether the schedule (``every=``) records the pass (a
 pass traced under a gradient transformation is training; any other is an evaluation, always
 recorded), and the tensors are sent under ``lax.cond`` on the answer: a step that is not recorded
-transfers nothing.
+transfers nothing. The kernel's calls (below) come before the branch and, told the answer, read
+nothing on such a step, so that no large array is the branch's operand: XLA's CPU conditionals
+cost by the size of their operands, taken or not.
 
-Statistics in the step (:attr:`JaxProbe.device_statistics`; by default on accelerators, while on
-the CPU the arrays cross, which measured faster there): where every metric subscribed to a topic reads only the tensor
-statistics (:class:`~sonde.metrics.TensorStats` and its one-statistic names), histogram counts
-(:class:`~sonde.metrics.Histogram`) or Records (``update_ratio``), the step computes with ``jnp``
-reductions the raw partials the torch path computes (:func:`sonde.functional.summarize_raw`: shift,
-shifted sum and sum of squares, min, max, absolute sum, non-zero, NaN and Inf counts) and each
-histogram's counts, and only those numbers cross to the host: a few dozen per tensor instead of
-the tensor. The histogram's edges are the host's (the pass's first callback returns them, fixed or
-pending, per tensor); before they exist the counts are taken over the tensor's own range, as on the
-host. The host hands the partials to the metrics through :meth:`sonde.metrics.Capture.provide`,
-so they fold them exactly as the torch adapter's. Topics with any other metric (one that reads
-samples) send the whole array.
+Statistics in the step (:attr:`JaxProbe.device_statistics`, the default): where every metric
+subscribed to a topic reads only the tensor statistics (:class:`~sonde.metrics.TensorStats` and its
+one-statistic names), histogram counts (:class:`~sonde.metrics.Histogram`) or Records
+(``update_ratio``), the step computes the raw partials the torch path computes
+(:func:`sonde.functional.summarize_raw`: shift, shifted sum and sum of squares, min, max, absolute
+sum, non-zero, NaN and Inf counts) and each histogram's counts, and only those numbers cross to
+the host: a few dozen per tensor instead of the tensor. On the CPU they are taken by sonde's fused
+statistics kernel, called as an XLA custom call that reads the step's buffers in place
+(:mod:`sonde.probe.jax_kernel`); on accelerators, and for tensors the kernel does not take (not
+float32, more than 64 bins) or with :attr:`JaxProbe.statistics_kernel` off, by ``jnp``
+reductions. The histogram's edges are the host's (the pass's first callback returns them, fixed
+or pending, per tensor); before they exist the counts are taken over the tensor's own range, as
+on the host. The host hands the partials to the metrics through
+:meth:`sonde.metrics.Capture.provide`, so they fold them exactly as the torch adapter's. Topics
+with any other metric (one that reads samples) send the whole array, as does every topic on a CPU
+where the kernel is unavailable (no C compiler, ``SONDE_NATIVE=0``): the host takes the statistics
+then, as it does for any tensor it receives.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from sonde import functional as F
 from sonde.errors import ConfigError, ProbeError
 from sonde.metrics.base import Capture
 from sonde.metrics.stats import Histogram, TensorStats, UpdateRatio
-from sonde.probe import kit
+from sonde.probe import jax_kernel, kit
 from sonde.probe.core import Probe, shared_tensor
 from sonde.topics import GRADS_AND_UPDATES, PARAM_TOPICS
 
@@ -162,12 +169,46 @@ def _reduce(x: Any, minus: Any, edges: dict[int, tuple[Any, Any]]) -> dict[str, 
     return {"floats": floats, "ints": ints, "counts": counts}
 
 
+def _reduce_kernel(x: Any, minus: Any, edges: dict[int, tuple[Any, Any]], wanted: Any) -> dict[str, Any]:
+    """Traced, on the CPU: :func:`_reduce`'s partials and counts by sonde's fused kernel, read
+    in place from the step's buffers (:mod:`sonde.probe.jax_kernel`), one call per bin count;
+    zeros, reading nothing, where ``wanted`` is false."""
+    jnp = jax.numpy
+    words = {}
+    for bins, (row, fallback) in (edges or {0: (jnp.zeros(4, jnp.float32), None)}).items():
+        if fallback is not None:
+            lo, hi = fallback
+            row = jnp.where(row[0] > 0, row, jnp.stack([jnp.ones_like(lo), lo, hi, bins / (hi - lo)]))
+        words[bins] = jax_kernel.partials(x, minus, row, bins, wanted)
+    return {"kernel": words}
+
+
+def _extremes(partials: dict[str, Any]) -> tuple[Any, Any]:
+    """Traced: the (min, max) of a tensor's partials, from either reduction."""
+    if "kernel" in partials:
+        return jax_kernel.extremes(next(iter(partials["kernel"].values())))
+    return partials["floats"][3], partials["floats"][4]
+
+
+def _unpacked(payload: dict[str, Any]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Host: the ten raw partials (:func:`sonde.functional.summarize_raw`'s order, float64) and
+    the counts per bin count of either reduction's payload."""
+    if "kernel" in payload:
+        parts = {bins: jax_kernel.unpack(words) for bins, words in payload["kernel"].items()}
+        return next(iter(parts.values()))[0], {bins: counts for bins, (_, counts) in parts.items() if bins}
+    n, nonzeros, nans, infs = (int(v) for v in payload["ints"])
+    raw = np.array([n, *np.asarray(payload["floats"], np.float64).tolist(), nonzeros, nans, infs])
+    return raw, {bins: np.asarray(counts, np.int64) for bins, counts in payload["counts"].items()}
+
+
 def _send(flag: Any, callback: Callable[..., None], *arrays: Any,
-          prepare: Callable[..., list[Any]] | None = None, reduces: bool = False) -> None:
+          prepare: Callable[..., list[Any]] | None = None, reduces: bool = False, gated: bool = False) -> None:
     """``callback(*arrays)`` on the host, in program order, only when ``flag`` (traced) is true:
     a step the schedule does not record transfers nothing. ``prepare`` (traced in the same branch,
     so an unrecorded step skips it too) turns the arrays into what crosses: their partials when
-    ``reduces``.
+    ``reduces``. ``gated``: ``prepare`` itself computes nothing unless ``flag`` (the kernel's
+    calls and their own branches), so it runs before the branch, and the branch's operands are
+    only what crosses: a branch's operands cost XLA's CPU conditional by their size, taken or not.
 
     Every host call is an *ordered* ``io_callback``: ordered effects are ordered within their kind
     only, and the decisions (``_on_begin``, ``_on_update_begin``) return values, which debug
@@ -180,7 +221,10 @@ def _send(flag: Any, callback: Callable[..., None], *arrays: Any,
             a = tuple(prepare(*(jax.lax.optimization_barrier(a) if reduces else a)))
         io_callback(callback, None, *a, ordered=True)
 
-    jax.lax.cond(flag, send, lambda *a: None, *[jax.lax.stop_gradient(a) for a in arrays])
+    operands = [jax.lax.stop_gradient(a) for a in arrays]
+    if gated and prepare is not None:
+        operands, prepare = prepare(*operands), None
+    jax.lax.cond(flag, send, lambda *a: None, *operands)
 
 
 class JaxProbe(Probe):
@@ -188,10 +232,14 @@ class JaxProbe(Probe):
 
     framework = "jax"
     #: Where the default statistics are taken: True, in the step (only they cross to the host);
-    #: False, on the host from the arrays; None (default): in the step on accelerators, on the
-    #: host on the CPU, where the arrays cross without a device copy and the host's fused pass
-    #: measured faster (``benchmarks/jax_overhead.py``).
+    #: False, on the host from the arrays; None (default): in the step, except on a CPU where
+    #: sonde's kernel is unavailable: there the arrays cross, which measured faster than ``jnp``
+    #: reductions in the step (``benchmarks/jax_overhead.py``).
     device_statistics: bool | None = None
+    #: On the CPU, whether the step takes the statistics with sonde's fused kernel as an XLA custom
+    #: call (:mod:`sonde.probe.jax_kernel`) where it compiles; False: with ``jnp`` reductions under
+    #: ``device_statistics = True``, else on the host.
+    statistics_kernel: bool = True
 
     def __init__(self, model: Any, *, optimizer: Any = None, **options: Unpack[kit.ProbeOptions]) -> None:
         if not isinstance(model, nnx.Module):
@@ -218,8 +266,10 @@ class JaxProbe(Probe):
         self._edges: Any = None  # ... and the histogram edge rows it hands the pass, one per slot
         # topic -> histogram bin counts when its statistics are taken on the device; absent: arrays cross
         on_device = self.device_statistics
+        cpu = jax.default_backend() == "cpu"
+        self._kernel = cpu and on_device is not False and self.statistics_kernel and jax_kernel.available()
         if on_device is None:
-            on_device = jax.default_backend() != "cpu"
+            on_device = not cpu or self._kernel
         self._plan = {topic: plan for topic in self.bus.topics
                       if (plan := _reducible(self.bus.templates.get(topic, ()))) is not None} if on_device else {}
         self._slots: dict[Slot, int] = {}  # forward histograms -> their row (trace time)
@@ -298,10 +348,10 @@ class JaxProbe(Probe):
             topics = tuple(arrays)
 
             def prepare(*values: Any) -> list[Any]:
-                return [self._payload(layer, topic, a, edges) for topic, a in zip(topics, values, strict=True)]
+                return [self._payload(layer, topic, a, edges, flag) for topic, a in zip(topics, values, strict=True)]
 
             _send(flag, functools.partial(self._on_arrays, layer, topics), *arrays.values(), prepare=prepare,
-                  reduces=bool(self._plan))
+                  reduces=bool(self._plan), gated=self._kernel)
             flat, tree = jax.tree.flatten(output)
             tapped = self._tap(layer)(y, flag, edges if edges is not None else np.zeros((0, 4), np.float32))
             return jax.tree.unflatten(tree, [tapped if leaf is y else leaf for leaf in flat])
@@ -322,14 +372,15 @@ class JaxProbe(Probe):
                 flag, edges = residual
                 rows = edges if edges.shape[0] else None
                 _send(flag, functools.partial(self._on_arrays, layer, ("output_grads",)), grad,
-                      prepare=lambda g: [self._payload(layer, "output_grads", g, rows)], reduces=bool(self._plan))
+                      prepare=lambda g: [self._payload(layer, "output_grads", g, rows, flag)],
+                      reduces=bool(self._plan), gated=self._kernel)
                 return (grad, None, None)
 
             tap.defvjp(forward, backward)
             self._taps[layer] = tap
         return self._taps[layer]
 
-    def _payload(self, layer: str, topic: str, array: Any, edges: Any) -> Any:
+    def _payload(self, layer: str, topic: str, array: Any, edges: Any, wanted: Any) -> Any:
         """Traced: what crosses for one forward tensor: its partials (:func:`_reduce`) where the
         topic's metrics allow and the pass has edge rows for its histograms, else the array."""
         plan = self._plan.get(topic)
@@ -343,7 +394,27 @@ class JaxProbe(Probe):
                     return array  # more calls than rows: this one's array crosses
                 slot = self._slots[(layer, topic, bins)] = len(self._slots)
             rows[bins] = (edges[slot], None)
-        return _reduce(array, None, rows)
+        return self._reduce(array, None, rows, wanted)
+
+    def _reduce(self, x: Any, minus: Any, edges: dict[int, tuple[Any, Any]], wanted: Any) -> dict[str, Any]:
+        """Traced: a tensor's partials and counts, by the kernel where it applies, else by ``jnp``.
+        With the kernel the caller runs this before the recorded branch (:func:`_send`'s
+        ``gated``), so ``jnp`` reductions then get a branch of their own, taken when ``wanted``."""
+        if (self._kernel and x.size and x.dtype == np.float32 and (minus is None or minus.dtype == np.float32)
+                and all(0 < bins <= jax_kernel.MAX_BINS for bins in edges)):
+            return _reduce_kernel(x, minus, edges, wanted)
+        if not self._kernel:
+            return _reduce(x, minus, edges)
+        jnp = jax.numpy
+        dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+        nothing = {"floats": jnp.zeros(6, dtype), "ints": jnp.zeros(4, jnp.int32),
+                   "counts": {bins: jnp.zeros(bins, jnp.int32) for bins in edges}}
+
+        def reduce(pair: tuple[Any, Any]) -> dict[str, Any]:
+            value, less = jax.lax.optimization_barrier(pair)  # kept in the branch, as in _send
+            return _reduce(value, less, edges)
+
+        return jax.lax.cond(wanted, reduce, lambda pair: nothing, (x, minus))
 
     def _update(self, update: Callable[..., Any]) -> Callable[..., Any]:
         def probed_update(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
@@ -375,14 +446,15 @@ class JaxProbe(Probe):
                         continue
                     key = (self.owners[p], topic)
                     rows = {n: (edges[slots.index((*key, n))], firsts.get(key)) for n in plan}
-                    partials = _reduce(value, minus, rows)
-                    firsts.setdefault(key, (partials["floats"][3], partials["floats"][4]))
+                    partials = self._reduce(value, minus, rows, wanted)
+                    if key not in firsts:
+                        firsts[key] = _extremes(partials)
                     payloads.append(partials)
                 return [payloads]
 
             _send(wanted, functools.partial(self._on_update, tuple(topics)), [before[p] for p in paths],
                   [gradient[p] for p in paths], [after[p] for p in paths], prepare=prepare,
-                  reduces=bool(self._plan))
+                  reduces=bool(self._plan), gated=self._kernel)
             return result
 
         return probed_update
@@ -471,13 +543,13 @@ class JaxProbe(Probe):
                           sent: dict[Slot, tuple[float, float] | None],
                           firsts: dict[tuple[str, str], tuple[float, float]]) -> None:
         """Hand a tensor's device partials to its metrics (:meth:`Capture.provide`) in place of it."""
-        n, nonzeros, nans, infs = (int(v) for v in payload["ints"])
-        raw = np.array([n, *np.asarray(payload["floats"], np.float64).tolist(), nonzeros, nans, infs])
+        raw, counts_of = _unpacked(payload)
+        n = int(raw[0])
         own = (float(raw[4]), float(raw[5]))
         histograms = {}
-        for bins, counts in payload["counts"].items():
+        for bins, counts in counts_of.items():
             lo, hi = sent.get((layer, topic, bins)) or firsts.get((layer, topic)) or own
-            histograms[(lo, hi, bins)] = np.asarray(counts, np.int64)
+            histograms[(lo, hi, bins)] = counts
             expected = _expected_edges(self._histogram(phase, layer, topic, bins), own)
             if expected is not None and (*expected, bins) not in histograms:
                 if "histogram edges" not in self._warned:  # never counts over edges the metric did not ask for

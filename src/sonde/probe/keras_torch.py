@@ -61,9 +61,7 @@ class KerasTorchProbe(TorchProbe):
         model = self.model
         object.__setattr__(model, "_sonde_probe", weakref.ref(self))
         self._handles.append(model.register_forward_pre_hook(self._on_root_start, prepend=True))
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
-            self._handles.append(module.register_forward_hook(self._post_hook(name)))
+        self._arm(self._records(self.step))  # the layer hooks, while a step records (TorchProbe._arm)
 
     def attach(self) -> None:
         """Wrap the model's ``compute_loss`` and its optimizer's ``apply``; called at
@@ -75,6 +73,7 @@ class KerasTorchProbe(TorchProbe):
             self._patches.set(model.optimizer, "apply", self._apply(model.optimizer.apply))
 
     def detach(self) -> None:
+        self._set_armed(False)
         self._patches.restore()
         for handle in self._handles:
             handle.remove()

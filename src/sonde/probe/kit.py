@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import torch
 
 from sonde.errors import ConfigError, LayerFilterError
+from sonde.probe.distributed import local_shard
 from sonde.topics import GRADS_AND_UPDATES, PARAM_TOPICS
 
 if TYPE_CHECKING:
@@ -59,8 +60,9 @@ class ProbeOptions(TypedDict, total=False):
     """The keywords every adapter takes (see :func:`sonde.probe`); the defaults are in brackets.
 
     ``run`` [model class name, made unique], ``store`` [``"sonde.db"``], ``server`` [None],
-    ``layers`` [None], ``topics`` [all], ``metrics`` [all built-ins], ``every`` [1], ``depth``
-    [None], ``sinks`` [None], ``resume`` [False].
+    ``layers`` [None], ``topics`` [all], ``metrics`` [all built-ins], ``every`` [None: the
+    overhead budget spaces each metric], ``budget`` [0.05], ``max_interval`` [100], ``depth``
+    [None], ``sinks`` [None], ``resume`` [False], ``per_rank`` [False].
     """
 
     run: str | None
@@ -69,10 +71,13 @@ class ProbeOptions(TypedDict, total=False):
     layers: LayerFilter
     topics: Sequence[str] | None
     metrics: Sequence[str | Metric] | None
-    every: int | Schedule
+    every: int | Schedule | None
+    budget: float
+    max_interval: int
     depth: int | None
     sinks: Sequence[str | Sink] | None
     resume: bool
+    per_rank: bool
 
 
 #: The names of :class:`ProbeOptions`, in :func:`sonde.probe`'s order.
@@ -86,7 +91,7 @@ def check_keywords(owner: str, given: Iterable[str], accepted: Iterable[str] = K
         >>> check_keywords("SondeCallback", ["evry"])
         Traceback (most recent call last):
         ...
-        sonde.errors.ConfigError: SondeCallback got unexpected keyword(s) evry; it takes depth, every, ...
+        sonde.errors.ConfigError: SondeCallback got unexpected keyword(s) evry; it takes budget, depth, every, ...
     """
     unknown = sorted(set(given) - set(accepted))
     if unknown:
@@ -249,6 +254,11 @@ class ParameterPublisher:
     pass that reads the values. Adapters that record the step inside a compiled function get
     every parameter's value before, gradient and value after at once: :meth:`publish`.
 
+    A parameter sharded across ranks (FSDP2's ``DTensor``) is read as this rank's local shard, as
+    is its gradient, and its update is the local shard after minus before
+    (:func:`sonde.probe.distributed.local_shard`): the ranks' states merge into the whole
+    parameter's statistics.
+
     Args:
         probe: the probe that publishes (its :meth:`~sonde.probe.core.Probe.wants` decides).
         convert: the framework's arrays as torch tensors (:func:`~sonde.probe.core.shared_tensor`),
@@ -294,7 +304,7 @@ class ParameterPublisher:
             keep = updated is not None and wants[update_topic] and updated(param)
             show = wants[kind] and (shown is None or shown(param))
             if keep or show:
-                tensor = self.convert(value(param))  # only then: reading may wait for the framework
+                tensor = self.convert(local_shard(value(param)))  # only then: reading may wait for the framework
                 before = self._buffer_for(param, tensor) if keep else None
                 if before is not None:
                     self._before.append((layer, update_topic, param, before))
@@ -304,12 +314,12 @@ class ParameterPublisher:
                     before.copy_(tensor)
             gradient = grad(param) if grad is not None and wants[grad_topic] else None
             if gradient is not None:
-                probe.publish(layer, grad_topic, self.convert(gradient), phase=phase)
+                probe.publish(layer, grad_topic, self.convert(local_shard(gradient)), phase=phase)
 
     def after_step(self, value: Callable[[Any], Any]) -> None:
         """Publish the updates kept by :meth:`before_step`: ``value(param)`` minus the value before."""
         for layer, topic, param, before in self._before:
-            self.probe.publish(layer, topic, self.convert(value(param)), phase="train", minus=before)
+            self.probe.publish(layer, topic, self.convert(local_shard(value(param))), phase="train", minus=before)
         self._before.clear()
 
     def clear(self) -> None:

@@ -33,7 +33,12 @@ Training as real scripts run it (docs/guides/pytorch.md has the details):
   nothing recorded, except that a reentrant checkpoint's ``output_grads`` hook goes on the
   recomputed output (the graph is built from it);
 * a parametrized module (:mod:`sonde.probe.torch_parametrize`) is one layer whose ``weights``
-  is the tensor its parametrization computed for the forward.
+  is the tensor its parametrization computed for the forward;
+* the layer hooks exist only while a recorded step (or an evaluation or probe-set pass) runs,
+  and a ``torch.compile``'d model runs eagerly exactly then (:mod:`sonde.probe.torch_compile`):
+  an unrecorded step runs no sonde code in the forward and backward, compiled or not.
+
+Every hook body runs guarded: a failure is reported once and switches that part off.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -56,7 +62,7 @@ from sonde.metrics.base import Metric
 from sonde.metrics.registry import resolve_metrics
 from sonde.metrics.tasks import StepLabels
 from sonde.metrics.test_accuracy import TestAccuracy
-from sonde.probe import kit, torch_scaler
+from sonde.probe import distributed, kit, rank_checks, torch_compile, torch_scaler
 from sonde.probe import torch_parametrize as parametrized
 from sonde.probe.core import Probe, not_a_module
 from sonde.records import NETWORK, Record
@@ -80,10 +86,28 @@ def first_float_tensor(value: Any) -> torch.Tensor | None:
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module a ``DistributedDataParallel`` wraps (the user's names), else ``model``."""
+    """The module a ``DistributedDataParallel`` wraps (the user's names), else ``model`` (FSDP2's
+    ``fully_shard`` wraps nothing: the model and its modules keep their names)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and isinstance(model.module, nn.Module):
         return model.module
     return model
+
+
+def _user_module(model: nn.Module) -> nn.Module:
+    """The user's module under the wrappers a probe may be given: ``torch.compile``'s
+    ``OptimizedModule`` and ``DistributedDataParallel``, in any nesting."""
+    while True:
+        inner = _unwrapped(torch_compile.unwrap(model))
+        if inner is model:
+            return model
+        model = inner
+
+
+def _in_lightning_ddp(model: nn.Module) -> bool:
+    """Whether ``model`` is a Lightning module its trainer runs under DDP (the strategy wraps it,
+    and ``sonde.lightning.SondeCallback`` probes the module itself)."""
+    strategy = getattr(getattr(model, "_trainer", None), "strategy", None)
+    return isinstance(getattr(strategy, "model", None), torch.nn.parallel.DistributedDataParallel)
 
 
 def _is_float_tensor(value: Any) -> bool:
@@ -187,10 +211,13 @@ class TorchProbe(Probe):
         layers: kit.LayerFilter = None,
         topics: Sequence[str] | None = None,
         metrics: Sequence[str | Metric] | None = None,
-        every: int | Schedule = 1,
+        every: int | Schedule | None = None,
+        budget: float = 0.05,
+        max_interval: int = 100,
         depth: int | None = None,
         sinks: Sequence[str | Sink] | None = None,
         resume: bool = False,
+        per_rank: bool = False,
         probe_set: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -202,8 +229,9 @@ class TorchProbe(Probe):
             )
         optimizer = unwrap_optimizer(optimizer)
         self.model = model
-        # Layers are named as the user's module names them (``encoder.0``, not DDP's ``module.encoder.0``).
-        self.named = _unwrapped(model)
+        # Layers are named as the user's module names them (``encoder.0``, not DDP's ``module.encoder.0``
+        # nor a compiled model's ``_orig_mod.encoder.0``).
+        self.named = _user_module(model)
         self.optimizer = optimizer
         self.layers = self._select_layers(layers, depth)
         self.params = self._assign_params()
@@ -218,8 +246,8 @@ class TorchProbe(Probe):
             model, self.layers, {name: {p: t.shape for p, t in params} for name, params in self.params.items()},
             optimizer=type(optimizer).__name__ if optimizer else None,
             config={} if self._probe_inputs is None else {"probe_set": list(self._probe_inputs.shape)},
-            run=run, store=store, server=server, layers=layers, topics=topics, metrics=main, every=every, depth=depth,
-            sinks=sinks, resume=resume,
+            run=run, store=store, server=server, layers=layers, topics=topics, metrics=main, every=every,
+            budget=budget, max_interval=max_interval, depth=depth, sinks=sinks, resume=resume, per_rank=per_rank,
         )
         self.step_labels = StepLabels()  # labels logged in the current train step (task metrics pair them)
         for metric in self.metrics:
@@ -227,7 +255,8 @@ class TorchProbe(Probe):
                 metric.step_labels = self.step_labels  # type: ignore[attr-defined]
         self.probe_bus: Bus | None = None
         if on_probe_set:
-            self.probe_bus = Bus(self.run, on_probe_set, topics=["activations"], schedule=self.schedule)
+            self.probe_bus = Bus(self.run, on_probe_set, topics=["activations"], schedule=self.every)
+            self.share_budget(self.probe_bus)
             self.probe_bus.layer_types = getattr(self.bus, "layer_types", {})
             if self.bus.worker is None:
                 self.bus.worker = Worker(self._emit, name=f"sonde-worker-{self.run}")
@@ -236,7 +265,13 @@ class TorchProbe(Probe):
         self._pass_labels: torch.Tensor | None = None
         self.count_steps(optimizer is not None, lost="weight_updates and bias_updates",
                          passes="training-mode forward passes")
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # hooks for the probe's lifetime
+        self._armed: list[Any] | None = None  # the layer hooks, while installed (see _arm)
+        self._eager = torch_compile.EagerStance()
+        self._eval_armed = False  # the layer hooks were installed for the evaluation pass now running
+        self._compiled = False  # the model's forward was seen called through torch.compile
+        self._always_armed = False  # compiled after probing, without an optimizer: every step runs eagerly
+        self._graph_job: GraphJob | None = None  # the graph's trace (rank 0; see _attach)
         self.call_names = kit.CallNames()
         self._names: dict[int, list[str]] = {}
         self.param_publisher = kit.ParameterPublisher(self)
@@ -245,10 +280,17 @@ class TorchProbe(Probe):
         self._loss_scale: torch.Tensor | None = None  # the GradScaler's scale of the current step's backward
         self._optimizer_steps = 0  # optimizer steps seen: a scaler step that adds none was skipped
         self._steps_before_scaler = -1
-        # Under DDP the loss optimised is the mean of the ranks' losses: a rank's output_grads are its
-        # own loss's divided by the number of ranks (as DDP averages the parameters' gradients).
+        # Under DDP and FSDP2 the loss optimised is the mean of the ranks' losses: a rank's output_grads
+        # are its own loss's divided by the number of ranks (as the wrapper averages the parameters' gradients).
         self._rank_share = (1.0 / self.ranks[1] if self.ranks is not None
-                            and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
+                            and (distributed.averages_gradients(model) or _in_lightning_ddp(model)) else None)
+        # FSDP2: the statistics of a sharded parameter merge every rank's local shard.
+        shards, self._not_counted = distributed.shards(self.params, self.rank, kit.param_topic)
+        if isinstance(self.bus.engine.merge_ranks, distributed.RankMerge):
+            self.bus.engine.merge_ranks.shards = shards
+            if self._rank_share is not None:  # replicated parameters: identical on every rank, or out of sync
+                self.bus.engine.merge_ranks.checks.append(rank_checks.DesyncCheck(
+                    self.run, [(layer, [p for _, p in params]) for layer, params in self.params.items()]))
         self._attach()
 
     # -- attaching ---------------------------------------------------------------------------
@@ -277,18 +319,12 @@ class TorchProbe(Probe):
         # runs before the step hook, which may nest a side pass (probe set, test loader) in that forward.
         # Under torch.distributed rank 0 alone writes the graph, traced from the module DDP wraps (tracing
         # the wrapper would copy its process group and run its collectives on the tracing thread).
-        self._graph_job: GraphJob | None = None
         if self.rank == 0:
             self._graph_job = GraphJob(self.named, self._runners)
             self._graph_job.handle = model.register_forward_pre_hook(
                 self._graph_job.on_forward, with_kwargs=True, prepend=True
             )
             self._handles.append(self._graph_job.handle)
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
-            self._handles.append(module.register_forward_hook(self._post_hook(name)))
-        for layer, tensor_name, computed in parametrized.parametrized_tensors(self.named, self.layers):
-            self._handles.append(computed.register_forward_hook(self._effective_hook(layer, tensor_name)))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_pre))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_post))
@@ -298,6 +334,55 @@ class TorchProbe(Probe):
                     if param.requires_grad:
                         topic = GRADS_AND_UPDATES[kit.param_topic(param_name)][0]
                         self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(layer, topic)))
+        self._arm(self._records(self.step))
+
+    # -- layer hooks: only while something is recorded ---------------------------------------------
+    def _hook_layers(self) -> list[Any]:
+        """Install the layer hooks; returns their handles."""
+        handles = []
+        for name, module in self.layers.items():
+            handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+            handles.append(module.register_forward_hook(self._post_hook(name)))
+        for layer, tensor_name, computed in parametrized.parametrized_tensors(self.named, self.layers):
+            handles.append(computed.register_forward_hook(self._effective_hook(layer, tensor_name)))
+        return handles
+
+    def _records(self, step: int) -> bool:
+        """Whether train ``step`` records anything or runs a side pass (its forward needs the layer hooks,
+        and its root hooks must run)."""
+        if self.closed or self.switched_off:
+            return False
+        return (self._always_armed or self._recorded(step)
+                or (self.probe_bus is not None and self.probe_bus.wants("activations", step))
+                or any(m.due_at(step, self.step_schedule) for m in self.test_evaluators))
+
+    def _arm(self, on: bool) -> None:
+        """Install (``on``) or remove the layer hooks (:mod:`sonde.probe.torch_compile`): they exist only
+        while a recorded step, an evaluation pass or a probe-set pass runs, and compiled code runs
+        eagerly exactly then. An unrecorded step runs no sonde code in the model's forward and backward."""
+        self._guard("installing the layer hooks", lambda: self._set_armed(on))
+
+    def _set_armed(self, on: bool) -> None:
+        if on and self._armed is None:
+            self._armed = []
+            self._eager.enter()
+            self._armed.extend(self._hook_layers())
+        elif not on and self._armed is not None:
+            handles, self._armed = self._armed, None
+            try:
+                for handle in handles:
+                    handle.remove()
+            finally:
+                self._eager.exit()
+
+    def forward_unseen(self) -> bool:
+        return self._compiled and self._armed is None
+
+    def optimizer_stepped(self) -> None:
+        super().optimizer_stepped()
+        # The next train forward starts step + 1: its hooks (and eager execution) are decided now, before
+        # it runs, because a compiled forward runs none of the probe's code to decide it then.
+        self._arm(self._records(self.step + 1))
 
     def _effective_hook(self, layer: str, tensor_name: str) -> Callable[[nn.Module, Any, Any], None]:
         """A parametrized tensor's ``weights``/``biases``: the value its parametrizations computed for
@@ -319,6 +404,7 @@ class TorchProbe(Probe):
         return hook
 
     def detach(self) -> None:
+        self._set_armed(False)
         torch_scaler.unlisten(self)
         if self._graph_job is not None:
             self._graph_job.wait()  # before the sinks close, so that they get the graph
@@ -334,7 +420,7 @@ class TorchProbe(Probe):
 
     # -- helpers -----------------------------------------------------------------------------
     def current_phase(self) -> str:
-        return "train" if self.model.training and torch.is_grad_enabled() else "eval"
+        return "train" if self.named.training and torch.is_grad_enabled() else "eval"
 
     def as_tensor(self, value: Any, topic: str) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
@@ -350,8 +436,10 @@ class TorchProbe(Probe):
             {id(p) for group in self.optimizer.param_groups for p in group["params"]}
             if snapshot and self.optimizer is not None else None
         )
+        skipped = self._not_counted  # counted on another rank (distributed.shards)
         self.param_publisher.before_step(
-            ((layer, name, param) for layer, params in self.params.items() for name, param in params),
+            ((layer, name, param) for layer, params in self.params.items() for name, param in params
+             if id(param) not in skipped),
             value=torch.Tensor.detach, grad=(lambda p: p.grad) if grads else None,
             updated=None if in_optimizer is None else (lambda p: id(p) in in_optimizer),
             shown=(lambda p: id(p) not in self._computed_from) if self._computed_from else None, phase=phase,
@@ -359,16 +447,42 @@ class TorchProbe(Probe):
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_root_start(self, module: nn.Module, args: Any) -> None:
+        if torch_compile.tracing():
+            return  # dynamo traces a compiled model's root hooks into nothing: they run when the model runs eagerly
         self.begin_batch()
         if self._pass_mode is None and not _recomputing():
             # Layers take the phase of the whole forward: a reentrant checkpoint runs its first
             # forward under no_grad inside a training forward, and that is still training.
             self._forward_phase = self.current_phase()
             self._replays.clear()
+            if self._forward_phase == "train" and not self._compiled:
+                self._compiled = torch_compile.called_compiled(self.named)
+                if self._compiled and self.optimizer is None and torch_compile.unwrap(self.model) is self.model:
+                    # Steps are forwards, and a compiled forward runs none of these hooks: counting them
+                    # needs every forward to run eagerly.
+                    self._always_armed = True
+                    log.warning("sonde: %s was compiled after sonde.probe(...) was given it without optimizer=; "
+                                "its steps are counted by forward passes, which compiled code does not show, so "
+                                "every step runs eagerly. Pass optimizer=, or give sonde.probe the compiled module "
+                                "(torch.compile first), to keep unrecorded steps compiled", type(self.named).__name__)
+            if self._forward_phase == "eval" and self._armed is None and not self.closed and not self.switched_off:
+                self._eval_armed = True  # evaluation passes are recorded at any step
+                self._arm(True)
 
     def _on_root_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch_compile.tracing():
+            return
         if self._pass_mode is None and not _recomputing():
             self._forward_phase = None
+            if self._eval_armed:
+                self._eval_armed = False
+                self._arm(False)
+
+    def _on_graph_thread(self) -> bool:
+        """Whether the graph is being traced on this thread: a trace that reaches the real modules
+        (Lightning's DDP strategy redirects the module's forward to its ``training_step``) is no call."""
+        job = self._graph_job
+        return job is not None and job._thread is threading.current_thread()
 
     def _layer_phase(self) -> str:
         return self._forward_phase if self._forward_phase is not None else self.current_phase()
@@ -395,6 +509,7 @@ class TorchProbe(Probe):
                     self._loss_scale = None
                     self._side_passes(self.step)
                     self.call_names.clear()
+                    self._arm(self._records(self.step))
 
         self._guard("step bookkeeping", run)
 
@@ -404,10 +519,11 @@ class TorchProbe(Probe):
     def _side_passes(self, step: int) -> None:
         """Evaluate the probe set and the test loaders due at ``step``, leaving the model as it was."""
         probe_due = self.probe_bus is not None and self.probe_bus.wants("activations", step)
-        tests = [m for m in self.test_evaluators if m.due_at(step, self.schedule)]
+        tests = [m for m in self.test_evaluators if m.due_at(step, self.step_schedule)]
         if not (probe_due or tests):
             return
         if probe_due:
+            self._arm(True)  # the pass's activations come from the layer hooks (begin_batch settles them after)
             self._guard("probe-set pass", lambda: self._probe_set_pass(step))
         for metric in tests:
             self._guard("test_accuracy evaluation", lambda m=metric: self._test_pass(m, step))  # type: ignore[misc]
@@ -463,9 +579,7 @@ class TorchProbe(Probe):
             self.step_labels.clear()
 
     def _pre_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            if _recomputing():
-                return  # a recomputation is not a call
+        def capture(module: nn.Module, args: Any) -> None:
             call = self.call_names(name)
             self._names.setdefault(id(module), []).append(call)
             if self._pass_mode is not None:
@@ -476,13 +590,15 @@ class TorchProbe(Probe):
                 if tensor is not None:
                     self._guard("inputs capture", lambda: self.publish(call, "inputs", tensor, phase=phase))
 
+        def hook(module: nn.Module, args: Any) -> None:
+            if torch_compile.tracing() or _recomputing() or self._on_graph_thread():
+                return  # a recomputation is not a call
+            self._guard("layer forward pre-hook", lambda: capture(module, args))
+
         return hook
 
     def _post_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if _recomputing():
-                self._guard("output_grads capture", lambda: self._recomputed(module, output))
-                return
+        def capture(module: nn.Module, output: Any) -> None:
             stack = self._names.get(id(module))
             call = stack.pop() if stack else name
             phase = self._layer_phase()
@@ -499,11 +615,20 @@ class TorchProbe(Probe):
                 self._guard("activations capture", lambda: self.publish(call, "activations", tensor, phase=phase))
             if phase == "train" and self.wants("output_grads"):
                 if tensor.requires_grad:
-                    tensor.register_hook(self._output_grad_hook(call, self.step))
+                    self._guard("output_grads capture", lambda: tensor.register_hook(
+                        self._output_grad_hook(call, self.step)))
                 elif not torch.is_grad_enabled():
                     # A reentrant checkpoint's first forward: the graph (and so the gradient) is
                     # the recomputation's. Recomputations run the segments last to first.
                     self._replays.setdefault(id(module), []).append((call, self.step))
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if torch_compile.tracing() or self._on_graph_thread():
+                return
+            if _recomputing():
+                self._guard("output_grads capture", lambda: self._recomputed(module, output))
+                return
+            self._guard("layer forward hook", lambda: capture(module, output))
 
         return hook
 
@@ -538,8 +663,8 @@ class TorchProbe(Probe):
 
     def _grad_hook(self, layer: str, topic: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            grad = param.grad
-            if not self.closed and grad is not None and self.wants(topic):
+            grad = distributed.local_shard(param.grad)  # FSDP2 hands its hooks DTensor gradients
+            if not self.closed and grad is not None and id(param) not in self._not_counted and self.wants(topic):
                 self._guard(f"{topic} capture", lambda: self.publish(layer, topic, self._unscaled(grad), phase="train"))
 
         return hook

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sonde.topics import STEP_TOPICS, TOPICS
+from sonde.topics import SCHEDULE_TOPIC, STEP_TOPICS, TOPICS
 
 __all__ = [
     "ARRAY_METRICS",
@@ -61,6 +61,7 @@ class Choices:
     network_metrics: dict[str, list[str]] = field(default_factory=dict)  # topic -> scalar metrics, layer ""
     histogram_topics: list[str] = field(default_factory=list)
     has_alerts: bool = False
+    has_schedule: bool = False  # the overhead budget recorded its intervals
 
     @classmethod
     def from_available(cls, triples: Iterable[Sequence[str]]) -> Choices:
@@ -74,11 +75,13 @@ class Choices:
         layer: dict[str, set[str]] = {}
         network: dict[str, set[str]] = {}
         hist: set[str] = set()
-        alerts = False
+        alerts = schedule = False
         for phase, topic, metric in triples:
             phases.add(phase)
             if metric == ALERT_METRIC:
                 alerts = True
+            elif topic == SCHEDULE_TOPIC:
+                schedule = True  # how often the budget records: the run page's header says it
             elif metric == "histogram":
                 hist.add(topic)
             elif metric not in ARRAY_METRICS:
@@ -90,6 +93,7 @@ class Choices:
             network_metrics={t: sorted(m) for t, m in sorted(network.items(), key=lambda kv: _topic_key(kv[0]))},
             histogram_topics=sorted(hist, key=_topic_key),
             has_alerts=alerts,
+            has_schedule=schedule,
         )
 
     def heatmap_default(self) -> tuple[str, str] | None:

@@ -18,6 +18,7 @@ from nicegui import run
 
 from sonde.server.ui.data import splice, splice_heatmap
 from sonde.store import Store
+from sonde.topics import SCHEDULE_TOPIC
 
 __all__ = ["LINE_POINTS", "Source", "off_loop"]
 
@@ -135,6 +136,20 @@ class Source:
             return {str(k): int(v) for k, v in frame.groupby("run").size().items()}
 
         return await off_loop(query)
+
+    async def schedule(self, run_name: str) -> list[tuple[str, int, str]]:
+        """The overhead budget's latest intervals: ``(metric, interval, message)``, densest first."""
+
+        def query() -> list[tuple[str, int, str]]:
+            frame = self.store.load(run_name, topics=SCHEDULE_TOPIC, messages=True)
+            if frame.empty:
+                return []
+            latest = frame[frame["step"] == frame["step"].max()]
+            return sorted((str(m), int(v), str(text)) for m, v, text in
+                          zip(latest["metric"], latest["value"], latest["message"], strict=True))
+
+        rows = await off_loop(query)
+        return sorted(rows, key=lambda row: (row[1], row[0]))
 
     async def alerts(self, run_name: str) -> list[dict[str, Any]]:
         """Records with metric ``alert``, newest first (at most 200), with their message when stored."""

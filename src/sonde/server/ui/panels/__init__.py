@@ -9,7 +9,7 @@ Adding a panel is one module here and one line in :data:`RUN_PANELS`.
 
 Example:
     >>> [panel.title for panel in RUN_PANELS][:3]
-    ['Graph', 'Alerts', 'Training curves']
+    ['Graph', 'Recording', 'Alerts']
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sonde.server.ui.panels.distributions import Distributions
 from sonde.server.ui.panels.graph_link import GraphLink
 from sonde.server.ui.panels.layers import LayersOverTraining
 from sonde.server.ui.panels.overview import NetworkOverview
+from sonde.server.ui.panels.schedule import Schedule
 from sonde.server.ui.panels.similarity import LayerSimilarity
 from sonde.server.ui.panels.training import TrainingCurves
 
@@ -28,6 +29,7 @@ __all__ = ["RUN_PANELS"]
 #: The run page's panels, in page order.
 RUN_PANELS: list[type[Panel]] = [
     GraphLink,
+    Schedule,
     Alerts,
     TrainingCurves,
     NetworkOverview,

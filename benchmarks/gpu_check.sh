@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one go (run from the repository root on a machine with one):
+#   1. tests/cuda: a probed training loop under torch.cuda.set_sync_debug_mode("error") (no host
+#      synchronisation caused by sonde), and CUDA values against the CPU computation;
+#   2. the overhead benchmark on the GPU, where benchmarks/overhead.py takes --device.
+# Put the figures, with the GPU's name, in benchmarks/RESULTS.md ("On a CUDA GPU").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+"$PYTHON" - <<'PY' || exit 1
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit("gpu_check: torch.cuda.is_available() is False: no CUDA GPU here")
+print("gpu_check:", torch.cuda.get_device_name(0), "torch", torch.__version__)
+PY
+status=0
+"$PYTHON" -m pytest -q -rs tests/cuda -p no:cacheprovider || status=1
+if "$PYTHON" benchmarks/overhead.py --help 2>/dev/null | grep -q -- "--device"; then
+    "$PYTHON" benchmarks/overhead.py --device cuda --no-peers "$@" || status=1
+else
+    echo "gpu_check: benchmarks/overhead.py has no --device option: GPU overhead not measured"
+fi
+exit $status
