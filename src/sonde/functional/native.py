@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,34 +78,53 @@ def _cache_dir() -> Path:
     return Path(base) / "sonde"
 
 
+def build_library(stem: str, sources: Sequence[Path] = SOURCES, *, generated: Sequence[str] = (),
+                  flags: Sequence[str] = (), key: Sequence[bytes] = ()) -> tuple[Path | None, list[str]]:
+    """Compile C ``sources`` (and the ``generated`` source texts) into a shared library cached as
+    ``<cache>/<stem>-<hash>.so``, keyed by the sources, ``key``, the compiler and the CPU; the
+    cached one when it exists. Tries the flag variants best first (OpenMP, ``-march=native``).
+
+    Returns the library's path, or None and what each compiler call said.
+    """
+    compiler = _compiler()
+    if compiler is None:
+        return None, ["no C compiler found (set CC=...)"]
+    parts = [*(text.encode() for text in generated), *(path.read_bytes() for path in sources), *key,
+             compiler.encode(), _cpu_identity().encode(), platform.machine().encode()]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    target = _cache_dir() / f"{stem}-{digest}.so"
+    if target.exists():
+        return target, []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        written = []
+        for i, text in enumerate(generated):
+            written.append(Path(tmp, f"generated{i}.c"))
+            written[-1].write_text(text)
+        for variant in _VARIANTS:  # some compilers lack OpenMP (Apple clang) or -march=native
+            built = Path(tmp, "built.so")
+            cmd = [compiler, *_FLAGS, *variant, *flags, *map(str, [*written, *sources]), "-o", str(built), "-lm"]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+            if result.returncode == 0:
+                os.replace(built, target)  # atomic: concurrent builds never see half a library
+                return target, []
+            errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
+    return None, errors
+
+
 def _build() -> ctypes.CDLL | None:
     if os.environ.get("SONDE_NATIVE", "1") == "0":
         return None
-    compiler = _compiler()
-    if compiler is None:
+    if _compiler() is None:
         log.warning("sonde: no C compiler found (set CC=...); tensor statistics use torch reductions, "
                     "with about four times the per-step overhead")
         return None
-    parts = [*(path.read_bytes() for path in SOURCES), compiler.encode(), _cpu_identity().encode()]
-    key = hashlib.sha256(b"\0".join([*parts, platform.machine().encode()]))
-    target = _cache_dir() / f"summary-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        errors = []
-        for variant in _VARIANTS:  # some compilers lack OpenMP (Apple clang) or -march=native
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            cmd = [compiler, *_FLAGS, *variant, *map(str, SOURCES), "-o", tmp, "-lm"]
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-            if result.returncode == 0:
-                os.replace(tmp, target)  # atomic: concurrent builds never see half a library
-                break
-            os.unlink(tmp)
-            errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
-        else:
-            log.warning("sonde: compiling the tensor-statistics kernel failed; using torch reductions "
-                        "(about four times the per-step overhead):\n%s", "\n".join(errors))
-            return None
+    target, errors = build_library("summary")
+    if target is None:
+        log.warning("sonde: compiling the tensor-statistics kernel failed; using torch reductions "
+                    "(about four times the per-step overhead):\n%s", "\n".join(errors))
+        return None
     lib = ctypes.CDLL(str(target))
     fn = lib.sonde_summarize
     fn.argtypes = [

@@ -17,12 +17,8 @@ with ``SONDE_NATIVE=0``, :func:`available` is False and the caller keeps another
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -128,29 +124,12 @@ def _build() -> bool:
     header = Path(include, "xla", "ffi", "api", "c_api.h")
     if compiler is None or not header.exists():
         return False
-    parts = [_HANDLER.encode(), header.read_bytes(), *(p.read_bytes() for p in native.SOURCES), compiler.encode(),
-             native._cpu_identity().encode(), platform.machine().encode()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    target = native._cache_dir() / f"jax-summary-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        errors = []
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            source = Path(tmp, "handler.c")
-            source.write_text(_HANDLER)
-            for variant in native._VARIANTS:
-                built = Path(tmp, "handler.so")
-                cmd = [compiler, *native._FLAGS, *variant, f"-I{include}", str(source), *map(str, native.SOURCES),
-                       "-o", str(built), "-lm"]
-                result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-                if result.returncode == 0:
-                    os.replace(built, target)  # atomic: concurrent builds never see half a library
-                    break
-                errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
-            else:
-                log.warning("sonde: compiling the JAX statistics handler failed; JAX arrays cross to the "
-                            "host for their statistics:\n%s", "\n".join(errors))
-                return False
+    target, errors = native.build_library("jax-summary", generated=[_HANDLER], flags=[f"-I{include}"],
+                                          key=[header.read_bytes()])
+    if target is None:
+        log.warning("sonde: compiling the JAX statistics handler failed; JAX arrays cross to the "
+                    "host for their statistics:\n%s", "\n".join(errors))
+        return False
     lib = ctypes.CDLL(str(target))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.sonde_xla_summarize), platform="cpu")
     return True
