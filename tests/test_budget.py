@@ -289,3 +289,14 @@ def test_the_intervals_reach_the_store_and_the_run_page(tmp_path: Path) -> None:
         assert SCHEDULE_TOPIC not in choices.layer_metrics and SCHEDULE_TOPIC not in choices.network_metrics
         rows = asyncio.run(Source(store).schedule("budgeted"))
     assert rows[0][1:] == (4, "recorded every 4th step to stay under 5%")
+
+
+def test_a_budget_the_longest_interval_cannot_meet_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    budget = Budget(0.05, 16, clock=clock)
+    budget.register("stats", expensive=False)
+    with caplog.at_level(logging.INFO, logger="sonde"):
+        simulate(budget, clock, 600, base=0.010, cost=0.030, records=[])  # 300% a recorded step: 19% at 1 in 16
+    assert budget.schedule() == {"stats": 16}
+    assert budget.estimate == pytest.approx(0.03 / 16 / 0.010)
+    assert caplog.text.count("even at the longest interval") == 1

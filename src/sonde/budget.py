@@ -112,7 +112,7 @@ class Budget:
     #: Steps recorded in full after trouble (NaN/Inf or a spike of the loss).
     trouble_steps: ClassVar[int] = 5
     #: Unchanged decisions after which the intervals count as settled (logged, recorded).
-    settle: ClassVar[int] = 3
+    settle: ClassVar[int] = 1
 
     def __init__(self, fraction: float = 0.05, max_interval: int = 100, *, warmup: int = 8,
                  clock: Callable[[], float] = time.perf_counter) -> None:
@@ -339,6 +339,11 @@ class Budget:
         log.info("sonde: overhead budget %s: %s (measured cost %.1f%% of a step; the loss every step, and every "
                  "metric at the %d steps after it turns NaN/Inf or spikes)", percent, parts, 100 * self.estimate,
                  self.trouble_steps)
+        if self.estimate > self.fraction and all(i >= self.cap for i in self.intervals.values()):
+            log.warning("sonde: monitoring costs %.1f%% of a step even at the longest interval (max_interval): "
+                        "over the %s budget. What every step costs (the loss logged, the hooks that see each "
+                        "forward) weighs most on small, fast steps; layers=, topics= or a larger budget= change it",
+                        100 * self.estimate, percent)
         return records
 
 
