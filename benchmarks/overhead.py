@@ -5,8 +5,8 @@ noise hits all variants alike: each round runs every variant once. The table pri
 per-step time and the ratio of the *mean* step time (all rounds' timed steps) to the unmonitored
 loop's: a budgeted schedule pays for its recorded steps too.
 
-    python benchmarks/overhead.py [--steps 200] [--rounds 3] [--no-peers] [--models mlp cnn bert] [--fresh]
-        [--variants ...]
+    python benchmarks/overhead.py [--steps 200] [--rounds 3] [--no-peers] [--models mlp cnn bert gpt2] [--fresh]
+        [--variants ...] [--device cpu|cuda] [--sync-steps 30]
 
 Variants: ``sonde`` (the default probe: every topic of every layer, all default metrics, recorded
 to a SQLite store, spaced by the overhead budget of 5%; the table's last column says how often
@@ -25,6 +25,19 @@ first round's large blocks raise glibc's dynamic thresholds, so the timed steps 
 fault-free and the ratios compare the probes' own work. ``--fresh`` runs every (round, variant) in
 a new Python process instead, as a user's training script starts: slower, noisier, and what a
 user sees first (both are in benchmarks/RESULTS.md).
+
+``--device cuda`` trains on the GPU under bf16 autocast (forward and loss) and times each run between two
+``torch.cuda.synchronize()`` calls outside the steps, so the time includes the GPU work the steps queued. It
+then adds a column: the host synchronisations per step that the probe adds to the training loop. Before the
+timed rounds, each variant trains ``--sync-steps`` more steps under ``torch.cuda.set_sync_debug_mode("warn")``,
+in which c10 warns at every synchronising call (``memcpy_and_sync`` and ``stream_synchronize``: ``.item()``,
+``.cpu()``, ``.tolist()``, ``nonzero``, ``Stream.synchronize()``; not ``torch.cuda.synchronize()`` or
+``Event.synchronize()``); the warnings raised inside the steps on any thread but sonde's own background
+threads (the autograd engine's included) are counted, and the column is the variant's count minus the
+unmonitored loop's, per timed step. The lines under the table name the places in sonde's code that
+synchronised, if any. ``gpt2`` is GPT-2 small built from transformers' ``GPT2Config()`` (12 layers, hidden 768,
+12 heads, vocabulary 50257; nothing downloaded), batch 32 x 128 tokens, next-token loss; on a CPU, a 2-layer,
+hidden-128 GPT-2 (vocabulary 1000, batch 8 x 64 tokens) instead, since GPT-2 small takes seconds a step there.
 """
 
 from __future__ import annotations
@@ -37,8 +50,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import TextIO
 
 import torch
 from torch import nn
@@ -84,7 +102,27 @@ def bert() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return _Logits(BertForSequenceClassification(config)), torch.randint(0, 1000, (32, 64)), torch.randint(0, 2, (32,))
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "bert": bert}
+class _TokenLogits(_Logits):
+    """A transformers language model called as ``model(ids) -> logits``, one row per token."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).flatten(0, 1)
+
+
+def gpt2(small: bool = False) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """GPT-2 small from transformers' ``GPT2Config()``, batch 32 x 128 tokens; ``small``: 2 layers, hidden 128."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if small:
+        config, batch, seq = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_positions=64,
+                                        bos_token_id=0, eos_token_id=0, use_cache=False), 8, 64
+    else:
+        config, batch, seq = GPT2Config(use_cache=False), 32, 128
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    return _TokenLogits(GPT2LMHeadModel(config)), ids, ids.roll(-1, dims=1).flatten()  # next token (wraps round)
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "bert": bert, "gpt2": gpt2}
 
 Monitor = Callable[[nn.Module, torch.optim.Optimizer, str], contextlib.AbstractContextManager]
 
@@ -170,31 +208,90 @@ def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+#: The text of c10's warning in ``torch.cuda.set_sync_debug_mode("warn")`` (``warn_or_error_on_sync``).
+SYNC_WARNING = "called a synchronizing CUDA operation"
+SONDE_DIR = os.path.dirname(os.path.abspath(sonde.__file__))
+
+
+class SyncCensus:
+    """Every synchronising CUDA call warned about while counting: (step, thread name, place).
+
+    The place is the innermost frame in sonde's package on the calling thread's stack ("sonde/...:line"), or,
+    where sonde is not on the stack, the line the warning names (the Python line that called into torch)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.calls: list[tuple[int, str, str]] = []
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("always", message=SYNC_WARNING)
+            shown = warnings.showwarning
+
+            def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     file: TextIO | None = None, line: str | None = None) -> None:
+                if SYNC_WARNING not in str(message):
+                    shown(message, category, filename, lineno, file, line)
+                    return
+                place = f"{os.path.relpath(filename)}:{lineno}"
+                for frame in reversed(traceback.extract_stack()[:-1]):  # callers of show()
+                    if frame.filename.startswith(SONDE_DIR + os.sep):
+                        place = f"sonde/{os.path.relpath(frame.filename, SONDE_DIR)}:{frame.lineno}"
+                        break
+                self.calls.append((self.step, threading.current_thread().name, place))
+
+            warnings.showwarning = show
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+
+    def training_path(self, timed: bool = True) -> list[str]:
+        """The places of the calls made off sonde's background threads ("sonde-..."), in the timed steps or the
+        warm-up ones: the training thread's and the autograd engine's (which runs the backward hooks on CUDA)."""
+        return [place for step, thread, place in self.calls
+                if (step >= 3) == timed and not thread.startswith("sonde-")]
+
+
 def train(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor: Monitor, steps: int, tmp: str
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor: Monitor, steps: int, tmp: str,
+    census: SyncCensus | None = None,
 ) -> tuple[float, float]:
-    """(seconds per step, minor page faults per step) over ``steps`` timed steps."""
+    """(seconds per step, minor page faults per step) over ``steps`` timed steps; on CUDA under bf16 autocast,
+    with the synchronising calls of all steps counted into ``census`` where one is given."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    with monitor(model, opt, tmp) as log:
+    cuda = x.is_cuda
+    with monitor(model, opt, tmp) as log, census.counting() if census else contextlib.nullcontext():
         for i in range(steps + 3):
             if i == 3:  # warm-up steps (allocator, first-step histogram edges) are not timed
+                if cuda:
+                    torch.cuda.synchronize()
                 start, faulted = time.perf_counter(), faults()
-            out = model(x)
-            loss = loss_fn(out, y)
+            if census:
+                census.step = i
+            with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+                out = model(x)
+                loss = loss_fn(out, y)
             loss.backward()
             opt.step()
             log(loss=loss, labels=y, outputs=out)
             opt.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
         elapsed, faulted = time.perf_counter() - start, faults() - faulted
     return elapsed / steps, faulted / steps
 
 
-def measure(model_name: str, monitor: Monitor, steps: int) -> tuple[float, float]:
+def measure(model_name: str, monitor: Monitor, steps: int, device: str = "cpu",
+            census: SyncCensus | None = None) -> tuple[float, float]:
     torch.manual_seed(0)
-    model, x, y = MODELS[model_name]()
+    model, x, y = gpt2(small=device == "cpu") if model_name == "gpt2" else MODELS[model_name]()
     with tempfile.TemporaryDirectory() as tmp:
-        return train(model, x, y, monitor, steps, tmp)
+        return train(model.to(device), x.to(device), y.to(device), monitor, steps, tmp, census)
 
 
 def main() -> None:
@@ -208,8 +305,16 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="each variant of each round in a new process")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=["mlp", "cnn"],
-                        help="bert: a 4-layer BERT from transformers (57 probed layers, ~380 tensors per step)")
+                        help="bert: a 4-layer BERT from transformers (57 probed layers, ~380 tensors per step); "
+                        "gpt2: GPT-2 small from transformers' GPT2Config(), batch 32 x 128 tokens (on a CPU: 2 "
+                        "layers, hidden 128, batch 8 x 64)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: bf16 autocast, synchronised timing, and host synchronisations per step")
+    parser.add_argument("--sync-steps", type=int, default=30,
+                        help="on cuda, the timed steps of each variant's run counting host synchronisations")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -230,32 +335,52 @@ def main() -> None:
                     if name == "unmonitored" or name in args.variants}
     os.environ.setdefault("WANDB_SILENT", "true")
     if args.child:
-        print(*measure(args.child[0], variants[args.child[1]], args.steps))
+        print(*measure(args.child[0], variants[args.child[1]], args.steps, args.device))
         return
+    cuda = args.device == "cuda"
+    count = cuda and args.sync_steps > 0
     where = "each run in a fresh process" if args.fresh else "one process"
-    print(f"{where}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    on = f"{torch.cuda.get_device_name()}, bf16 autocast, " if cuda else ""
+    print(f"{where}: {on}torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps} steps")
-    print(f"{'model':8s} {'variant':18s} {'ms/step':>9s} {'mean ratio':>10s} {'faults/step':>12s}")
+    print(f"{'model':8s} {'variant':18s} {'ms/step':>9s} {'mean ratio':>10s} {'faults/step':>12s}"
+          + (f" {'host syncs/step':>15s}" if count else ""))
     for model_name in args.models:
         times: dict[str, list[float]] = {name: [] for name in variants}
         faulted: dict[str, list[float]] = {name: [] for name in variants}
+        censuses: dict[str, SyncCensus] = {}
+        if count:  # before the timed rounds, so that these runs also warm up CUDA's libraries
+            for name, monitor in variants.items():
+                censuses[name] = SyncCensus()
+                measure(model_name, monitor, args.sync_steps, args.device, censuses[name])
         for _ in range(args.rounds):
             for name, monitor in variants.items():
                 if args.fresh:
                     command = [sys.executable, __file__, "--child", model_name, name, "--steps", str(args.steps),
-                               *(["--threads", str(args.threads)] if args.threads else [])]
+                               "--device", args.device, *(["--threads", str(args.threads)] if args.threads else [])]
                     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
                     seconds, pages = float(output[-2]), float(output[-1])
                 else:
-                    seconds, pages = measure(model_name, monitor, args.steps)
+                    seconds, pages = measure(model_name, monitor, args.steps, args.device)
                 times[name].append(seconds)
                 faulted[name].append(pages)
                 print(f"  {model_name} round {len(times[name])}: {name} {seconds * 1e3:.2f} ms/step", file=sys.stderr,
                       flush=True)
         for name, values in times.items():
             ratio = sum(values) / sum(times["unmonitored"])  # every round runs the same number of steps
+            syncs = ""
+            if count:
+                added = len(censuses[name].training_path()) - len(censuses["unmonitored"].training_path())
+                syncs = f" {added / args.sync_steps:15.2f}"
             print(f"{model_name:8s} {name:18s} {statistics.median(values) * 1e3:9.2f} {ratio:9.3f}x "
-                  f"{statistics.median(faulted[name]):12.0f}")
+                  f"{statistics.median(faulted[name]):12.0f}{syncs}")
+        for name, census in censuses.items():
+            timed, warm = census.training_path(), census.training_path(timed=False)
+            background = len(census.calls) - len(timed) - len(warm)
+            places = Counter(place for _, _, place in census.calls if place.startswith("sonde/"))
+            print(f"{model_name:8s} {name}: host synchronisations in {args.sync_steps} timed steps {len(timed)}, "
+                  f"in the 3 warm-up steps {len(warm)}, on sonde's threads {background}; in sonde's code: "
+                  + (", ".join(f"{place} x{n}" for place, n in places.most_common()) or "none"))
         if "sonde" in variants and RECORDED and not args.fresh:
             counts = ", ".join(f"{metric} {n}" for metric, n in sorted(RECORDED.items()))
             print(f"{model_name:8s} sonde (budget), steps with a value per metric, last round of "

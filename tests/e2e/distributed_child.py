@@ -8,6 +8,8 @@ a second run into ``extra.db`` with a gathered state and a ``reset="never"`` mea
 the second recorded step); each rank writes ``OUT/rank<r>.json`` with the run name it was given,
 whether monitoring was switched off and the error the bad store raised. MODE ``fsdp``: an FSDP2
 model (:func:`fsdp`); ``hsdp``: the same with each parameter whole on both ranks (two replicas of one shard).
+MODE ``eval``: a DDP model with evaluation passes over a validation set split unevenly across the
+ranks (:func:`ddp_eval`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,49 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, probe: Any, rank: int, s
         probe.log(loss=loss)
 
 
+VAL_ROWS = (5, 3)  # rank 0's and rank 1's rows of the validation set
+
+
+def validation_set() -> torch.Tensor:
+    return torch.randn(sum(VAL_ROWS), 4, generator=torch.Generator().manual_seed(300)) * 2
+
+
+def evaluate(model: nn.Module, rows: torch.Tensor) -> None:
+    """One evaluation pass: eval mode, no gradients, one batch; the model is put back in train mode."""
+    model.eval()
+    with torch.no_grad():
+        model(rows)
+    model.train()
+
+
+def ddp_eval(out: Path) -> None:
+    """DDP into ``eval.db``: train steps 0 and 1 (recorded), an evaluation pass (rank 0 evaluates 5
+    rows of the validation set, rank 1 the other 3), train step 2 (not recorded), another evaluation
+    pass, and the probe closes. Both passes follow a point where every rank merges (the recorded
+    step 1, the close)."""
+    dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    model = nn.parallel.DistributedDataParallel(make_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = sum(VAL_ROWS[:rank])
+    rows = validation_set()[start : start + VAL_ROWS[rank]]
+    share = GLOBAL_BATCH // size
+    with sonde.probe(model, optimizer=opt, store="eval.db", every=lambda step: step != 2) as p:
+        for step in range(STEPS):
+            if step == 2:
+                evaluate(model, rows)
+            x, y = global_batch(step)
+            loss = nn.functional.cross_entropy(model(x[rank * share : (rank + 1) * share]),
+                                               y[rank * share : (rank + 1) * share])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        evaluate(model, rows)
+    # read after the probe closed: the last pass is merged as it closes
+    (out / f"rank{rank}.json").write_text(json.dumps({"run": p.run, "switched_off": p.switched_off}))
+    dist.destroy_process_group()
+
+
 def make_fsdp_net() -> nn.Sequential:
     """Parameters whose first dimension 2 ranks share unevenly (7, 3) and one (1) that leaves rank 1 an empty shard."""
     torch.manual_seed(0)
@@ -119,6 +164,9 @@ def fsdp(out: Path, replicas: int = 1, optimizer: bool = True) -> None:
 def main(mode: str, out: Path) -> None:
     if mode in ("fsdp", "hsdp", "fsdp-no-optimizer"):
         fsdp(out, replicas=2 if mode == "hsdp" else 1, optimizer=mode != "fsdp-no-optimizer")
+        return
+    if mode == "eval":
+        ddp_eval(out)
         return
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()

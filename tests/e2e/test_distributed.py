@@ -303,3 +303,78 @@ def test_fsdp2_without_an_optimizer_records_whole_gradients_and_the_users_class_
         layers = store.layers(ranks[0]["run"])
     types = dict(zip(layers["name"], layers["type"], strict=True))
     assert types["0"] == "Linear" and types["1"] == "Tanh"
+
+
+def eval_reference() -> dict[tuple[int, str, str], np.ndarray]:
+    """One unprobed process training on the global batches as the ``eval`` ranks do, evaluating the whole
+    validation set after steps 1 and 2: each layer's inputs and activations by (the step the pass is filed
+    under, layer, topic)."""
+    net = child.make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen: dict[tuple[int, str, str], np.ndarray] = {}
+    at = 0
+
+    def forward(name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not mod.training:
+                seen[(at, name, "inputs")] = args[0].detach().double().numpy().copy()
+                seen[(at, name, "activations")] = output.detach().double().numpy().copy()
+        return hook
+
+    for name, module in net.named_children():
+        module.register_forward_hook(forward(name))
+    for step in range(child.STEPS):
+        if step == 2:
+            at = 2  # the weights after step 1's optimizer step
+            child.evaluate(net, child.validation_set())
+        x, y = child.global_batch(step)
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    at = 3
+    child.evaluate(net, child.validation_set())
+    return seen
+
+
+def test_ddp_evaluation_passes_record_the_whole_validation_set(tmp_path: Path) -> None:
+    """Two DDP ranks evaluate 5 and 3 rows of an 8-row validation set (after the recorded step 1, and
+    after the unrecorded step 2 as the probe closes): each pass's activation statistics are those of one
+    process on the whole validation set, and the second pass's histogram counts those over the first
+    pass's range."""
+    launch("eval", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["run"] == ranks[1]["run"]
+    assert not any(r["switched_off"] for r in ranks)
+    df = sonde.load(tmp_path / "eval.db")
+    keys = df[["step", "phase", "layer", "topic", "metric"]].astype(str).agg("|".join, axis=1)
+    assert keys.is_unique
+    evals = df[df["phase"] == "eval"]
+    assert sorted(set(evals["step"])) == [2, 3]
+    assert not set(evals["topic"]) & {"weights", "biases", "weight_grads", "bias_grads", "weight_updates",
+                                      "bias_updates"}  # parameter topics are not recorded in eval
+    assert sorted(set(df[df["phase"] == "train"]["step"])) == [0, 1]  # step 2 is not recorded
+    values = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in evals.itertuples()}
+    ref = eval_reference()
+    assert len(ref) == 2 * 3 * 2  # two passes, three layers, inputs and activations
+    for (step, layer, topic), tensor in ref.items():
+        assert tensor.shape[0] == sum(child.VAL_ROWS)
+        for metric, expected in numpy_stats(tensor).items():
+            got = values[(step, layer, topic, metric)]
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, layer, topic, metric)
+
+    # Histograms: the edges are fixed from the first pass's whole-set range (its counts, binned over each
+    # rank's own range, are dropped); the second pass's counts are those of the whole set over them.
+    arrays = sonde.load(tmp_path / "eval.db", arrays=True)
+    hist = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in arrays.itertuples() if r.phase == "eval"}
+    assert not any(s == 2 and m == "histogram" for s, _, _, m in hist)
+    for layer in ("0", "1", "2"):
+        first = ref[(2, layer, "activations")]
+        edges = np.linspace(first.min(), first.max(), 65)
+        np.testing.assert_allclose(np.asarray(hist[(3, layer, "activations", "histogram_edges")]), edges,
+                                   rtol=1e-6, atol=1e-7)
+        tensor = ref[(3, layer, "activations")].reshape(-1)
+        bins = np.clip(np.floor((tensor - edges[0]) * 64 / (edges[-1] - edges[0])), 0, 63).astype(int)
+        got = np.asarray(hist[(3, layer, "activations", "histogram")])
+        assert got.sum() == tensor.size, layer
+        assert np.abs(got - np.bincount(bins, minlength=64)).sum() <= 2, layer  # a value on an edge: either side

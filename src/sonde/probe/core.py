@@ -382,8 +382,18 @@ class Probe:
         budget.step_ended(step)
 
     def finish_eval(self) -> None:
-        if self.bus.pending("eval"):
+        """Record the evaluation pass that ran since the last flush (under torch.distributed its
+        merge across ranks is made here, by every rank that ran a batch of it)."""
+        if not self.bus.pending("eval"):
+            return
+        merger = self.bus.engine.merge_ranks
+        entered = merger.eval_merges if isinstance(merger, distributed.RankMerge) else 0
+        try:
             self._emit(self.bus.flush("eval", self.eval_step))
+        except Exception as exc:
+            if isinstance(merger, distributed.RankMerge):  # the other ranks may be waiting in the pass's merge
+                merger.abandon_eval(entered, self.eval_step, f"{type(exc).__name__}: {exc}")
+            raise
 
     def publish(self, layer: str, topic: str, tensor: Any, *, phase: str, step: int | None = None, **kw: Any) -> None:
         if step is None:
@@ -537,8 +547,10 @@ class Probe:
         if self.closed:
             return
         merger = self.bus.engine.merge_ranks
-        if status == "failed" and isinstance(merger, distributed.RankMerge):
-            merger.active = False  # leaving on an error: the other ranks are elsewhere, so no collective
+        if isinstance(merger, distributed.RankMerge):
+            merger.closing = True
+            if status == "failed":
+                merger.active = False  # leaving on an error: the other ranks are elsewhere, so no collective
         def finish() -> None:
             self.finish_eval()
             if self._step_started or self.bus.accumulating():

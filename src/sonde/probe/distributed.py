@@ -26,7 +26,15 @@ the whole parameter without gathering it; the probe says which layers and topics
 (:func:`shards`, :attr:`RankMerge.shards`).
 
 The checks across ranks (:mod:`sonde.probe.rank_checks`: parameters out of sync, each rank's own
-values) add their values to these buffers and to the gather; they make no collective of their own.
+values) add their values to these buffers and to the gather at recorded train steps; they make no
+collective of their own.
+
+An evaluation pass is merged the same way when the probe flushes it (at the next train forward, or
+when the probe closes): each rank has recorded its own share of the validation batches, and the
+merge gives the statistics of the whole validation set. Every rank reaches that flush at the same
+point, provided each ran at least one batch of the pass. The phase is part of the checksum, so an
+evaluation merge that meets another rank's train merge (a rank that ran no evaluation batch) is
+seen as a disagreement: every rank switches monitoring off, loudly.
 
 When the control vector says a rank failed or the ranks disagree, every rank logs it, computes
 nothing for that step, and switches monitoring off; no later collective is made. A rank whose
@@ -180,6 +188,8 @@ class _Packing:
     schema: list[Any] = field(default_factory=list)
     # (metric, state name, kind, slot offsets): how to write each reduced value back.
     slots: list[tuple[Metric, str, str, tuple[int, ...]]] = field(default_factory=list)
+    # the checks across ranks that added values (train merges only)
+    checks: list[RankCheck] = field(default_factory=list)
 
 
 class RankMerge:
@@ -189,7 +199,8 @@ class RankMerge:
     Args:
         rank: this process's rank.
         size: the number of ranks.
-        recorded: whether a step is a recorded one (collectives happen only there, and at the last flush).
+        recorded: whether a step is a recorded one (collectives happen only there, at the flush of an
+            evaluation pass, and at the last flush).
         switch_off: called on every rank when monitoring stops (a failure anywhere, or disagreement).
     """
 
@@ -206,6 +217,10 @@ class RankMerge:
         self.checks: list[RankCheck] = []
         self.records: list[Record] = []
         self._merged = -1  # the last train step a merge was entered for
+        #: Evaluation flushes whose merge was entered (whatever came of it).
+        self.eval_merges = 0
+        #: The probe is closing: its last flushes are followed by the final train merge on every rank.
+        self.closing = False
         #: Parameter topics of sharded parameters, ``(layer, topic)`` → whether this rank's state
         #: counts (:func:`shards`); any other parameter topic counts on rank 0 alone (replicated).
         self.shards: dict[tuple[str, str], bool] = {}
@@ -220,20 +235,32 @@ class RankMerge:
     def merge(self, phase: str, step: int, final: bool, due: list[tuple[str, str, Metric]]) -> bool:
         """Merge ``due`` in place; False when nothing may be computed (monitoring just switched off).
 
-        Evaluation passes are not merged (each rank's are its own; rank 0 writes its own).
+        A train step merges when it is recorded (or final); an evaluation pass at each of its
+        flushes, which every rank that ran a batch of the pass reaches.
         """
-        if phase != "train":
-            return True
-        self._merged = step
+        if phase != "train" and not self.eval_merged(step):
+            return True  # this rank's own pass (rank 0 writes its own): no collective here
+        if phase == "train":
+            self._merged = step
+        else:
+            self.eval_merges += 1
         if not self.active:
             return False
-        if not (final or due or self.recorded(step)):
+        if phase == "train" and not (final or due or self.recorded(step)):
             return True
+        packing: _Packing | None = None
+        failure = ""
         try:
-            packing: _Packing | None = self._pack(sorted(due, key=lambda d: (d[0], d[1])))
-            failure = ""
+            ordered = sorted(due, key=lambda d: (d[0], d[1]))
+            pack = self._pack(ordered)
+            pack.schema.append(phase)  # an eval merge never passes for another rank's train merge
+            if phase == "train":  # the checks across ranks look at train steps only
+                pack.checks = list(self.checks)
+                for check in pack.checks:
+                    check.pack(pack, ordered)
+            packing = pack
         except Exception as exc:  # noqa: BLE001 - reported on every rank through the control vector
-            packing, failure = None, f"{type(exc).__name__}: {exc}"
+            failure = f"{type(exc).__name__}: {exc}"
         try:
             return self._reduce(packing, failure, step)
         except Exception as exc:  # noqa: BLE001 - a broken process group: stop here, never retry
@@ -246,6 +273,25 @@ class RankMerge:
         if not self.active or self._merged == step or not (final or self.recorded(step)):
             return
         self._merged = step
+        try:
+            self._reduce(None, why, step)
+        except Exception as exc:  # noqa: BLE001 - a broken process group: stop here, never retry
+            self._off(f"a collective failed on rank {self.rank} ({type(exc).__name__}: {exc})")
+
+    def eval_merged(self, step: int) -> bool:
+        """Whether the evaluation pass filed under ``step`` is merged: when the train step before it is
+        a recorded one, or the probe is closing. Its flush is then followed on every rank by a train
+        merge, so a rank that ran no batch of the pass meets the others' eval merge in sonde's own
+        control vector (every rank sees the disagreement and switches off) and never in a collective
+        of the training's (DDP's all-reduce), which would abort the process group."""
+        return self.closing or self.recorded(step - 1)
+
+    def abandon_eval(self, entered: int, step: int, why: str) -> None:
+        """This rank's flush of an evaluation pass failed before its merge (``entered`` is what
+        :attr:`eval_merges` was when the flush began): meet the other ranks' merge with the failure flag."""
+        if not self.active or self.eval_merges != entered or not self.eval_merged(step):
+            return
+        self.eval_merges += 1
         try:
             self._reduce(None, why, step)
         except Exception as exc:  # noqa: BLE001 - a broken process group: stop here, never retry
@@ -286,8 +332,6 @@ class RankMerge:
                     target = {"sum": pack.sums, "max": pack.maxes, "min": pack.mins}[kind]
                     pack.slots.append((metric, name, kind, (len(target),)))
                     target.extend(flat.tolist())
-        for check in self.checks:
-            check.pack(pack, due)
         return pack
 
     # -- the collectives ------------------------------------------------------------------------
@@ -324,7 +368,7 @@ class RankMerge:
             gathered = [None] * self.size
             dist.all_gather_object(gathered, pack.objects)
         self._unpack(pack, reduced, gathered)
-        for check in self.checks:
+        for check in pack.checks:
             try:
                 self.records.extend(check.unpack(reduced, gathered, step))
             except Exception as exc:  # noqa: BLE001 - after the collectives: this check's Records alone are lost

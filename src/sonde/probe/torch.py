@@ -103,9 +103,13 @@ def _user_module(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _in_lightning_ddp(model: nn.Module) -> bool:
-    """Whether ``model`` is a Lightning module its trainer runs under DDP (the strategy wraps it,
-    and ``sonde.lightning.SondeCallback`` probes the module itself)."""
+def _in_trainer_ddp(model: nn.Module) -> bool:
+    """Whether a trainer runs ``model`` under a wrapper that averages its gradients over the ranks
+    while its callback probes the module itself: a Lightning module under the DDP strategy (the
+    strategy wraps it), or a model ``sonde.transformers.SondeCallback`` marked as run distributed
+    by the Hugging Face Trainer (``_sonde_ranks_average``)."""
+    if getattr(model, "_sonde_ranks_average", False):
+        return True
     strategy = getattr(getattr(model, "_trainer", None), "strategy", None)
     return isinstance(getattr(strategy, "model", None), torch.nn.parallel.DistributedDataParallel)
 
@@ -283,7 +287,7 @@ class TorchProbe(Probe):
         # Under DDP and FSDP2 the loss optimised is the mean of the ranks' losses: a rank's output_grads
         # are its own loss's divided by the number of ranks (as the wrapper averages the parameters' gradients).
         self._rank_share = (1.0 / self.ranks[1] if self.ranks is not None
-                            and (distributed.averages_gradients(model) or _in_lightning_ddp(model)) else None)
+                            and (distributed.averages_gradients(model) or _in_trainer_ddp(model)) else None)
         # FSDP2: the statistics of a sharded parameter merge every rank's local shard.
         shards, self._not_counted = distributed.shards(self.params, self.rank, kit.param_topic)
         if isinstance(self.bus.engine.merge_ranks, distributed.RankMerge):
@@ -447,7 +451,7 @@ class TorchProbe(Probe):
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_root_start(self, module: nn.Module, args: Any) -> None:
-        if torch_compile.tracing():
+        if torch_compile.tracing() or self._on_graph_thread():
             return  # dynamo traces a compiled model's root hooks into nothing: they run when the model runs eagerly
         self.begin_batch()
         if self._pass_mode is None and not _recomputing():
@@ -470,7 +474,7 @@ class TorchProbe(Probe):
                 self._arm(True)
 
     def _on_root_end(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch_compile.tracing():
+        if torch_compile.tracing() or self._on_graph_thread():
             return
         if self._pass_mode is None and not _recomputing():
             self._forward_phase = None

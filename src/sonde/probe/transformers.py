@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.training_args import ParallelMode
 
 from sonde.probe.callbacks import CallbackProbe
 from sonde.probe.torch import TorchProbe
@@ -63,6 +64,9 @@ class SondeCallback(TrainerCallback):  # type: ignore[misc]
         if model is None:
             raise TypeError("sonde.transformers.SondeCallback: the Trainer passed no model to on_train_begin")
         self._shift = type(model).__name__ in _causal_lm_classes()
+        # Under torchrun the Trainer runs the model through DDP (or FSDP), which averages the gradients
+        # over the ranks, but hands callbacks the model itself: the probe is told (sonde.probe.torch).
+        model._sonde_ranks_average = args.parallel_mode == ParallelMode.DISTRIBUTED
         self._attached.attach(model, [optimizer], self._on_forward, with_kwargs=True)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
