@@ -127,6 +127,31 @@ def test_causal_lm_accuracy_scores_each_position_against_the_next_token(collect:
         assert collect.value(step=k, metric="loss") == pytest.approx(loss, rel=1e-6)
 
 
+def test_a_causal_lm_loss_is_each_batchs_token_mean_under_gradient_accumulation(
+        collect: Collect, tmp_path: Path) -> None:
+    """The Trainer has a causal LM divide its loss by the labelled tokens of the whole optimizer step
+    (``num_items_in_batch``): the loss sonde records is still the mean over the step's batches of each
+    batch's per-token cross-entropy, computed here from the logits and labels the test saw."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    data = Tokens(32, causal=True)
+    data.labels[::3, 2:5] = -100  # batches with different numbers of labelled tokens
+    callback = SondeCallback(store=None, sinks=[collect], metrics=["loss"])
+    _, seen = _train(model, data, callback, model.lm_head.weight, tmp_path, num_train_epochs=1,
+                     gradient_accumulation_steps=2)
+    assert len(seen.steps) == 2 and all(len(batches) == 2 for batches in seen.steps)
+    for k, batches in enumerate(seen.steps):
+        means = []
+        for _, logits, labels in batches:
+            logits, target = logits[:, :-1].astype(np.float64), labels[:, 1:]
+            logp = logits - logits.max(-1, keepdims=True)
+            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+            keep = target >= 0
+            picked = np.take_along_axis(logp, np.where(keep, target, 0)[..., None], -1)[..., 0]
+            means.append(float(-(picked * keep).sum() / keep.sum()))
+        assert collect.value(step=k, metric="loss") == pytest.approx(np.mean(means), rel=1e-5)
+
+
 def test_a_training_that_raises_is_closed_as_failed_with_what_it_recorded(tmp_path: Path) -> None:
     class Breaks(Tokens):  # the 25th example read (the first of the fourth batch) fails
         read = 0

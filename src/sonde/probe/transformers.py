@@ -87,6 +87,14 @@ class SondeCallback(TrainerCallback):  # type: ignore[misc]
             loss, logits = output.get("loss"), output.get("logits")
         elif isinstance(output, (tuple, list)) and labels is not None and output:
             loss = output[0]  # return_dict=False: (loss, logits, ...) when labels are given
+        items = kwargs.get("num_items_in_batch")
+        if (self._shift and isinstance(loss, torch.Tensor) and items is not None and isinstance(labels, torch.Tensor)
+                and labels.dim() >= 2):
+            # The Trainer has a causal LM divide its loss by the labelled tokens of the whole optimizer step
+            # (every accumulated batch, every rank): this batch's own mean is that times the step's count
+            # over this batch's count (on the device, no host read).
+            own = (labels[..., 1:] != -100).sum().clamp(min=1)
+            loss = loss.detach() * torch.as_tensor(items, device=loss.device) / own
         if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
             labels = logits = None  # regression targets: no accuracy
         elif isinstance(logits, torch.Tensor) and self._shift and logits.dim() == 3:
