@@ -82,6 +82,10 @@ def main(out: Path) -> None:
         torch.save(witness.weights, out / "weights.pt")
         (out / "rank0.json").write_text(json.dumps({"steps": trainer.state.global_step,
                                                     "world": trainer.args.world_size}))
+    # Tear the group down with both ranks done (a gloo group left to the interpreter's exit can abort a rank
+    # whose peer has already closed the connection).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

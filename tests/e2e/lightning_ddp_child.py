@@ -72,6 +72,10 @@ def main(out: Path) -> None:
     callback.on_fit_end = remember  # type: ignore[method-assign]
     trainer.fit(Classifier(), loader)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"run": runs[0], "world": trainer.world_size}))
+    # Tear the group down with both ranks done (a gloo group left to the interpreter's exit can abort a rank
+    # whose peer has already closed the connection).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
