@@ -10,6 +10,7 @@ steps each rank recorded, its schedule and the steps it recorded at or after ste
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,3 +62,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Done (results written, group destroyed): leave without the interpreter's teardown, where a rank
+    # now and then aborts in C++ ("terminate called without an active exception", under investigation).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
