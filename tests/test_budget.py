@@ -200,13 +200,16 @@ def _model() -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tens
 
 
 def _train(p: sonde.Probe, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-           steps: int, clock: Clock, *, cost: float, losses: dict[int, float] | None = None) -> dict[int, float]:
+           steps: int, clock: Clock, *, cost: float, losses: dict[int, float] | None = None,
+           grads: dict[int, float] | None = None) -> dict[int, float]:
     """Train ``steps`` steps; the fake clock says each takes 10 ms, ``cost`` more when recorded.
+    ``losses``: the loss logged at some steps instead of the real one; ``grads``: a factor on the
+    loss that is differentiated at some steps (the loss logged stays the real one).
     Returns the first layer's mean weight before each step's optimizer step."""
     means = {}
     for k in range(steps):
         loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        (loss * (grads or {}).get(k, 1.0)).backward()
         means[k] = float(model[0].weight.detach().double().mean())
         opt.step()
         p._recorded(k + 1)  # what the adapter asks right after the optimizer step
@@ -300,3 +303,31 @@ def test_a_budget_the_longest_interval_cannot_meet_is_said_once(caplog: pytest.L
     assert budget.schedule() == {"stats": 16}
     assert budget.estimate == pytest.approx(0.03 / 16 / 0.010)
     assert caplog.text.count("even at the longest interval") == 1
+
+
+@pytest.mark.parametrize("trouble", ["nan", "spike"])
+def test_gradient_norm_trouble_at_a_recorded_step_records_the_next_steps_in_full(
+        collect: Collect, trouble: str) -> None:
+    """The loss logged stays clean; the gradients of step 64 (a recorded step) are NaN or 30 times
+    too large. The gradient norm those steps carry (from each layer's weight_grads/bias_grads norm)
+    fires, and the next steps are recorded in full."""
+    model, opt, x, y = _model()
+    clock = Clock()
+    with sonde.probe(model, optimizer=opt, store=None, sinks=[collect], every=None) as p:
+        p.budget.clock = clock  # type: ignore[union-attr]
+        _train(p, model, opt, x, y, 80, clock, cost=1.0, grads={64: float("nan") if trouble == "nan" else 30.0})
+        assert p.schedule()["stats"] == 64
+    for k in range(8):  # what the check read: four gradient norms per recorded step, all finite before
+        layers = [r.value for r in collect.find(metric="norm", step=k) if r.topic in ("weight_grads", "bias_grads")]
+        assert len(layers) == 4 and np.isfinite(layers).all()
+    alerts = [a for a in collect.find(metric="alert") if a.topic != "loss"]
+    if trouble == "spike":
+        assert [(a.step, a.topic) for a in alerts] == [(64, "weight_grads")]
+        assert alerts[0].message.startswith("gradient norm spike (") and " at step 64: " in alerts[0].message
+    else:  # NaN gradients: the alert naming the first non-finite layer says it, and no second alert
+        assert [a.step for a in alerts] == [64] and "first appeared at step 64" in alerts[0].message
+    steps = sorted({r.step for r in collect.find(layer="0", topic="weights", metric="mean")})
+    # 65 was answered at the end of step 64. A NaN update makes the weights NaN, so the loss of step
+    # 65 is NaN too, and its own alert extends the window by one step.
+    assert [k for k in steps if k > 64] == [66, 67, 68, 69, 70] + ([71] if trouble == "nan" else [])
+    assert [a.step for a in collect.find(topic="loss", metric="alert")] == ([65] if trouble == "nan" else [])

@@ -28,9 +28,10 @@ recordings so that the average cost stays under ``budget`` × the unmonitored st
   torch.distributed each rank's proposal travels through the merge of the recorded step (the
   largest interval of any rank is taken, as the slowest rank sets the pace), so all ranks adopt
   the same plan at the same step;
-* **trouble**: :class:`TroubleWatch` checks every logged loss for NaN/Inf and for a spike (a
-  robust z-score over the recent values); when one fires, the next :attr:`Budget.trouble_steps`
-  steps are recorded in full whatever the budget says.
+* **trouble**: :class:`TroubleWatch` checks every logged loss, and the gradient norm of every
+  recorded step (from the layers' ``weight_grads``/``bias_grads`` norms), for NaN/Inf and for a
+  spike (a robust z-score over the recent values); when one fires, the next
+  :attr:`Budget.trouble_steps` steps are recorded in full whatever the budget says.
 
 Example:
     >>> budget = Budget(0.05, max_interval=100, warmup=2)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["GRADS_AND_UPDATES", "PARAM_TOPICS", "SCHEDULE_TOPIC", "STEP_TOPICS", "TENSOR_TOPICS", "TOPICS", "UPDATE_OF"]
+__all__ = ["GRADS_AND_UPDATES", "GRAD_TOPICS", "PARAM_TOPICS", "SCHEDULE_TOPIC", "STEP_TOPICS", "TENSOR_TOPICS",
+           "TOPICS", "UPDATE_OF"]
 
 #: Per-layer topics carrying a tensor.
 TENSOR_TOPICS = (
@@ -20,6 +21,8 @@ TENSOR_TOPICS = (
 STEP_TOPICS = ("loss", "labels", "outputs")
 TOPICS = TENSOR_TOPICS + STEP_TOPICS
 #: Topics read off a layer's parameters rather than its forward/backward pass.
+#: The gradients of parameters (their ``norm`` makes the gradient norm the overhead budget watches).
+GRAD_TOPICS = ("weight_grads", "bias_grads")
 PARAM_TOPICS = ("weights", "biases", "weight_grads", "bias_grads", "weight_updates", "bias_updates")
 #: The topic of the Records in which the overhead budget says how often each metric is recorded
 #: (layer ``""``, metric: the metric's name, value: its interval in steps; :mod:`sonde.budget`).

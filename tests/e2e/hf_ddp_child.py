@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ranks
 import torch
 import transformers
 
@@ -91,8 +92,4 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(Path(sys.argv[1]))
-    # Done (results written, group destroyed): leave without the interpreter's teardown, where a rank
-    # now and then aborts in C++ ("terminate called without an active exception", under investigation).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    ranks.leave()

@@ -24,6 +24,8 @@ from torch import nn
 import sonde
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/, for the shared in-memory sink
+import ranks
+
 from collect import Collect, key
 
 
@@ -45,8 +47,4 @@ def remote(out: Path, url: str, run: str) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     remote(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
-    # Done (results written, group destroyed): leave without the interpreter's teardown, where a rank
-    # now and then aborts in C++ ("terminate called without an active exception", under investigation).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    ranks.leave()

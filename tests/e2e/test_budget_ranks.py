@@ -5,32 +5,15 @@ makes every rank record the following steps in full."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from test_distributed import free_port
+from ranks import launch
 
 CHILD = Path(__file__).with_name("budget_ranks_child.py")
 
 
 def test_the_ranks_adopt_one_schedule(tmp_path: Path) -> None:
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(CHILD), str(tmp_path)], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        errors = [proc.communicate(timeout=120)[1] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(e[-3000:] for e in errors)
+    launch(CHILD, [str(tmp_path)], tmp_path, 120)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["recorded"] == ranks[1]["recorded"]
     assert ranks[0]["schedule"] == ranks[1]["schedule"]

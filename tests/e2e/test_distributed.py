@@ -9,16 +9,14 @@ global batch with plain torch hooks, and numpy takes the statistics.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import distributed_child as child
 import numpy as np
 import pytest
+import ranks
 import torch
 from torch import nn
 
@@ -29,34 +27,9 @@ CHILD = Path(__file__).with_name("distributed_child.py")
 TIMEOUT = 45
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(mode: str, tmp_path: Path) -> list[subprocess.CompletedProcess[str]]:
     """Both ranks, from ``tmp_path`` (so ``./sonde.db`` is there); killed after TIMEOUT seconds."""
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(CHILD), mode, str(tmp_path)], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    done = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=TIMEOUT)
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    failed = [f"rank {rank} (exit {r.returncode}):\n{r.stderr[-3000:]}" for rank, r in enumerate(done) if r.returncode]
-    assert not failed, "\n".join(failed)
-    return done
+    return ranks.launch(CHILD, [mode, str(tmp_path)], tmp_path, TIMEOUT)[0]
 
 
 def reference() -> dict[tuple[int, str, str], np.ndarray]:

@@ -10,10 +10,7 @@ each rank's share of the global batch run through the same network by plain torc
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +18,10 @@ import distributed_child as child
 import numpy as np
 import pytest
 import rank_checks_child as checks
+import ranks
 import torch
-from test_distributed import free_port, numpy_stats, reference
+from ranks import succeeded
+from test_distributed import numpy_stats, reference
 from torch import nn
 
 import sonde
@@ -36,32 +35,7 @@ TIMEOUT = 120  # the whole launch; the crash mode's process group times out afte
 def launch(mode: str, tmp_path: Path, script: Path = CHILD) -> tuple[list[subprocess.CompletedProcess[str]], float]:
     """Both ranks of ``script mode tmp_path``, from ``tmp_path``; their results and the seconds until
     both exited (killed after TIMEOUT seconds, which fails the test)."""
-    port = free_port()
-    procs = []
-    started = time.monotonic()
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(tmp_path)], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    done = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=max(1.0, TIMEOUT - (time.monotonic() - started)))
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    finally:
-        hung = [proc for proc in procs if proc.poll() is None]
-        for proc in hung:
-            proc.kill()
-            proc.wait()
-    assert not hung, f"{len(hung)} rank(s) still running after {TIMEOUT} s"
-    return done, time.monotonic() - started
-
-
-def succeeded(results: list[subprocess.CompletedProcess[str]]) -> None:
-    failed = [f"rank {rank} (exit {r.returncode}):\n{r.stderr[-3000:]}" for rank, r in enumerate(results)
-              if r.returncode]
-    assert not failed, "\n".join(failed)
+    return ranks.launch(script, [mode, str(tmp_path)], tmp_path, TIMEOUT, check=False)
 
 
 def test_desync_alert_per_rank_values_and_a_failing_metric(tmp_path: Path) -> None:

@@ -15,11 +15,8 @@ each step).
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -27,8 +24,10 @@ from typing import Any, cast
 import distributed_child as child
 import numpy as np
 import pytest
+import ranks
 import torch
-from test_distributed import free_port, numpy_stats, reference
+from ranks import free_port, ranks_env, run_all
+from test_distributed import numpy_stats, reference
 from torch import nn
 
 from collect import stored
@@ -40,34 +39,6 @@ REMOTE_CHILD = Path(__file__).with_name("remote_ddp_child.py")
 HF_CHILD = Path(__file__).with_name("hf_ddp_child.py")
 HF_LAYERS = ("bert.encoder.layer.0.output.dense", "classifier")
 TIMEOUT = 180  # the whole launch of all ranks; a hang fails the test
-
-
-def run_all(commands: list[tuple[list[str], Path, dict[str, str]]]) -> list[subprocess.CompletedProcess[str]]:
-    """Start every ``(argv, cwd, env)`` at once and wait for all; a process still running after
-    TIMEOUT seconds is killed and fails the test, as does one that exits with an error."""
-    started = time.monotonic()
-    procs = [subprocess.Popen(argv, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for argv, cwd, env in commands]
-    done = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=max(1.0, TIMEOUT - (time.monotonic() - started)))
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    finally:
-        hung = [proc for proc in procs if proc.poll() is None]
-        for proc in hung:
-            proc.kill()
-            proc.wait()
-    assert not hung, f"{len(hung)} process(es) still running after {TIMEOUT} s"
-    failed = [f"{' '.join(r.args[1:])} (exit {r.returncode}):\n{r.stderr[-3000:]}" for r in done if r.returncode]
-    assert not failed, "\n".join(failed)
-    return done
-
-
-def ranks_env(port: int) -> list[dict[str, str]]:
-    return [{"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(port)} for rank in range(2)]
 
 
 @pytest.fixture
@@ -92,7 +63,7 @@ def test_two_distributed_runs_ship_at_once_to_a_postgresql_server(pg_server: tup
         out.mkdir()
         for env in ranks_env(free_port()):
             commands.append(([sys.executable, str(REMOTE_CHILD), str(out), server.url, run], out, env))
-    run_all(commands)  # two process groups of two ranks, all four at once
+    run_all(commands, TIMEOUT)  # two process groups of two ranks, all four at once
 
     for run in ("alpha", "beta"):
         ranks = [json.loads((tmp_path / run / f"rank{r}.json").read_text()) for r in range(2)]
@@ -166,7 +137,7 @@ def test_hugging_face_trainer_on_two_processes_records_once_the_global_batch(tmp
     pytest.importorskip("accelerate")  # the Trainer needs it
     import hf_ddp_child as hf
 
-    run_all([([sys.executable, str(HF_CHILD), str(tmp_path)], tmp_path, env) for env in ranks_env(free_port())])
+    ranks.launch(HF_CHILD, [str(tmp_path)], tmp_path, TIMEOUT)
     trained = json.loads((tmp_path / "rank0.json").read_text())
     assert trained == {"steps": hf.EXAMPLES // (2 * hf.PER_DEVICE), "world": 2}  # a DDP run of 2 ranks
     assert not (tmp_path / "sonde.db").exists()

@@ -10,6 +10,7 @@ which step a capture belongs to, when a step is finished, and where the Records 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from sonde.run_info import LayerInfo, RunInfo, user_class
 from sonde.run_name import check_run_name
 from sonde.schedules import Schedule, as_schedule, every
 from sonde.sinks import SinkRunner, resolve_sinks
-from sonde.topics import STEP_TOPICS, TOPICS
+from sonde.topics import GRAD_TOPICS, STEP_TOPICS, TOPICS
 from sonde.worker import Worker
 
 if TYPE_CHECKING:
@@ -204,10 +205,11 @@ class Probe:
         self.bus.layer_types = {info.name: info.type for info in infos}
         #: The overhead budget (:mod:`sonde.budget`), when ``every=`` is not given.
         self.budget = budget
-        self._trouble: TroubleWatch | None = None
+        #: NaN/Inf and spikes of the loss and of the gradient norm, by what is watched (budget only).
+        self._troubles: dict[str, TroubleWatch] | None = None
         if budget is not None:
             self._budget_plan = PlanState(budget)
-            self._trouble = TroubleWatch()
+            self._troubles = {"loss": TroubleWatch(), "gradient norm": TroubleWatch(min_history=4)}
             self.share_budget(self.bus)
         # The worker runs offloaded computes, and finishes the steps recorded on a CUDA device (their
         # partial sums arrive by an asynchronous copy: sonde.metrics.transfer).
@@ -411,6 +413,10 @@ class Probe:
         Under torch.distributed only rank 0 emits (its Records are the merged ones)."""
         if records and self.rank == 0:
             with self._emit_lock:
+                if self._troubles is not None:
+                    found: list[Record] = []
+                    self._guard("gradient check", lambda: found.extend(self._check_gradients(records)))
+                    records = records + found
                 if self.bus.watchers:
                     alerts = self.bus.watch(records)
                     records = records + alerts
@@ -448,7 +454,7 @@ class Probe:
         if phase == "train":
             self._file_train_log()
             loss = values.get("loss")
-            if self._trouble is not None and loss is not None and not self.switched_off:
+            if self._troubles is not None and loss is not None and not self.switched_off:
                 self._guard("loss check", lambda: self._check_loss(loss))
         labels = values.get("labels")
         for topic in ("loss", "outputs"):
@@ -483,25 +489,48 @@ class Probe:
         return False
 
     def _check_loss(self, loss: Any) -> None:
-        """NaN/Inf or a spike of the loss (:class:`~sonde.budget.TroubleWatch`): the next steps are
-        recorded in full, whatever the budget says, and an alert says so. In one process from the
-        next step nobody asked about; under torch.distributed from the step after the next recorded
-        one, where every rank hears of it through the merge."""
-        assert self._trouble is not None and self.budget is not None
-        found = self._trouble.observe(self.step, self.as_tensor(loss, "loss"))
+        alert = self._check_trouble("loss", self.step, self.as_tensor(loss, "loss"), "loss")
+        if alert is not None:
+            self._log_alerts([alert])
+            self._emit([alert])
+
+    def _check_gradients(self, records: list[Record]) -> list[Record]:
+        """NaN/Inf or a spike of the gradient norm at the recorded steps among ``records``: the norm of
+        all parameters' gradients, from the per-layer ``norm`` of ``weight_grads`` and ``bias_grads``
+        those steps already carry (nothing is computed for it; without that statistic, no check)."""
+        squares: dict[int, float] = {}
+        for record in records:
+            if (record.phase == "train" and record.metric == "norm" and record.topic in GRAD_TOPICS
+                    and record.is_scalar and not rank_checks.is_per_rank(record.layer)):
+                squares[record.step] = squares.get(record.step, 0.0) + float(record.value) ** 2
+        alerts = [self._check_trouble("gradient norm", step, torch.tensor(math.sqrt(total)), "weight_grads")
+                  for step, total in sorted(squares.items())]
+        # NaN/Inf gradients are already the alert that names the layer they first appeared in
+        # (sonde.metrics.alerts): the steps are recorded in full all the same, without a second alert.
+        kept = [alert for alert in alerts if alert is not None
+                and not (self.bus.watchers and "NaN/Inf" in alert.message)]
+        self._log_alerts(kept)
+        return kept
+
+    def _check_trouble(self, what: str, step: int, value: torch.Tensor, topic: str) -> Record | None:
+        """NaN/Inf or a spike of the loss or the gradient norm (:class:`~sonde.budget.TroubleWatch`):
+        the next steps are recorded in full, whatever the budget says, and an alert says so. In one
+        process from the next step nobody asked about; under torch.distributed from the step after
+        the next recorded one, where every rank hears of it through the merge."""
+        assert self._troubles is not None and self.budget is not None
+        found = self._troubles[what].observe(step, value)
         if found is None:
-            return
-        at, what = found
+            return None
+        at, kind = found
         if self.ranks is None:
             first, end = self.budget.force(at + 1)
             which = f"steps {first}-{end - 1} are recorded in full"
         else:
             self.budget.trouble_seen = True
             which = f"the {self.budget.trouble_steps} steps after the next recorded one are recorded in full"
-        alert = Record(self.run, at, "train", NETWORK, "loss", "alert", 1.0, message=(
-            f"loss {what} at step {at}: {which} (every metric of every layer, whatever the overhead budget)"))
-        self._log_alerts([alert])
-        self._emit([alert])
+        alert = Record(self.run, at, "train", NETWORK, topic, "alert", 1.0, message=(
+            f"{what} {kind} at step {at}: {which} (every metric of every layer, whatever the overhead budget)"))
+        return alert
 
     def current_phase(self) -> str:
         return "train"

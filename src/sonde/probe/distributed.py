@@ -10,8 +10,13 @@ as possible:
    below and a checksum of what is merged (layers, topics, metrics, states, shapes) — so a rank
    that failed, or that would merge something else, is seen by every rank at the same point;
 2. one flat float64 ``all_reduce`` per reduction kind (sum, max, min);
-3. one ``all_gather_object`` for the states no arithmetic reduce describes (sample reservoirs,
-   kept-first or kept-latest values), folded in rank order with the state's own reduce.
+3. one gather of pickled objects (:func:`all_gather_objects`: two ``all_gather`` calls) for the
+   states no arithmetic reduce describes (sample reservoirs, kept-first or kept-latest values),
+   folded in rank order with the state's own reduce.
+
+The tensors handed to these collectives live on the CPU, or on the current CUDA device under a
+NCCL-only process group, and stay referenced from Python (:data:`_HELD`) so that no process group
+thread ever frees one of them at interpreter exit.
 
 A tensor summary (:func:`sonde.functional.merge_summaries`) travels as sums (count, Σx, Σx²,
 Σ|x|, zeros, NaNs, Infs) and extremes (min, max); a histogram's range is the min and max of the
@@ -44,8 +49,10 @@ flush fails before its merge meets the others there with the failure flag (:meth
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,8 +85,56 @@ def world() -> tuple[int, int] | None:
     return (dist.get_rank(), size) if size > 1 else None
 
 
+#: The tensors sonde last handed to collectives, referenced from Python for as long as the process
+#: lives. A process group's worker thread (gloo's) may drop its reference to a collective's work
+#: after the call returned; if that is a tensor's last reference, the thread takes the GIL to free
+#: the tensor's Python object, and at interpreter exit a thread taking the GIL is ended inside C++:
+#: the process aborts ("terminate called without an active exception"). Held here, the last
+#: reference is Python's own.
+_HELD: deque[torch.Tensor] = deque(maxlen=32)
+
+
+def _device() -> torch.device:
+    """Where the default group's collectives take their tensors: the current CUDA device under a
+    NCCL-only group (``init_process_group("nccl")``), else the CPU (gloo, or ``cpu:gloo,cuda:nccl``)."""
+    backend = str(torch.distributed.get_backend()).lower()
+    if "nccl" in backend and "cpu" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _held(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the collectives' device, kept in :data:`_HELD`."""
+    tensor = tensor.to(_device())
+    _HELD.append(tensor)
+    return tensor
+
+
+def all_reduce(values: list[float], op: Any) -> np.ndarray:
+    """``values`` reduced across ranks (float64, one collective)."""
+    buffer = _held(torch.tensor(values, dtype=torch.float64))
+    torch.distributed.all_reduce(buffer, op=op)
+    return buffer.cpu().numpy()
+
+
+def all_gather_objects(value: Any, size: int) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order: two ``all_gather`` calls on tensors that
+    :data:`_HELD` keeps (the lengths, then the padded pickles)."""
+    data = pickle.dumps(value)
+    length = _held(torch.tensor([len(data)], dtype=torch.int64))
+    lengths = [_held(torch.zeros(1, dtype=torch.int64)) for _ in range(size)]
+    torch.distributed.all_gather(lengths, length)
+    sizes = [int(n.item()) for n in lengths]
+    padded = torch.zeros(max(sizes), dtype=torch.uint8)
+    padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    mine = _held(padded)
+    out = [_held(torch.zeros(max(sizes), dtype=torch.uint8)) for _ in range(size)]
+    torch.distributed.all_gather(out, mine)
+    return [pickle.loads(o[:n].cpu().numpy().tobytes()) for o, n in zip(out, sizes)]
+
+
 def agree(rank: int, decide: Callable[[], str]) -> str:
-    """The value rank 0's ``decide()`` returns, on every rank (``broadcast_object_list``).
+    """The value rank 0's ``decide()`` returns, on every rank.
 
     A failure of ``decide`` on rank 0 (an unwritable store) is raised on every rank, with the
     same message, instead of leaving the others waiting.
@@ -92,7 +147,7 @@ def agree(rank: int, decide: Callable[[], str]) -> str:
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
             error = exc
             message[1] = f"{type(exc).__name__}: {exc}"
-    torch.distributed.broadcast_object_list(message, src=0)
+    message = all_gather_objects(message, torch.distributed.get_world_size())[0]
     if error is not None:
         raise error
     if message[1] is not None:
@@ -343,10 +398,8 @@ class RankMerge:
         control = [1.0 if pack is None else 0.0]
         for value in (*lengths, checksum):
             control += [value, -value]  # MAX of x and of -x: the largest and the smallest across ranks
-        vector = torch.tensor(control, dtype=torch.float64)
-        dist.all_reduce(vector, op=dist.ReduceOp.MAX)
-        self.last_bytes = vector.numel() * 8
-        seen = vector.tolist()
+        seen = all_reduce(control, dist.ReduceOp.MAX).tolist()
+        self.last_bytes = len(control) * 8
         if seen[0] > 0:
             self._off(f"monitoring failed on rank {self.rank} at step {step} ({failure})" if failure
                       else f"monitoring failed on another rank at step {step}")
@@ -359,14 +412,11 @@ class RankMerge:
         for kind, values, op in (("sum", pack.sums, dist.ReduceOp.SUM), ("max", pack.maxes, dist.ReduceOp.MAX),
                                  ("min", pack.mins, dist.ReduceOp.MIN)):
             if values:
-                buffer = torch.tensor(values, dtype=torch.float64)
-                dist.all_reduce(buffer, op=op)
-                self.last_bytes += buffer.numel() * 8
-                reduced[kind] = buffer.numpy()
+                reduced[kind] = all_reduce(values, op)
+                self.last_bytes += len(values) * 8
         gathered: list[Any] = []
         if pack.objects:
-            gathered = [None] * self.size
-            dist.all_gather_object(gathered, pack.objects)
+            gathered = all_gather_objects(pack.objects, self.size)
         self._unpack(pack, reduced, gathered)
         for check in pack.checks:
             try:

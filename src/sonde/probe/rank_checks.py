@@ -27,7 +27,7 @@ import torch
 from sonde.metrics.base import Metric
 from sonde.records import Record
 
-__all__ = ["DesyncCheck", "PerRankView", "RankCheck", "rank_layer"]
+__all__ = ["DesyncCheck", "PerRankView", "RankCheck", "is_per_rank", "rank_layer"]
 
 log = logging.getLogger("sonde")
 
@@ -39,6 +39,12 @@ _INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def rank_layer(layer: str, rank: int) -> str:
     """The layer name of one rank's own values (``per_rank=True``): ``fc1@rank1``."""
     return f"{layer}@rank{rank}"
+
+
+def is_per_rank(layer: str) -> bool:
+    """Whether ``layer`` names one rank's own values (:func:`rank_layer`)."""
+    head, mark, rank = layer.rpartition("@rank")
+    return bool(mark and head and rank.isdigit())
 
 
 class RankCheck(Protocol):
