@@ -78,6 +78,18 @@ def test_interval_follows_measured_cost() -> None:
     assert budget.estimate == pytest.approx(0.0475)
 
 
+def test_the_interval_is_the_densest_on_the_ladder_that_fits() -> None:
+    """45% per recorded step fits at one step in 10 (4.5%), not in 8 (5.6%): a doubling ladder would
+    have gone to 16, leaving a third of the budget unused."""
+    clock = Clock()
+    budget = Budget(0.05, 100, clock=clock)
+    budget.register("stats", expensive=False)
+    recorded = simulate(budget, clock, 400, base=0.010, cost=0.0045)
+    assert budget.schedule() == {"stats": 10}
+    assert [k for k in recorded if k >= 300] == list(range(300, 400, 10))
+    assert budget.estimate == pytest.approx(0.045)
+
+
 def test_cheap_monitoring_records_every_step() -> None:
     clock = Clock()
     budget = Budget(0.05, 100, clock=clock)
@@ -94,7 +106,7 @@ def test_max_interval_is_never_exceeded(max_interval: int) -> None:
     budget.register("stats", expensive=False)
     recorded = simulate(budget, clock, 600, base=0.010, cost=1.0)  # 100 steps' worth per recording
     assert max(gaps(recorded)) <= max_interval
-    assert budget.schedule()["stats"] == {100: 64, 10: 8, 1: 1}[max_interval]
+    assert budget.schedule()["stats"] == {100: 96, 10: 10, 1: 1}[max_interval]
 
 
 def test_offloaded_metrics_are_spaced_further() -> None:
@@ -107,7 +119,8 @@ def test_offloaded_metrics_are_spaced_further() -> None:
     simulate(budget, clock, 800, base=0.010, cost=0.0002, worker={"saturation": 0.010})
     chosen = budget.schedule()
     assert chosen["loss"] == 1
-    assert chosen["stats"] == chosen["histogram"] < chosen["saturation"] <= 64
+    assert chosen["stats"] == chosen["histogram"] < chosen["saturation"] <= 96
+    assert chosen["saturation"] % chosen["stats"] == 0
     # what the choice costs: 2% per recording of the statistics, 100% per saturation
     assert 0.0002 / chosen["stats"] + 0.010 / chosen["saturation"] <= 0.05 * 0.010
 
@@ -129,7 +142,7 @@ def test_trouble_forces_the_next_steps_after_the_answered_ones() -> None:
     budget = Budget(0.05, 100, clock=clock)
     budget.register("stats", expensive=False)
     simulate(budget, clock, 300, base=0.010, cost=1.0)
-    assert budget.schedule()["stats"] == 64
+    assert budget.schedule()["stats"] == 96
     budget.records("stats", 301)  # step 301 was answered already: it stays as it was
     first, end = budget.force(301)
     assert (first, end) == (302, 307)
@@ -261,7 +274,7 @@ def test_trouble_records_the_next_steps_in_full(collect: Collect, trouble: str,
     with sonde.probe(model, optimizer=opt, store=None, sinks=[collect], every=None) as p:
         p.budget.clock = clock  # type: ignore[union-attr]
         _train(p, model, opt, x, y, 130, clock, cost=1.0, losses=bad)
-        assert p.schedule()["stats"] == 64
+        assert p.schedule()["stats"] == 96
     steps = sorted({r.step for r in collect.find(layer="0", topic="weights", metric="mean")})
     after = [k for k in steps if 100 < k < 128]
     assert after == [102, 103, 104, 105, 106]  # 101 was answered at the end of step 100
@@ -313,7 +326,7 @@ def test_gradient_norm_trouble_at_a_recorded_step_records_the_next_steps_in_full
     fires, and the next steps are recorded in full."""
     model, opt, x, y = _model()
     clock = Clock()
-    with sonde.probe(model, optimizer=opt, store=None, sinks=[collect], every=None) as p:
+    with sonde.probe(model, optimizer=opt, store=None, sinks=[collect], every=None, max_interval=64) as p:
         p.budget.clock = clock  # type: ignore[union-attr]
         _train(p, model, opt, x, y, 80, clock, cost=1.0, grads={64: float("nan") if trouble == "nan" else 30.0})
         assert p.schedule()["stats"] == 64

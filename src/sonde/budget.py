@@ -14,11 +14,12 @@ recordings so that the average cost stays under ``budget`` × the unmonitored st
   training uses);
 * **what it chooses**: one interval for the metrics computed on the training thread (their
   statistics share one pass per tensor, so they cost as one), and one per offloaded metric
-  (saturation, spectral norms, CKA), never shorter than the first: the interval whose cost per
-  step is largest is doubled until the total fits. Intervals are powers of two, at most
-  ``max_interval`` (its largest power of two), and a step ``k`` is recorded when ``k % interval
-  == 0``, so the steps of a sparser metric are also steps of the denser ones, and every rank
-  records the same steps. Network-wide values logged with ``Probe.log`` (``loss``,
+  (saturation, spectral norms, CKA), a multiple of the first: the interval whose cost per step
+  is largest moves up a ladder (1, 2, 3, then 4, 5, 6 and 7 times a power of two: 4, 5, 6, 7, 8,
+  10, 12, 14, 16, 20, ..., each step at most 1.25×) until the total fits, at most
+  ``max_interval`` (the largest value of the ladder under it: 96 for 100). A step ``k`` is
+  recorded when ``k % interval == 0``, so the steps of an offloaded metric are also steps of the
+  statistics, and every rank records the same steps. Network-wide values logged with ``Probe.log`` (``loss``,
   ``train_accuracy``) cost one scalar and are recorded every step (under torch.distributed they
   follow the training-thread interval, so that no collective is added between recorded steps);
 * **when it changes**: at recorded steps at least :attr:`Budget.period` steps apart, with
@@ -60,7 +61,7 @@ from sonde.metrics.base import Capture, Metric
 from sonde.records import NETWORK, Record
 from sonde.topics import SCHEDULE_TOPIC
 
-__all__ = ["SCHEDULE_TOPIC", "Budget", "PlanState", "TroubleWatch"]
+__all__ = ["NOT_FINITE", "SCHEDULE_TOPIC", "Budget", "PlanState", "TroubleWatch"]
 
 log = logging.getLogger("sonde")
 
@@ -70,14 +71,32 @@ TRAINING_THREAD = ""
 EVERY_STEP = "(every step)"
 
 
-def power_of_two_at_most(n: int) -> int:
-    """The largest power of two ≤ ``n`` (n ≥ 1).
+def interval_at_most(n: int) -> int:
+    """The largest interval ≤ ``n`` (n ≥ 1) on the ladder the budget chooses from: 1, 2, 3, then
+    4, 5, 6 and 7 times a power of two (4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...), each at most 1.25
+    times the one before.
 
     Example:
-        >>> power_of_two_at_most(100), power_of_two_at_most(1)
-        (64, 1)
+        >>> interval_at_most(100), interval_at_most(10), interval_at_most(9), interval_at_most(3)
+        (96, 10, 8, 3)
     """
-    return 1 << (n.bit_length() - 1)
+    if n < 4:
+        return n
+    shift = n.bit_length() - 3
+    return (n >> shift) << shift
+
+
+def next_interval(n: int) -> int:
+    """The smallest interval on the ladder (:func:`interval_at_most`) above ``n``.
+
+    Example:
+        >>> [next_interval(n) for n in (1, 3, 7, 8, 9, 14, 96)]
+        [2, 4, 8, 10, 10, 16, 112]
+    """
+    if n < 4:
+        return n + 1
+    shift = n.bit_length() - 3
+    return ((n >> shift) + 1) << shift
 
 
 def ordinal(n: int) -> str:
@@ -123,7 +142,7 @@ class Budget:
             raise ConfigError(f"max_interval= expects a positive int, got {max_interval!r}")
         self.fraction = float(fraction)
         self.max_interval = max_interval
-        self.cap = power_of_two_at_most(max_interval)
+        self.cap = interval_at_most(max_interval)
         self.warmup = max(1, warmup)
         self.clock = clock
         self.groups: dict[str, str] = {}  # metric name -> its group (TRAINING_THREAD or its own name)
@@ -245,8 +264,8 @@ class Budget:
     # -- deciding -----------------------------------------------------------------------------
     def plan(self, base: float, costs: dict[str, float], share: float) -> dict[str, int]:
         """The densest intervals whose cost stays under ``share`` × ``base``: the group whose cost
-        per step is largest is doubled first; offloaded metrics are never denser than the
-        training thread's."""
+        per step is largest moves to the next interval first; offloaded metrics are never denser
+        than the training thread's, and recorded at a multiple of its interval."""
         intervals = dict.fromkeys(costs, 1)
         target = share * base
         while sum(c / intervals[g] for g, c in costs.items()) > target:
@@ -254,19 +273,32 @@ class Budget:
             if not open_:
                 break
             group = max(open_, key=lambda g: costs[g] / intervals[g])
-            intervals[group] *= 2
+            intervals[group] = min(self.cap, next_interval(intervals[group]))
+        intervals.pop(EVERY_STEP, None)
+        return self._aligned(intervals)
+
+    def _aligned(self, intervals: dict[str, int]) -> dict[str, int]:
+        """Each offloaded group's interval as a multiple of the training thread's (the smallest at
+        least as long; the largest within the cap where that one is past it), so that a step
+        recording an offloaded metric records the statistics too."""
         floor = intervals.get(TRAINING_THREAD, 1)
-        return {g: max(i, floor) for g, i in intervals.items() if g != EVERY_STEP}
+        out = {}
+        for group, interval in intervals.items():
+            multiple = max(1, -(-interval // floor)) * floor
+            if multiple > self.cap:
+                multiple = max(1, self.cap // floor) * floor
+            out[group] = multiple
+        return out
 
     def proposal(self) -> np.ndarray:
-        """This rank's proposal (log2 of each group's interval, sorted by group, then the trouble
-        flag), for the merge across ranks (the largest of every rank's is taken)."""
+        """This rank's proposal (each group's interval, sorted by group, then the trouble flag), for
+        the merge across ranks (the largest of every rank's is taken)."""
         measured = self.costs()
         wanted = dict(self.intervals) if measured is None else self._hysteresis(*measured)
         if len(self._unrecorded_steps) < 3 and wanted.get(TRAINING_THREAD, 2) < 2:
             # no unrecorded step measured yet: leave some out, to measure what recording costs
             wanted = {g: max(i, 2) for g, i in wanted.items()}
-        values = [math.log2(wanted[g]) for g in sorted(self.intervals)]
+        values = [float(wanted[g]) for g in sorted(self.intervals)]
         return np.array([*values, 1.0 if self.trouble_seen else 0.0], dtype=np.float64)
 
     def _hysteresis(self, base: float, costs: dict[str, float]) -> dict[str, int]:
@@ -298,7 +330,8 @@ class Budget:
         if values[-1] > 0:
             self.force(start)
         self.trouble_seen = False
-        wanted = {g: min(self.cap, 1 << max(0, round(v))) for g, v in zip(groups, values[:-1], strict=True)}
+        # the largest of each rank's intervals, aligned again (every rank computes the same)
+        wanted = self._aligned({g: min(self.cap, max(1, round(v))) for g, v in zip(groups, values[:-1], strict=True)})
         measured = self.costs()
         if measured is not None:
             base, costs = measured
@@ -374,6 +407,10 @@ class PlanState(Metric):
         return {}
 
 
+#: What :meth:`TroubleWatch.observe` reports for a NaN or infinite value.
+NOT_FINITE = "NaN/Inf"
+
+
 class TroubleWatch:
     """NaN/Inf and spikes of a per-step scalar (the loss), checked at negligible cost.
 
@@ -439,7 +476,7 @@ class TroubleWatch:
     def _check(self, step: int, value: float) -> tuple[int, str] | None:
         what = None
         if not math.isfinite(value):
-            what = "NaN/Inf"
+            what = NOT_FINITE
         elif len(self.history) >= self.min_history:
             median = statistics.median(self.history)
             mad = statistics.median(abs(v - median) for v in self.history)

@@ -21,9 +21,9 @@ TENSOR_TOPICS = (
 STEP_TOPICS = ("loss", "labels", "outputs")
 TOPICS = TENSOR_TOPICS + STEP_TOPICS
 #: Topics read off a layer's parameters rather than its forward/backward pass.
+PARAM_TOPICS = ("weights", "biases", "weight_grads", "bias_grads", "weight_updates", "bias_updates")
 #: The gradients of parameters (their ``norm`` makes the gradient norm the overhead budget watches).
 GRAD_TOPICS = ("weight_grads", "bias_grads")
-PARAM_TOPICS = ("weights", "biases", "weight_grads", "bias_grads", "weight_updates", "bias_updates")
 #: The topic of the Records in which the overhead budget says how often each metric is recorded
 #: (layer ``""``, metric: the metric's name, value: its interval in steps; :mod:`sonde.budget`).
 #: Not a topic a probe captures.

@@ -5,17 +5,10 @@ of a rank that failed."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ranks_env(port: int, world: int = 2) -> list[dict[str, str]]:
@@ -52,6 +45,10 @@ def run_all(commands: list[tuple[list[str], Path, dict[str, str]]], timeout: flo
 def launch(script: Path, args: list[str], cwd: Path, timeout: float, *,
            check: bool = True) -> tuple[list[subprocess.CompletedProcess[str]], float]:
     """Both ranks of ``python script *args``, from ``cwd`` (see :func:`run_all`)."""
+    # Imported here: ``tests/`` is on the path of the test process, not of a rank's child, which
+    # imports this module for :func:`leave` only.
+    from servers import free_port
+
     argv = [sys.executable, str(script), *args]
     return run_all([(argv, cwd, env) for env in ranks_env(free_port())], timeout, check=check)
 
@@ -64,10 +61,11 @@ def succeeded(results: list[subprocess.CompletedProcess[str]]) -> None:
 
 def leave() -> None:
     """End a rank's child process once its work is done and written: output flushed, then
-    ``os._exit(0)``, without the interpreter's teardown. A 2-rank gloo child still aborts now and
-    then in that teardown ("terminate called without an active exception": a process group's worker
-    thread freeing a tensor's Python object while the interpreter finalizes), a few times in a
-    hundred runs on this machine's loaded CPU, on a path other than sonde's collectives."""
+    ``os._exit(0)``, without the interpreter's teardown. A 2-rank gloo child has been seen to abort
+    in that teardown ("terminate called without an active exception": a process group's worker
+    thread freeing a tensor's Python object while the interpreter finalizes) a few times in a hundred
+    runs on a loaded 2-core machine. sonde's own collectives keep their tensors referenced from
+    Python (``sonde.probe.distributed._HELD``); the tensor freed in those aborts was not identified."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

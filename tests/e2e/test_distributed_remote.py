@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 import ranks
 import torch
-from ranks import free_port, ranks_env, run_all
+from ranks import ranks_env, run_all
 from test_distributed import numpy_stats, reference
 from torch import nn
 
 from collect import stored
-from servers import SondeServe
+from servers import SondeServe, free_port
 from sonde.store import open_store
 from stores import postgres_schema_url
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 import torch
 
-from sonde.budget import SCHEDULE_TOPIC, Budget, PlanState, TroubleWatch
+from sonde.budget import NOT_FINITE, SCHEDULE_TOPIC, Budget, PlanState, TroubleWatch
 from sonde.bus import Bus
 from sonde.errors import ConfigError, ProbeError
 from sonde.metrics.base import Capture, Metric
@@ -503,20 +503,22 @@ class Probe:
             if (record.phase == "train" and record.metric == "norm" and record.topic in GRAD_TOPICS
                     and record.is_scalar and not rank_checks.is_per_rank(record.layer)):
                 squares[record.step] = squares.get(record.step, 0.0) + float(record.value) ** 2
-        alerts = [self._check_trouble("gradient norm", step, torch.tensor(math.sqrt(total)), "weight_grads")
-                  for step, total in sorted(squares.items())]
         # NaN/Inf gradients are already the alert that names the layer they first appeared in
         # (sonde.metrics.alerts): the steps are recorded in full all the same, without a second alert.
-        kept = [alert for alert in alerts if alert is not None
-                and not (self.bus.watchers and "NaN/Inf" in alert.message)]
-        self._log_alerts(kept)
-        return kept
+        found = [self._check_trouble("gradient norm", step, torch.tensor(math.sqrt(total)), "weight_grads",
+                                     alert_not_finite=not self.bus.watchers)
+                 for step, total in sorted(squares.items())]
+        alerts = [alert for alert in found if alert is not None]
+        self._log_alerts(alerts)
+        return alerts
 
-    def _check_trouble(self, what: str, step: int, value: torch.Tensor, topic: str) -> Record | None:
+    def _check_trouble(self, what: str, step: int, value: torch.Tensor, topic: str, *,
+                       alert_not_finite: bool = True) -> Record | None:
         """NaN/Inf or a spike of the loss or the gradient norm (:class:`~sonde.budget.TroubleWatch`):
-        the next steps are recorded in full, whatever the budget says, and an alert says so. In one
-        process from the next step nobody asked about; under torch.distributed from the step after
-        the next recorded one, where every rank hears of it through the merge."""
+        the next steps are recorded in full, whatever the budget says, and an alert says so (for a
+        NaN/Inf value only with ``alert_not_finite``). In one process from the next step nobody asked
+        about; under torch.distributed from the step after the next recorded one, where every rank
+        hears of it through the merge."""
         assert self._troubles is not None and self.budget is not None
         found = self._troubles[what].observe(step, value)
         if found is None:
@@ -528,9 +530,10 @@ class Probe:
         else:
             self.budget.trouble_seen = True
             which = f"the {self.budget.trouble_steps} steps after the next recorded one are recorded in full"
-        alert = Record(self.run, at, "train", NETWORK, topic, "alert", 1.0, message=(
+        if kind == NOT_FINITE and not alert_not_finite:
+            return None
+        return Record(self.run, at, "train", NETWORK, topic, "alert", 1.0, message=(
             f"{what} {kind} at step {at}: {which} (every metric of every layer, whatever the overhead budget)"))
-        return alert
 
     def current_phase(self) -> str:
         return "train"
