@@ -209,7 +209,10 @@ class Probe:
         self._troubles: dict[str, TroubleWatch] | None = None
         if budget is not None:
             self._budget_plan = PlanState(budget)
-            self._troubles = {"loss": TroubleWatch(), "gradient norm": TroubleWatch(min_history=4)}
+            # The gradient norm moves more from step to step than the loss (2-3x jumps are common
+            # in healthy training): its spike is at least 4x the recent median (10 x 30%, above it).
+            self._troubles = {"loss": TroubleWatch(),
+                              "gradient norm": TroubleWatch(min_history=4, floor=0.3)}
             self.share_budget(self.bus)
         # The worker runs offloaded computes, and finishes the steps recorded on a CUDA device (their
         # partial sums arrive by an asynchronous copy: sonde.metrics.transfer).
