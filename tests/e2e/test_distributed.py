@@ -80,7 +80,7 @@ def test_ddp_two_ranks_record_one_run_equal_to_one_process_on_the_global_batch(t
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["run"] == ranks[1]["run"]  # the name rank 0 chose, on both
     assert not any(r["switched_off"] for r in ranks)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == ["extra.db", "sonde.db"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == ["extra.db", "sonde.db", "spectral.db"]
     df = sonde.load(tmp_path / "sonde.db")
     assert set(df["run"]) == {ranks[0]["run"]}  # one run
     keys = df[["step", "phase", "layer", "topic", "metric"]].astype(str).agg("|".join, axis=1)
@@ -130,6 +130,14 @@ def test_ddp_two_ranks_record_one_run_equal_to_one_process_on_the_global_batch(t
             so_far = np.concatenate([ref[(s, layer, "activations")].reshape(-1) for s in range(step + 1)])
             mean = means[(means["step"] == step) & (means["layer"] == layer)]["value"].iloc[0]
             assert mean == pytest.approx(so_far.mean(), rel=1e-6, abs=1e-8), (layer, step)
+
+    # The third: each weight's σ₁ from rank 0's copy kept as a tensor (rank 1's replica not counted).
+    spectral = sonde.load(tmp_path / "spectral.db", metrics="spectral_norm")
+    assert sorted(zip(spectral["step"], spectral["layer"], strict=True)) == [
+        (s, layer) for s in range(child.STEPS) for layer in ("0", "2")]  # the two Linear layers, every step
+    for r in spectral.itertuples():
+        weight = ref[(int(r.step), r.layer, "weights")]
+        assert r.value == pytest.approx(np.linalg.svd(weight, compute_uv=False)[0], rel=1e-4), (r.step, r.layer)
 
 
 def test_a_failure_on_one_rank_stops_every_rank(tmp_path: Path) -> None:

@@ -45,14 +45,56 @@ def test_bad_arguments_are_refused() -> None:
         spectral_norm(np.float64(3.0))
 
 
-def test_spectral_norm_over_a_training_run_agrees_with_svd_at_every_step(collect: Collect) -> None:
+@pytest.mark.parametrize("shape", [(64, 64), (10, 300), (300, 10), (17, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_iteration_on_the_tensors_device_agrees_with_svd(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    from sonde.functional.spectral import top_singular_value_torch
+
+    w = np.random.default_rng(sum(shape)).standard_normal(shape)
+    reads: list[tuple[int, ...]] = []
+
+    def read(t: torch.Tensor) -> np.ndarray:
+        reads.append(tuple(t.shape))
+        return t.numpy()
+
+    sigma, basis, cold = top_singular_value_torch(torch.from_numpy(w).to(dtype), tol=1e-6, read=read)
+    assert sigma == pytest.approx(svals(w)[0], rel=1e-5)
+    k = min(8, *shape)
+    assert basis.dtype == dtype and tuple(basis.shape) == (shape[1], k)
+    assert set(reads) == {(k, k)}  # only the block's Gram matrix comes back, once per iteration
+    moved = w + 1e-3 * np.random.default_rng(1).standard_normal(shape)
+    again, _, warm = top_singular_value_torch(torch.from_numpy(moved).to(dtype), basis, tol=1e-6)
+    assert again == pytest.approx(svals(moved)[0], rel=1e-5)
+    assert warm <= max(2, cold // 3)
+
+
+def test_where_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"SpectralNorm\(where=\) expects one of 'auto', 'device', 'host', got 'gpu'"):
+        SpectralNorm(where="gpu")
+
+
+@pytest.mark.parametrize("where", ["auto", "device"])
+def test_spectral_norm_over_a_training_run_agrees_with_svd_at_every_step(collect: Collect, where: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``where="device"`` on the CPU runs the path a CUDA weight takes: the copy kept as a tensor
+    in the metric's state, iterated in torch on the worker, read back a Gram matrix at a time."""
+    import sonde.metrics.spectral as module
+
+    on_device = []
+    iterate = module.top_singular_value_torch
+
+    def counted(w: torch.Tensor, *args: object, **kwargs: object) -> tuple[float, torch.Tensor, int]:
+        on_device.append(tuple(w.shape))
+        return iterate(w, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "top_singular_value_torch", counted)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 7))
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # large steps: the weights move
     gen = torch.Generator().manual_seed(2)
     expected: dict[tuple[int, str], np.ndarray] = {}
     with sonde.probe(model, store=None, optimizer=opt, sinks=[collect], every=1,
-                     metrics=["spectral_norm", ConditionNumber(compute_every=4)]) as p:
+                     metrics=[SpectralNorm(where=where), ConditionNumber(compute_every=4, where=where)]) as p:
         for step in range(12):
             x, y = torch.randn(32, 48, generator=gen), torch.randint(0, 7, (32,), generator=gen)
             nn.functional.cross_entropy(model(x), y).backward()
@@ -70,6 +112,7 @@ def test_spectral_norm_over_a_training_run_agrees_with_svd_at_every_step(collect
             cond = collect.value(step=step, layer=layer, topic="weights", metric="condition_number")
             assert cond == pytest.approx(s[0] / s[-1], rel=1e-9)
     assert {r.step for r in collect.find(metric="condition_number")} == {0, 4, 8}
+    assert len(on_device) == (3 * 12 if where == "device" else 0)  # three layers, twelve steps
 
 
 def test_warm_start_needs_fewer_iterations_and_several_matrices_take_the_largest(collect: Collect) -> None:

@@ -26,12 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["as_matrix", "condition_number", "spectral_norm", "top_singular_value"]
+__all__ = ["as_matrix", "condition_number", "spectral_norm", "top_singular_value", "top_singular_value_torch"]
 
 
 def as_matrix(w: Any) -> np.ndarray:
@@ -82,6 +84,48 @@ def top_singular_value(
             break
         prev = sigma
         q, _ = np.linalg.qr(w.T @ y)
+    return sigma, q, iterations
+
+
+def top_singular_value_torch(
+    w: torch.Tensor,
+    start: torch.Tensor | None = None,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 500,
+    block: int = 8,
+    seed: int = 0,
+    read: Callable[[torch.Tensor], np.ndarray] = lambda t: t.detach().cpu().numpy(),
+) -> tuple[float, torch.Tensor, int]:
+    """:func:`top_singular_value` on the tensor's own device: the products and the QR steps run
+    there, and each iteration reads back only the block's b × b Gram matrix ``YᵀY`` (Y = W·Q),
+    whose largest eigenvalue is σ₁² of the Ritz step. ``read`` brings it to the host (on a CUDA
+    device, :func:`sonde.metrics.transfer.read_back` does so without a synchronising call). The
+    random start is drawn on the device, so nothing is copied to it.
+
+    Example:
+        >>> s, basis, _ = top_singular_value_torch(torch.diag(torch.tensor([5.0, 1.0], dtype=torch.float64)))
+        >>> round(s, 9), tuple(basis.shape)
+        (5.0, (2, 2))
+    """
+    rows, cols = w.shape
+    k = max(1, min(block, cols, rows))
+    if start is None or tuple(start.shape) != (cols, k) or start.device != w.device or start.dtype != w.dtype:
+        generator = torch.Generator(device=w.device).manual_seed(seed)
+        start = torch.randn(cols, k, generator=generator, device=w.device, dtype=w.dtype)
+    q = torch.linalg.qr(start).Q
+    sigma = prev = 0.0
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        y = w @ q
+        gram = np.asarray(read(y.T @ y), dtype=np.float64)
+        sigma = math.sqrt(max(float(np.linalg.eigvalsh(gram)[-1]), 0.0))  # Ritz value: ≤ σ₁, increasing
+        if sigma == 0.0:
+            return 0.0, q, iterations
+        if abs(sigma - prev) <= tol * sigma:
+            break
+        prev = sigma
+        q = torch.linalg.qr(w.T @ y).Q
     return sigma, q, iterations
 
 

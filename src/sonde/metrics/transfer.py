@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-__all__ = ["Copier", "Event", "Transfer", "cuda_copy", "default_copier"]
+__all__ = ["Copier", "Event", "Transfer", "cuda_copy", "default_copier", "read_back"]
 
 
 class Event(Protocol):
@@ -59,6 +59,24 @@ def cuda_copy(flat: torch.Tensor) -> tuple[torch.Tensor, Event]:
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(flat.device))
     return host, event
+
+
+def read_back(tensor: torch.Tensor) -> np.ndarray:
+    """For a background thread: ``tensor``'s values on the host. A CUDA tensor is copied into pinned
+    memory after the work already queued on the current stream, and the thread waits on an event
+    recorded after the copy: never on the device as a whole, and no synchronising call that
+    ``torch.cuda.set_sync_debug_mode`` reports. Other tensors are read with ``.cpu()``.
+
+    Example:
+        >>> read_back(torch.tensor([[1.0, 2.0]])).tolist()
+        [[1.0, 2.0]]
+    """
+    tensor = tensor.detach()
+    if tensor.device.type != "cuda":
+        return tensor.cpu().numpy()
+    host, event = cuda_copy(tensor.reshape(-1))
+    event.synchronize()
+    return host.numpy().reshape(tuple(tensor.shape))
 
 
 def default_copier(device: torch.device) -> Copy | None:

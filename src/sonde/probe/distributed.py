@@ -369,7 +369,9 @@ class RankMerge:
                 if kind == "drop":
                     pack.slots.append((metric, name, kind, ()))
                 elif kind == "object":
-                    pack.objects.append(None if once else value)
+                    # a copy a metric keeps on its GPU travels as a host array, its rank's device aside
+                    pack.objects.append(None if once else (value.detach().cpu().numpy()
+                                                           if isinstance(value, torch.Tensor) else value))
                     pack.slots.append((metric, name, kind, (len(pack.objects) - 1,)))
                 elif kind == "summary":
                     pack.slots.append((metric, name, kind, _pack_summary(pack, value, once)))
