@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch import nn
 
 import sonde
 from collect import Collect
+from sonde.metrics import Saturation
 from sonde.metrics.registry import DEFAULT_METRICS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -130,3 +133,47 @@ def test_values_on_cuda_match_the_cpu_computation(exact_matmuls: None) -> None:
         expected = counts[(r.step, r.layer, r.topic)]
         assert r.value.sum() == expected.sum()  # every finite value counted once
         assert np.abs(r.value - expected).sum() <= max(2, 1e-3 * expected.sum())  # bin edges: rounding only
+
+
+def test_saturation_keeps_its_sums_on_the_gpu_and_its_syncs_off_the_training_thread(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Saturation accumulates its sums on the GPU as state and computes the eigenvalues there, on
+    the worker; ``eigvalsh`` checks its result on the device, which may synchronise that thread,
+    so the mode is "warn" and each synchronising call is attributed to its thread: none may be the
+    training thread's. The values match numpy's on the same activations."""
+    model = mlp().to("cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(64, 32, generator=generator).cuda(), torch.randint(0, 10, (64,), generator=generator)
+                .cuda()) for _ in range(STEPS)]
+    outputs: list[torch.Tensor] = []
+    model[0].register_forward_hook(lambda _m, _i, out: outputs.append(out.detach().clone()))
+    threads: list[str] = []
+    collect = Collect()
+
+    def show(message: Any, *_args: Any, **_kwargs: Any) -> None:
+        if "synchronizing CUDA operation" in str(message):
+            threads.append(threading.current_thread().name)
+
+    with caplog.at_level(logging.WARNING, logger="sonde"), warnings.catch_warnings():
+        warnings.filterwarnings("always", message=".*synchronizing CUDA operation")
+        warnings.showwarning = show
+        with sonde.probe(model, store=None, optimizer=opt, every=1, sinks=[collect],
+                         metrics=[Saturation(compute_every=1, precision="float64", top_k=4)]) as p:
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for x, y in batches:
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            p.flush()
+    assert [name for name in threads if not name.startswith("sonde-")] == [], threads
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    for step, out in enumerate(outputs):
+        cov = np.cov(out.double().cpu().numpy(), rowvar=False, bias=True)
+        assert collect.value(metric="cov_trace", layer="0", step=step) == pytest.approx(np.trace(cov), rel=1e-9)
+        np.testing.assert_allclose(collect.value(metric="eigenvalues", layer="0", step=step),
+                                   np.linalg.eigvalsh(cov)[::-1][:4], rtol=1e-7, atol=1e-12)

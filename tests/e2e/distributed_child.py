@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 import sonde
-from sonde.metrics import Mean, Metric, SpectralNorm
+from sonde.metrics import Mean, Metric, Saturation, SpectralNorm
 from sonde.metrics.base import Capture
 from sonde.probe import distributed as sonde_distributed
 
@@ -204,12 +204,16 @@ def main(mode: str, out: Path) -> None:
         with sonde.probe(again, optimizer=opt, store="extra.db", topics=["activations"],
                          metrics=[Rows(), Mean(reset="never")]) as p:
             train(again, opt, p, rank, size)
-        # a third: spectral norms from the copies a metric keeps as tensors (a GPU's path, on the CPU)
-        third = nn.parallel.DistributedDataParallel(make_net())
-        opt = torch.optim.SGD(third.parameters(), lr=0.1)
-        with sonde.probe(third, optimizer=opt, store="spectral.db", topics=["weights"],
-                         metrics=[SpectralNorm(where="device")]) as p:
-            train(third, opt, p, rank, size)
+        # two more: the offloaded metrics, with the sums and copies a GPU keeps on the device kept
+        # as tensors here too (spectral norms always; saturation in the second)
+        for path in ("host", "device"):
+            Saturation.device_types = ("cuda", "cpu") if path == "device" else ("cuda",)
+            net = nn.parallel.DistributedDataParallel(make_net())
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            with sonde.probe(net, optimizer=opt, store=f"offloaded-{path}.db", topics=["weights", "activations"],
+                             metrics=[SpectralNorm(where="device"),
+                                      Saturation(compute_every=1, precision="float64", top_k=3)]) as p:
+                train(net, opt, p, rank, size)
     (out / f"rank{rank}.json").write_text(json.dumps({"run": run, "switched_off": switched_off, "refused": refused}))
     dist.destroy_process_group()
 

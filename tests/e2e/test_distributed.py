@@ -80,7 +80,8 @@ def test_ddp_two_ranks_record_one_run_equal_to_one_process_on_the_global_batch(t
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["run"] == ranks[1]["run"]  # the name rank 0 chose, on both
     assert not any(r["switched_off"] for r in ranks)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == ["extra.db", "sonde.db", "spectral.db"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == [
+        "extra.db", "offloaded-device.db", "offloaded-host.db", "sonde.db"]
     df = sonde.load(tmp_path / "sonde.db")
     assert set(df["run"]) == {ranks[0]["run"]}  # one run
     keys = df[["step", "phase", "layer", "topic", "metric"]].astype(str).agg("|".join, axis=1)
@@ -131,13 +132,24 @@ def test_ddp_two_ranks_record_one_run_equal_to_one_process_on_the_global_batch(t
             mean = means[(means["step"] == step) & (means["layer"] == layer)]["value"].iloc[0]
             assert mean == pytest.approx(so_far.mean(), rel=1e-6, abs=1e-8), (layer, step)
 
-    # The third: each weight's σ₁ from rank 0's copy kept as a tensor (rank 1's replica not counted).
-    spectral = sonde.load(tmp_path / "spectral.db", metrics="spectral_norm")
-    assert sorted(zip(spectral["step"], spectral["layer"], strict=True)) == [
-        (s, layer) for s in range(child.STEPS) for layer in ("0", "2")]  # the two Linear layers, every step
-    for r in spectral.itertuples():
-        weight = ref[(int(r.step), r.layer, "weights")]
-        assert r.value == pytest.approx(np.linalg.svd(weight, compute_uv=False)[0], rel=1e-4), (r.step, r.layer)
+    # The offloaded metrics: each weight's σ₁ from rank 0's copy (rank 1's replica not counted),
+    # and saturation of the global batch's activations (each rank's sums around its own shift).
+    for path in ("host", "device"):
+        db = tmp_path / f"offloaded-{path}.db"
+        spectral = sonde.load(db, metrics="spectral_norm")
+        assert sorted(zip(spectral["step"], spectral["layer"], strict=True)) == [
+            (s, layer) for s in range(child.STEPS) for layer in ("0", "2")]  # the two Linear layers, every step
+        for r in spectral.itertuples():
+            weight = ref[(int(r.step), r.layer, "weights")]
+            assert r.value == pytest.approx(np.linalg.svd(weight, compute_uv=False)[0], rel=1e-4), (r.step, r.layer)
+        saturation = [*sonde.load(db, metrics="cov_trace").itertuples(),
+                      *sonde.load(db, arrays=True, metrics="eigenvalues").itertuples()]
+        assert len(saturation) == 2 * 3 * child.STEPS  # two metrics, three layers
+        for r in saturation:
+            rows = ref[(int(r.step), r.layer, "activations")]
+            cov = np.cov(rows.reshape(rows.shape[0], -1), rowvar=False, bias=True)
+            expected = np.trace(cov) if r.metric == "cov_trace" else np.linalg.eigvalsh(cov)[::-1][:3]
+            np.testing.assert_allclose(r.value, expected, rtol=1e-6, atol=1e-9, err_msg=f"{path} {r}")
 
 
 def test_a_failure_on_one_rank_stops_every_rank(tmp_path: Path) -> None:

@@ -36,6 +36,16 @@ def reference(rows: np.ndarray, threshold: float = 0.99, eps: float = 1e-6, top_
     }
 
 
+@pytest.fixture(autouse=True, params=["host", "device"])
+def sums_kept(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the CPU's path (sums in a reused buffer, folded into host state, numpy's
+    eigenvalues) and the path a CUDA GPU takes (sums kept as tensors in the state, eigenvalues
+    from torch on the sums' device), run here on the CPU."""
+    if request.param == "device":
+        monkeypatch.setattr(Saturation, "device_types", ("cuda", "cpu"))
+    return str(request.param)
+
+
 #: The float64 product: every output within 1e-6 of numpy's, rank-deficient layers included.
 EXACT: dict[str, Any] = {"precision": "float64"}
 
@@ -129,6 +139,29 @@ def test_linear_reset_compute_covers_exactly_the_batches_since_the_previous_valu
         rows = np.concatenate([outs[s] for s in covered])
         assert_matches(collect, step, "0", reference(rows, top_k=4))
     assert collect.find(layer="0", metric="eigenvalues")[0].value.shape == (4,)
+
+
+def test_where_the_sums_are_kept(sums_kept: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device path keeps its sums as a tensor in the state and computes the eigenvalues in
+    torch; the CPU's folds a reused buffer into a host array at the steps that compute."""
+    on_device = []
+    eigvalsh = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda *a, **k: on_device.append(1) or eigvalsh(*a, **k))
+    metric = Saturation(compute_every=2, precision="float64", top_k=3)
+    rows = torch.randn(2, 20, 3, dtype=torch.float64)
+    metric.update(sonde.metrics.Capture(rows[0], layer_type="Linear", step=1))
+    gram = metric.state["gram"]
+    if sums_kept == "device":
+        assert isinstance(gram, torch.Tensor) and metric._acc is None
+    else:
+        assert gram == 0.0 and metric._pending  # in the buffer until a step that computes
+    metric.update(sonde.metrics.Capture(rows[1], layer_type="Linear", step=2))
+    assert isinstance(metric.state["gram"], torch.Tensor if sums_kept == "device" else np.ndarray)
+    assert metric.staged == []  # nothing for the step's transfer either way
+    got = metric.compute()
+    np.testing.assert_allclose(got["eigenvalues"], reference(rows.reshape(40, 3).numpy(), top_k=3)["eigenvalues"],
+                               rtol=1e-9)
+    assert len(on_device) == (1 if sums_kept == "device" else 0)
 
 
 def test_reset_never_accumulates_every_batch(collect: Collect) -> None:
@@ -243,8 +276,7 @@ def test_merge_recentres_sums_taken_with_another_shift() -> None:
         for chunk in np.array_split(part, 2):
             metric.update(sonde.metrics.Capture(torch.from_numpy(chunk), layer_type="Linear"))
             metric.absorb_staged({id(t): t.numpy() for _, t in metric.staged})
-    assert metrics[0].shift_host is not None and metrics[1].shift_host is not None
-    assert not np.allclose(metrics[0].shift_host, metrics[1].shift_host)
+    assert not np.allclose(metrics[0]._shift_on_host(), metrics[1]._shift_on_host())
     metrics[0].merge(metrics[1])
     got = metrics[0].compute()
     expected = reference(np.concatenate(parts), top_k=6)

@@ -20,7 +20,7 @@ import torch
 import sonde
 from collect import Collect
 from sonde.bus import Bus
-from sonde.metrics import Alerts, Histogram, Loss, Mean, Norm, Std, TensorStats, ZeroFrac
+from sonde.metrics import Alerts, Histogram, Loss, Mean, Norm, Saturation, SpectralNorm, Std, TensorStats, ZeroFrac
 from sonde.metrics.engine import to_host
 from sonde.metrics.transfer import Transfer
 from sonde.records import Record
@@ -231,6 +231,46 @@ def test_a_probe_on_the_deferred_path_flushes_and_closes_with_every_value() -> N
             np.linalg.norm(w), rel=1e-6)
         assert collect.value(metric="spectral_norm", layer="0", step=step) == pytest.approx(
             np.linalg.svd(w, compute_uv=False)[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("reset", ["compute", "never"])
+def test_offloaded_metrics_keeping_tensors_finish_their_steps_on_the_worker(
+        reset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA GPU runs, here on the CPU: the steps finish on the worker (the fake copier), the
+    spectral norm's weight copies and saturation's sums stay tensors in the metrics' state, and
+    every value agrees with numpy's, whether saturation starts afresh at each value or not."""
+    monkeypatch.setattr(Saturation, "device_types", ("cuda", "cpu"))
+    torch.manual_seed(0)
+    first = torch.nn.Linear(4, 6)
+    model = torch.nn.Sequential(first, torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    outputs: list[np.ndarray] = []
+    first.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach().double().numpy().copy()))
+    collect, copier = Collect(), FakeCopier()
+    weights = []
+    metrics = [Mean(), Loss(), SpectralNorm(where="device"),
+               Saturation(compute_every=2, reset=reset, precision="float64", top_k=3)]
+    with sonde.probe(model, store=None, optimizer=opt, every=1, metrics=metrics, sinks=[collect]) as p:
+        p.bus.engine.copier = copier
+        for _ in range(5):
+            loss = torch.nn.functional.mse_loss(model(torch.randn(16, 4)), torch.randn(16, 2))
+            opt.zero_grad()
+            loss.backward()
+            weights.append(first.weight.detach().double().numpy().copy())
+            opt.step()
+            p.log(loss=loss)
+    waited_on = {name for event in copier.events for name in event.threads}
+    assert len(copier.copies) == 5 and all(name.startswith("sonde-worker") for name in waited_on)
+    for step, w in enumerate(weights):
+        assert collect.value(metric="spectral_norm", layer="0", step=step) == pytest.approx(
+            np.linalg.svd(w, compute_uv=False)[0], rel=1e-5)
+    assert sorted({r.step for r in collect.find(metric="cov_trace", layer="0")}) == [0, 2, 4]
+    for step, covered in ((0, [0]), (2, [1, 2]), (4, [3, 4])):
+        rows = np.concatenate([outputs[s] for s in (range(step + 1) if reset == "never" else covered)])
+        cov = np.cov(rows, rowvar=False, bias=True)
+        assert collect.value(metric="cov_trace", layer="0", step=step) == pytest.approx(np.trace(cov), rel=1e-9)
+        np.testing.assert_allclose(collect.value(metric="eigenvalues", layer="0", step=step),
+                                   np.linalg.eigvalsh(cov)[::-1][:3], rtol=1e-9)
 
 
 def test_alerts_read_the_records_of_deferred_steps() -> None:

@@ -385,6 +385,12 @@ class Metric:
             self.absorb(name, value if value.ndim else value.item())
         self.staged.clear()
 
+    def shared_state(self) -> dict[str, Any]:
+        """The state as other processes add it to theirs with each state's reduce (the merge across
+        ranks): by default the state itself; a metric whose state depends on something of its
+        own (saturation's shift) re-expresses it on a footing every process shares."""
+        return self.state
+
     def merge(self, other: Metric) -> None:
         """Fold another instance's state into this one (other batches, processes or ranks)."""
         for name, value in other.state.items():

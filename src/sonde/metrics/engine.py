@@ -66,7 +66,7 @@ DEFERRABLE = frozenset(
         "stats.TensorStats", "stats.Mean", "stats.Std", "stats.Var", "stats.Min", "stats.Max", "stats.AbsMean",
         "stats.Norm", "stats.ZeroFrac", "stats.NonfiniteFrac", "stats.Histogram", "stats.UpdateRatio",
         "training.Loss", "training.TrainAccuracy", "alerts.Alerts", "spectral.SpectralNorm",
-        "spectral.ConditionNumber",
+        "spectral.ConditionNumber", "saturation.Saturation",
     )
 )
 

@@ -3,9 +3,16 @@
 The training thread only accumulates covariance sums on the tensor's device: one product
 ``XᵀX`` per batch of rows centred on a fixed per-layer shift, its lower block triangle only
 (10/16 of a d×d matmul), in float32 by default (``precision=``), added into float64 sums. The
-eigenvalues (LAPACK ``syevd``, values only) are computed on the probe's background worker, only
-at the steps ``compute_every`` names (default: every 10th step). Train and eval phases
-accumulate apart. See :mod:`sonde.functional.saturation` for the definitions.
+eigenvalues (``syevd``, values only) are computed on the probe's background worker, only at the
+steps ``compute_every`` names (default: every 10th step). Train and eval phases accumulate apart.
+See :mod:`sonde.functional.saturation` for the definitions.
+
+On a CUDA GPU the sums stay there as the metric's state (nothing is read back on the training
+thread, not even the shift), and the worker computes the eigenvalues on the GPU, on the stream
+the sums were made on, reading back the d eigenvalues and the trace through an event. On the
+CPU the sums go to a reused buffer and are folded into host state at the steps that compute.
+Under torch.distributed each rank's sums are re-expressed around zero before they are added
+across ranks (every rank has its own shift).
 
 Example:
     >>> import torch
@@ -40,6 +47,7 @@ from sonde.functional.saturation import (
     symmetric,
 )
 from sonde.metrics.base import Capture, Metric
+from sonde.metrics.transfer import on_stream, read_back
 from sonde.schedules import Schedule
 from sonde.topics import TENSOR_TOPICS
 
@@ -107,6 +115,9 @@ class Saturation(Metric):
                                                        "sketch_size": (2, 8192), "eps": (0.0, 1.0)}
     #: Width from which ``approximate="auto"`` sketches.
     wide: ClassVar[int] = 2048
+    #: The device types whose exact sums stay on the device as state, computed there (tests add
+    #: ``"cpu"`` to run that path on a CPU).
+    device_types: ClassVar[tuple[str, ...]] = ("cuda",)
 
     def __init__(
         self,
@@ -155,10 +166,12 @@ class Saturation(Metric):
         self.omega: torch.Tensor | None = None  # the sketch's test matrix (configuration, not state)
         self._gram: torch.Tensor | None = None  # reused float32 product of one batch
         self._scratch: torch.Tensor | None = None  # reused rows buffer, last column ones
-        # The exact mode's float64 sums since the last compute, on the device: folded into the
-        # host state only when a value is computed, merged or snapshot (see _fold), not every step.
+        # On the CPU, the exact mode's float64 sums since the last fold, in a buffer reused for the
+        # instance's life: folded into the host state at the steps that compute (see _fold).
         self._acc: torch.Tensor | None = None
         self._pending = False
+        # On a device of device_types, the stream the sums were made on (None: the current one).
+        self.stream: Any = None
         # The lower triangle of [[XᵀX, ΣX], [ΣXᵀ, n]] of the shifted rows X, or XᵀXΩ when
         # sketching (then with "sum" and "squares").
         self.add_state("gram", default=0.0, reduce="sum")
@@ -193,6 +206,8 @@ class Saturation(Metric):
         else:
             self._update_exact(rows)
             n = int(rows.shape[0])
+            if capture.phase != "train" or self.due(capture.step):
+                self._fold()  # a value is computed at this step's flush
         self.state["rows"] += float(n)  # known on the host already: nothing to transfer
 
     def _update_exact(self, rows: torch.Tensor) -> None:
@@ -203,35 +218,88 @@ class Saturation(Metric):
         scratch = self._scratch
         if scratch is None or scratch.device != rows.device or scratch.dtype != dtype or scratch.shape[0] < n:
             scratch = self._scratch = torch.ones(n, dims + 1, dtype=dtype, device=rows.device)
-        if self.shift_host is None:
-            # The first batch's mean in the product's dtype (any shift is exact; the host copy equals it).
-            first_mean = rows.detach().to(dtype).mean(dim=0)
-            self.shift_host = first_mean.cpu().numpy().astype(np.float64)
+        on_device = rows.device.type in self.device_types
         shift = self.shift
         if shift is None or shift.device != rows.device or shift.dtype != dtype:
-            shift = self.shift = torch.from_numpy(self.shift_host).to(device=rows.device, dtype=dtype)
-        acc = self._acc
-        if acc is None or acc.device != rows.device:
-            acc = self._acc = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
-        if dtype == torch.float64:
-            augmented_gram(rows, out=acc, scratch=scratch, accumulate=self._pending, lower_only=True, shift=shift)
+            if self.shift_host is None and shift is None:
+                # The first batch's mean in the product's dtype (any shift is exact). On a device
+                # of device_types it stays there; its host copy is read when a merge needs it.
+                shift = self.shift = rows.detach().to(dtype).mean(dim=0)
+                if not on_device:
+                    self.shift_host = shift.cpu().numpy().astype(np.float64)
+            else:
+                shift = self.shift = torch.from_numpy(self._shift_on_host()).to(device=rows.device, dtype=dtype)
+        if on_device:
+            if rows.device.type == "cuda":
+                self.stream = torch.cuda.current_stream(rows.device)
+            target = self.state["gram"]
+            fresh = not isinstance(target, torch.Tensor)
+            if fresh:  # the sums of this step on: the state itself, on the device
+                target = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
         else:
-            # A float32 product (the fast one), summed into the float64 accumulator block by block.
+            target = self._acc
+            if target is None or target.device != rows.device:
+                target = self._acc = torch.zeros(dims + 1, dims + 1, dtype=torch.float64, device=rows.device)
+            fresh = not self._pending
+        if dtype == torch.float64:
+            augmented_gram(rows, out=target, scratch=scratch, accumulate=not fresh, lower_only=True, shift=shift)
+        else:
+            # A float32 product (the fast one), summed into the float64 sums block by block.
             gram = self._gram
             if gram is None or gram.device != rows.device:
                 gram = self._gram = torch.zeros(dims + 1, dims + 1, dtype=dtype, device=rows.device)
             augmented_gram(rows, out=gram, scratch=scratch, lower_only=True, shift=shift)
-            add_lower(acc, gram, first=not self._pending)
-        self._pending = True
+            add_lower(target, gram, first=fresh)
+        if not on_device:
+            self._pending = True
+        elif fresh:
+            self.absorb("gram", target)
+
+    def _shift_on_host(self) -> np.ndarray:
+        """The shift as a float64 host array (read back, through an event, when it lives on a GPU)."""
+        if self.shift_host is None:
+            assert self.shift is not None, "no shift before the first batch"
+            with on_stream(self.stream):
+                self.shift_host = read_back(self.shift).astype(np.float64)
+        return self.shift_host
 
     def _fold(self) -> None:
-        """Fold the device accumulator into the host state: one transfer per computed value."""
+        """Fold the CPU buffer's sums into the host state (at the steps that compute)."""
         if self._pending and self._acc is not None:
             self._pending = False
             self.absorb("gram", self._acc.detach().cpu().numpy())
 
+    def _gram_on_host(self) -> Any:
+        """The state's sums as a host array (read back, through an event, when they live on a GPU)."""
+        gram = self.state.get("gram")
+        if isinstance(gram, torch.Tensor):
+            with on_stream(self.stream):
+                return read_back(gram)
+        return gram
+
+    def shared_state(self) -> dict[str, Any]:
+        """The state with the sums on the host and re-expressed around zero, which every rank
+        shares (each rank has its own shift), for adding across ranks."""
+        self._fold()
+        state = dict(self.state)
+        gram = self._gram_on_host()
+        if self.sketching or not isinstance(gram, np.ndarray) or (self.shift_host is None and self.shift is None):
+            return state
+        state["gram"] = _recentre(np.asarray(gram, dtype=np.float64), self._shift_on_host())
+        return state
+
     def absorb(self, name: str, value: Any) -> None:
         current = self.state.get(name)
+        if name == "gram" and isinstance(value, torch.Tensor):
+            if isinstance(current, torch.Tensor):
+                with on_stream(self.stream):
+                    current.add_(value)  # in place: this instance owns its state
+                return
+            if current is None or (np.ndim(current) == 0 and current == 0):
+                self.state[name] = value  # the sums update() made for the state
+                return
+            with on_stream(self.stream):
+                value = read_back(value)
         if name == "gram" and isinstance(value, np.ndarray):
             if isinstance(current, np.ndarray) and current.shape == value.shape:
                 np.add(current, value, out=current)  # in place: this instance owns its state arrays
@@ -245,9 +313,15 @@ class Saturation(Metric):
     def merge(self, other: Metric) -> None:
         """Fold another instance's state in, re-centring its sums when its shift differs from ours."""
         self._fold()
+        self.state["gram"] = self._gram_on_host()
+        theirs = None
         if isinstance(other, Saturation):
             other._fold()
-        theirs = getattr(other, "shift_host", None)
+            other.state["gram"] = other._gram_on_host()
+            if other.shift_host is not None or other.shift is not None:
+                theirs = other._shift_on_host()
+        if self.shift_host is None and self.shift is not None:
+            self._shift_on_host()
         gram = other.state.get("gram")
         if self.sketching or theirs is None or not isinstance(gram, np.ndarray):
             super().merge(other)
@@ -265,7 +339,8 @@ class Saturation(Metric):
 
     def snapshot(self) -> Metric:
         self._fold()
-        return super().snapshot()
+        with on_stream(self.stream):  # a copy of sums kept on the device is made on their stream
+            return super().snapshot()
 
     def compute(self) -> dict[str, Any]:
         self._fold()
@@ -275,14 +350,19 @@ class Saturation(Metric):
         dims = self.dims
         if self.sketching:
             mean = np.asarray(self.state["sum"], dtype=np.float64) / n
-            omega = self.omega.cpu().numpy() if self.omega is not None else None
-            if omega is None:
+            if self.omega is None:
                 return {}
+            with on_stream(self.stream):
+                omega = read_back(self.omega)
             c_omega = np.asarray(self.state["gram"]) / n - np.outer(mean, mean @ omega)
             values = nystrom_eigenvalues(c_omega, omega)
             trace = max(float(self.state["squares"]) / n - float(mean @ mean), 0.0)
             dim = intrinsic_dimension(values, self.threshold, total=trace)
             logdet = log_det(values, self.eps, dims, rest=trace - float(values.sum()))
+        elif isinstance(self.state["gram"], torch.Tensor):
+            values, trace = self._eigenvalues_on_device(self.state["gram"], n, dims)
+            dim = intrinsic_dimension(values, self.threshold)
+            logdet = log_det(values, self.eps)
         else:
             # Only the lower triangle is read: the state holds it (see augmented_gram).
             gram = np.asarray(self.state["gram"], dtype=np.float64)
@@ -305,6 +385,18 @@ class Saturation(Metric):
             "cov_logdet": logdet,
             "eigenvalues": np.asarray(values[: self.top_k], dtype=np.float64),
         }
+
+    def _eigenvalues_on_device(self, gram: torch.Tensor, n: float, dims: int) -> tuple[np.ndarray, float]:
+        """The covariance's eigenvalues (descending, ≥ 0) and trace, computed on the sums' device;
+        only those d + 1 numbers come back. ``eigvalsh`` checks its result on the device, which
+        waits for the GPU on this thread: the worker's, never the training thread."""
+        with on_stream(self.stream):
+            mean = gram[dims, :dims] / n  # the row of sums (the column above is not written)
+            cov = gram[:dims, :dims] / n - torch.outer(mean, mean)
+            dtype = torch.float32 if self.precision == "float32" else torch.float64
+            lam = torch.linalg.eigvalsh(cov.to(dtype), UPLO="L").to(torch.float64)
+            host = read_back(torch.cat([lam, cov.diagonal().sum().reshape(1)]))
+        return np.clip(host[-2::-1], 0.0, None), float(host[-1])
 
     def reset(self) -> None:
         super().reset()

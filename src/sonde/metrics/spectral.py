@@ -30,8 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,7 +38,7 @@ import torch
 from sonde.errors import ConfigError
 from sonde.functional.spectral import as_matrix, condition_number, top_singular_value, top_singular_value_torch
 from sonde.metrics.base import Capture, Metric
-from sonde.metrics.transfer import read_back
+from sonde.metrics.transfer import on_stream, read_back
 from sonde.schedules import Schedule
 
 __all__ = ["ConditionNumber", "SpectralNorm"]
@@ -123,24 +121,15 @@ class SpectralNorm(Metric):
     def _on_device(self, weight: torch.Tensor) -> bool:
         return self.where == "device" or (self.where == "auto" and weight.device.type == "cuda")
 
-    @contextlib.contextmanager
-    def _on_stream(self) -> Iterator[None]:
-        """The worker's device work, on the stream the copies were made on (ordered after them)."""
-        if self.stream is None:
-            yield
-            return
-        with torch.cuda.stream(self.stream):
-            yield
-
     def _matrices(self) -> list[tuple[str, np.ndarray]]:
         """Every weight as a float64 host matrix (a copy kept on a GPU read back here, on the worker)."""
-        with self._on_stream():
+        with on_stream(self.stream):
             return [(name, as_matrix(read_back(value) if isinstance(value, torch.Tensor) else value))
                     for name, value in self.state.items() if value is not None]
 
     def compute(self) -> dict[str, Any]:
         norms = []
-        with self._on_stream():
+        with on_stream(self.stream):
             for name, value in self.state.items():
                 if value is None:
                     continue

@@ -28,13 +28,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-__all__ = ["Copier", "Event", "Transfer", "cuda_copy", "default_copier", "read_back"]
+__all__ = ["Copier", "Event", "Transfer", "cuda_copy", "default_copier", "on_stream", "read_back"]
 
 
 class Event(Protocol):
@@ -59,6 +60,18 @@ def cuda_copy(flat: torch.Tensor) -> tuple[torch.Tensor, Event]:
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(flat.device))
     return host, event
+
+
+@contextlib.contextmanager
+def on_stream(stream: Any) -> Iterator[None]:
+    """Device work of a background thread on ``stream`` (a ``torch.cuda.Stream``: the one the
+    training thread made the tensors on, so that the work is ordered after them); None: the
+    thread's current stream, as it is (the CPU has none)."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.stream(stream):
+        yield
 
 
 def read_back(tensor: torch.Tensor) -> np.ndarray:

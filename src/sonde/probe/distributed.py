@@ -245,6 +245,8 @@ class _Packing:
     slots: list[tuple[Metric, str, str, tuple[int, ...]]] = field(default_factory=list)
     # the checks across ranks that added values (train merges only)
     checks: list[RankCheck] = field(default_factory=list)
+    # id(metric) -> the state this rank packed (Metric.shared_state): the shapes to unpack
+    shared: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 class RankMerge:
@@ -358,8 +360,12 @@ class RankMerge:
         for layer, topic, metric in due:
             # replicated: rank 0's state alone; sharded: each rank's shard
             once = topic in PARAM_TOPICS and not self.shards.get((layer, topic), self.rank == 0)
+            # the state on a footing every rank shares; what a metric keeps on its GPU, on the host
+            shared = pack.shared[id(metric)] = {
+                name: value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+                for name, value in metric.shared_state().items()}
             for name, (_, reduce) in metric._defaults.items():
-                value = metric.state[name]
+                value = shared[name]
                 kind = _kind(metric, name, reduce)
                 if value is None and kind == "sum" and isinstance(metric, Histogram):
                     value = np.zeros(metric.bins)  # nothing binned on this rank (an empty shard)
@@ -369,9 +375,7 @@ class RankMerge:
                 if kind == "drop":
                     pack.slots.append((metric, name, kind, ()))
                 elif kind == "object":
-                    # a copy a metric keeps on its GPU travels as a host array, its rank's device aside
-                    pack.objects.append(None if once else (value.detach().cpu().numpy()
-                                                           if isinstance(value, torch.Tensor) else value))
+                    pack.objects.append(None if once else value)
                     pack.slots.append((metric, name, kind, (len(pack.objects) - 1,)))
                 elif kind == "summary":
                     pack.slots.append((metric, name, kind, _pack_summary(pack, value, once)))
@@ -432,16 +436,15 @@ class RankMerge:
         self._kept = [(metric, dict(metric.state)) for metric in kept.values()]
         for metric, name, kind, offsets in pack.slots:
             try:
-                self._unpack_one(metric, name, kind, offsets, reduced, gathered)
+                self._unpack_one(metric, name, kind, offsets, reduced, gathered, pack.shared[id(metric)][name])
             except Exception as exc:  # noqa: BLE001 - this state alone is lost; the ranks stay in step
                 metric.state[name] = None
                 log.error("sonde: merging %r state %r across ranks failed (%s: %s); its value is missing",
                           metric.name, name, type(exc).__name__, exc)
 
     def _unpack_one(self, metric: Metric, name: str, kind: str, offsets: tuple[int, ...],
-                    reduced: dict[str, np.ndarray], gathered: list[Any]) -> None:
-        """Write one merged state back."""
-        value = metric.state[name]
+                    reduced: dict[str, np.ndarray], gathered: list[Any], value: Any) -> None:
+        """Write one merged state back (``value``: this rank's, as packed)."""
         if kind == "drop":
             metric.state[name] = None
         elif kind == "object":
