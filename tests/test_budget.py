@@ -24,21 +24,28 @@ from sonde.topics import SCHEDULE_TOPIC
 
 
 class Clock:
-    """A clock the test moves: ``clock.now += seconds``."""
+    """A clock the test moves: ``clock.now += seconds``; ``clock.cpu`` is the CPU time sonde's
+    background threads spent (:func:`background`)."""
 
     def __init__(self) -> None:
         self.now = 0.0
+        self.cpu = 0.0
 
     def __call__(self) -> float:
         return self.now
 
+    def background(self) -> float:
+        return self.cpu
+
 
 def simulate(budget: Budget, clock: Clock, steps: int, *, base: float, cost: float,
              worker: dict[str, float] | None = None, answers: dict[int, bool] | None = None,
-             records: list[Record] | None = None) -> list[int]:
+             records: list[Record] | None = None, writing: float = 0.0) -> list[int]:
     """Steps as the probe runs them: ``base`` seconds each, ``cost`` more when recorded, ``worker``
-    seconds per recording of each offloaded metric; the decision at recorded steps, then the answer
-    for the next step at the end of each step (kept in ``answers``). Returns the recorded steps."""
+    seconds per recording of each offloaded metric, ``writing`` CPU seconds of the sinks' threads
+    per recorded step (spent off the training thread: the step takes no longer); the decision at
+    recorded steps, then the answer for the next step at the end of each step (kept in
+    ``answers``). Returns the recorded steps."""
     recorded = []
     for k in range(steps):
         if answers is not None and k in answers:
@@ -47,6 +54,7 @@ def simulate(budget: Budget, clock: Clock, steps: int, *, base: float, cost: flo
         if budget.recorded(k):
             recorded.append(k)
             clock.now += cost
+            clock.cpu += writing
         for name, seconds in (worker or {}).items():
             if budget.records(name, k):
                 budget.add_metric_time(name, seconds, training_thread=False)
@@ -66,7 +74,7 @@ def gaps(steps: list[int]) -> list[int]:
 
 def test_interval_follows_measured_cost() -> None:
     clock = Clock()
-    budget = Budget(0.05, 100, clock=clock)
+    budget = Budget(0.05, 100, clock=clock, background=clock.background)
     budget.register("stats", expensive=False)
     answers: dict[int, bool] = {}
     recorded = simulate(budget, clock, 400, base=0.010, cost=0.0019, answers=answers)  # 19% a recorded step
@@ -82,7 +90,7 @@ def test_the_interval_is_the_densest_on_the_ladder_that_fits() -> None:
     """45% per recorded step fits at one step in 10 (4.5%), not in 8 (5.6%): a doubling ladder would
     have gone to 16, leaving a third of the budget unused."""
     clock = Clock()
-    budget = Budget(0.05, 100, clock=clock)
+    budget = Budget(0.05, 100, clock=clock, background=clock.background)
     budget.register("stats", expensive=False)
     recorded = simulate(budget, clock, 400, base=0.010, cost=0.0045)
     assert budget.schedule() == {"stats": 10}
@@ -90,9 +98,20 @@ def test_the_interval_is_the_densest_on_the_ladder_that_fits() -> None:
     assert budget.estimate == pytest.approx(0.045)
 
 
+def test_the_sinks_background_time_counts_against_the_budget() -> None:
+    """19% of a step on the training thread and 26% more on the sinks' threads per recorded step:
+    45% in all, one step in 10 (4.5%), where the training thread's share alone fits one in 4."""
+    clock = Clock()
+    budget = Budget(0.05, 100, clock=clock, background=clock.background)
+    budget.register("stats", expensive=False)
+    simulate(budget, clock, 400, base=0.010, cost=0.0019, writing=0.0026)
+    assert budget.schedule() == {"stats": 10}
+    assert budget.estimate == pytest.approx(0.045)
+
+
 def test_cheap_monitoring_records_every_step() -> None:
     clock = Clock()
-    budget = Budget(0.05, 100, clock=clock)
+    budget = Budget(0.05, 100, clock=clock, background=clock.background)
     budget.register("stats", expensive=False)
     recorded = simulate(budget, clock, 200, base=0.010, cost=0.0001)  # 1%
     assert budget.schedule() == {"stats": 1}
@@ -102,7 +121,7 @@ def test_cheap_monitoring_records_every_step() -> None:
 @pytest.mark.parametrize("max_interval", [100, 10, 1])
 def test_max_interval_is_never_exceeded(max_interval: int) -> None:
     clock = Clock()
-    budget = Budget(0.05, max_interval, clock=clock)
+    budget = Budget(0.05, max_interval, clock=clock, background=clock.background)
     budget.register("stats", expensive=False)
     recorded = simulate(budget, clock, 600, base=0.010, cost=1.0)  # 100 steps' worth per recording
     assert max(gaps(recorded)) <= max_interval
@@ -111,7 +130,7 @@ def test_max_interval_is_never_exceeded(max_interval: int) -> None:
 
 def test_offloaded_metrics_are_spaced_further() -> None:
     clock = Clock()
-    budget = Budget(0.05, 100, clock=clock)
+    budget = Budget(0.05, 100, clock=clock, background=clock.background)
     for name in ("stats", "histogram"):
         budget.register(name, expensive=False)
     budget.register("saturation", expensive=True)
@@ -127,7 +146,7 @@ def test_offloaded_metrics_are_spaced_further() -> None:
 
 def test_intervals_settle_and_are_recorded(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    budget = Budget(0.05, 100, clock=clock)
+    budget = Budget(0.05, 100, clock=clock, background=clock.background)
     budget.register("stats", expensive=False)
     records: list[Record] = []
     with caplog.at_level(logging.INFO, logger="sonde"):
@@ -139,7 +158,7 @@ def test_intervals_settle_and_are_recorded(caplog: pytest.LogCaptureFixture) -> 
 
 def test_trouble_forces_the_next_steps_after_the_answered_ones() -> None:
     clock = Clock()
-    budget = Budget(0.05, 100, clock=clock)
+    budget = Budget(0.05, 100, clock=clock, background=clock.background)
     budget.register("stats", expensive=False)
     simulate(budget, clock, 300, base=0.010, cost=1.0)
     assert budget.schedule()["stats"] == 96
@@ -238,6 +257,7 @@ def test_probe_budget_spaces_recordings(collect: Collect) -> None:
     with sonde.probe(model, optimizer=opt, store=None, sinks=[collect], every=None) as p:
         assert p.budget is not None
         p.budget.clock = clock
+        p.budget.background = clock.background
         means = _train(p, model, opt, x, y, 200, clock, cost=0.0019)
         chosen = p.schedule()
     assert chosen["stats"] == chosen["histogram"] == 4
@@ -273,6 +293,7 @@ def test_trouble_records_the_next_steps_in_full(collect: Collect, trouble: str,
     bad = {100: float("nan") if trouble == "nan" else 1e4, 101: float("nan") if trouble == "nan" else 1e4}
     with sonde.probe(model, optimizer=opt, store=None, sinks=[collect], every=None) as p:
         p.budget.clock = clock  # type: ignore[union-attr]
+        p.budget.background = clock.background  # type: ignore[union-attr]
         _train(p, model, opt, x, y, 130, clock, cost=1.0, losses=bad)
         assert p.schedule()["stats"] == 96
     steps = sorted({r.step for r in collect.find(layer="0", topic="weights", metric="mean")})
@@ -294,6 +315,7 @@ def test_the_intervals_reach_the_store_and_the_run_page(tmp_path: Path) -> None:
     db = str(tmp_path / "sonde.db")
     with sonde.probe(model, optimizer=opt, store=db, run="budgeted", every=None) as p:
         p.budget.clock = clock  # type: ignore[union-attr]
+        p.budget.background = clock.background  # type: ignore[union-attr]
         _train(p, model, opt, x, y, 120, clock, cost=0.0019)
     frame = sonde.load(db, run="budgeted")
     stored = frame[frame.topic == SCHEDULE_TOPIC]
@@ -309,7 +331,7 @@ def test_the_intervals_reach_the_store_and_the_run_page(tmp_path: Path) -> None:
 
 def test_a_budget_the_longest_interval_cannot_meet_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    budget = Budget(0.05, 16, clock=clock)
+    budget = Budget(0.05, 16, clock=clock, background=clock.background)
     budget.register("stats", expensive=False)
     with caplog.at_level(logging.INFO, logger="sonde"):
         simulate(budget, clock, 600, base=0.010, cost=0.030, records=[])  # 300% a recorded step: 19% at 1 in 16
@@ -328,6 +350,7 @@ def test_gradient_norm_trouble_at_a_recorded_step_records_the_next_steps_in_full
     clock = Clock()
     with sonde.probe(model, optimizer=opt, store=None, sinks=[collect], every=None, max_interval=64) as p:
         p.budget.clock = clock  # type: ignore[union-attr]
+        p.budget.background = clock.background  # type: ignore[union-attr]
         _train(p, model, opt, x, y, 80, clock, cost=1.0, grads={64: float("nan") if trouble == "nan" else 30.0})
         assert p.schedule()["stats"] == 64
     for k in range(8):  # what the check read: four gradient norms per recorded step, all finite before

@@ -10,8 +10,9 @@ recordings so that the average cost stays under ``budget`` × the unmonitored st
   allocations and caches included), and the time spent inside sonde's own calls (publish and
   flush: the only figure before the first unrecorded step, and at unrecorded steps what every
   step costs, which is counted but cannot be spaced); off the training thread, the
-  background worker's time per offloaded metric, counted in full (it competes for the cores
-  training uses);
+  background worker's time per offloaded metric, and the CPU time of the threads that write the
+  Records (:mod:`sonde.background`) per recorded step, both counted in full (they compete for
+  the cores training uses, and for the GIL);
 * **what it chooses**: one interval for the metrics computed on the training thread (their
   statistics share one pass per tensor, so they cost as one), and one per offloaded metric
   (saturation, spectral norms, CKA), a multiple of the first: the interval whose cost per step
@@ -56,6 +57,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from sonde import background as background_time
 from sonde.errors import ConfigError
 from sonde.metrics.base import Capture, Metric
 from sonde.records import NETWORK, Record
@@ -120,6 +122,8 @@ class Budget:
         max_interval: no metric goes longer than this many steps without a value.
         warmup: the first steps, recorded in full while the cost is measured.
         clock: seconds, monotonic (tests pass a fake one).
+        background: CPU seconds sonde's background threads spent so far
+            (:func:`sonde.background.spent`; tests pass a fake one).
 
     The probe calls :meth:`register` for each metric it budgets, :meth:`records` to ask whether a
     metric records at a step, :meth:`add_own_time` for the time spent in its own calls,
@@ -135,7 +139,8 @@ class Budget:
     settle: ClassVar[int] = 1
 
     def __init__(self, fraction: float = 0.05, max_interval: int = 100, *, warmup: int = 8,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 background: Callable[[], float] = background_time.spent) -> None:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ConfigError(f"budget= expects a fraction of training time in (0, 1], got {fraction!r}")
         if isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < 1:
@@ -145,6 +150,7 @@ class Budget:
         self.cap = interval_at_most(max_interval)
         self.warmup = max(1, warmup)
         self.clock = clock
+        self.background = background
         self.groups: dict[str, str] = {}  # metric name -> its group (TRAINING_THREAD or its own name)
         self.free: set[str] = set()  # metric names recorded every step
         self.intervals: dict[str, int] = {}  # group -> interval now decided
@@ -164,6 +170,8 @@ class Budget:
         self._metric_now = 0.0  # of which offloaded metrics' updates
         self._recorded_steps: deque[tuple[float, float]] = deque(maxlen=32)  # (duration, own), cheap part
         self._unrecorded_steps: deque[tuple[float, float]] = deque(maxlen=32)  # (duration, own)
+        # sonde's background CPU seconds (sonde.background) at the end of each recent recorded step
+        self._background_marks: deque[float] = deque(maxlen=33)
         self._metric_time: dict[str, float] = {}  # offloaded metric -> seconds (training thread + worker)
         self._metric_count: dict[str, int] = {}  # offloaded metric -> steps it was recorded at
 
@@ -230,6 +238,7 @@ class Budget:
             duration = now - self._mark - self._metric_now
             if recorded:
                 self._recorded_steps.append((duration, max(0.0, self._own_now - self._metric_now)))
+                self._background_marks.append(self.background())
             else:
                 self._unrecorded_steps.append((duration, self._own_now))
         self._mark = now
@@ -253,6 +262,9 @@ class Budget:
         else:
             cheap = own
             base = statistics.median(durations) - own
+        marks = self._background_marks
+        if len(marks) >= 2:  # what the sinks' threads spent per recorded step (their Records, mostly)
+            cheap += (marks[-1] - marks[0]) / (len(marks) - 1)
         costs = {TRAINING_THREAD: cheap} if TRAINING_THREAD in self.intervals else {}
         if always > 0:
             costs[EVERY_STEP] = always

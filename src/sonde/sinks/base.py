@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from sonde.background import charged
 from sonde.records import Record
 from sonde.run_info import LayerInfo, RunInfo  # re-exported: sinks are written against them
 
@@ -151,6 +152,7 @@ class SinkRunner:
                               self.sink.name, type(exc).__name__, exc)
                 continue
             try:
-                self.sink.write(item)
+                with charged():  # counted by the overhead budget (sonde.background)
+                    self.sink.write(item)
             except Exception as exc:  # noqa: BLE001
                 self._fail(exc)

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, ClassVar
 import httpx
 import msgpack
 
+from sonde.background import charged
 from sonde.errors import ConfigError
 from sonde.wire.client import WireClient, normal_url
 from sonde.wire.records import shift_records
@@ -364,7 +365,8 @@ class Outbox:
                         return
                     self._cond.wait(0.1)
                     continue
-            outcome = self._send(entry)
+            with charged():  # counted by the overhead budget (sonde.background); waiting is not
+                outcome = self._send(entry)
             with self._cond:
                 if outcome == "defer":  # the evaluator is busy or away: its tensors wait, Records do not
                     entry.tries += 1

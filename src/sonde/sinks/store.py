@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sonde.background import charged
 from sonde.errors import SondeError
 from sonde.records import Record
 from sonde.run_info import RunInfo
@@ -148,7 +149,7 @@ class StoreSink(Sink):
                 failed = True
 
     def _drain_on_timer(self) -> None:
-        with self._lock:
+        with self._lock, charged():  # counted by the overhead budget (sonde.background)
             self._timer = None
             try:
                 self._drain_locked()

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
+from sonde.background import charged
+
 __all__ = ["Writer"]
 
 log = logging.getLogger("sonde")
@@ -121,7 +123,7 @@ class Writer:
                     continue
                 try:
                     conn = self._usable(conn)
-                    with conn.begin():
+                    with conn.begin(), charged():  # counted by a probe's overhead budget (sonde.background)
                         result = fn(conn)
                 except BaseException as exc:  # noqa: BLE001 - every failure belongs to the caller
                     future.set_exception(exc)
