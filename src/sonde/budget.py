@@ -20,9 +20,10 @@ recordings so that the average cost stays under ``budget`` × the unmonitored st
   10, 12, 14, 16, 20, ..., each step at most 1.25×) until the total fits, at most
   ``max_interval`` (the largest value of the ladder under it: 96 for 100). A step ``k`` is
   recorded when ``k % interval == 0``, so the steps of an offloaded metric are also steps of the
-  statistics, and every rank records the same steps. Network-wide values logged with ``Probe.log`` (``loss``,
-  ``train_accuracy``) cost one scalar and are recorded every step (under torch.distributed they
-  follow the training-thread interval, so that no collective is added between recorded steps);
+  statistics, and every rank records the same steps. Network-wide values logged with
+  ``Probe.log`` (``loss``, ``train_accuracy``) cost one scalar and are recorded every step
+  (under torch.distributed they follow the training-thread interval, so that no collective is
+  added between recorded steps);
 * **when it changes**: at recorded steps at least :attr:`Budget.period` steps apart, with
   hysteresis (sparser as soon as the measured cost exceeds the budget, denser only when the
   denser plan stays under 60% of it); a decision applies from the first step nobody asked about
