@@ -168,3 +168,7 @@ def test_lightning_ddp_records_once_what_one_process_records_on_the_global_batch
             assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (at, layer, topic, metric)
             compared += 1
     assert compared == steps * (3 * 2 + 2) * 8
+    with open_store(tmp_path / "sonde.db") as store:  # the graph, traced by rank 0, named like the layers
+        graph = store.get_graph(ranks[0]["run"])
+    assert graph is not None
+    assert {n["name"] for n in graph["nodes"] if n["kind"] == "module"} >= {"net.0", "net.1", "net.2"}

@@ -134,6 +134,24 @@ def test_names_match_the_probe_layer_names() -> None:
     assert "layer1.2.relu:2" in probed
 
 
+def test_a_forward_left_on_the_instance_runs_on_the_copy() -> None:
+    """Lightning's DDP strategy redirects a module's forward through its instance and leaves the
+    module's own bound ``forward`` there: the trace must still run the copy's submodules."""
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)  # type: ignore[no-any-return]
+
+    model = Wrapper()
+    model.forward = model.forward  # type: ignore[method-assign]  # what the redirect leaves behind
+    leaves = {n.name for n in sonde.graph(model, torch.zeros(2, 3)).leaves() if n.kind == "module"}
+    assert leaves == {"net.0", "net.1"}
+
+
 def test_model_is_left_untouched_and_real_fallback_restores_randomness() -> None:
     class DataDependent(Net):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

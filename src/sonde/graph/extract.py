@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import fields, is_dataclass
@@ -225,6 +226,12 @@ def _shadow(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] | 
             table = getattr(module, attr, None)
             if table is not None:
                 setattr(twin, attr, type(table)())
+        for key, value in list(twin.__dict__.items()):
+            # A method stored on the instance (Lightning's DDP strategy leaves the module's own
+            # ``forward`` there after redirecting it) is bound to the original: bind it to the copy,
+            # or the trace would run the original modules.
+            if isinstance(value, types.MethodType) and value.__self__ is module:
+                twin.__dict__[key] = types.MethodType(value.__func__, twin)
         return twin
 
     try:

@@ -53,6 +53,11 @@ class GraphJob:
         Dynamo tracing a compiled model's forward traces it into nothing (it runs at an eager forward)."""
         if torch.compiler.is_compiling():
             return
+        if getattr(module.forward, "__qualname__", "").startswith("_ForwardRedirection."):
+            # Not the model's forward but Lightning's redirect: its DDP strategy calls the module
+            # with ``training_step``'s arguments through a forward patched on the instance, and the
+            # module's own forward (``self(x)`` in ``training_step``) comes next.
+            return
         try:
             if self._thread is not None:
                 return
