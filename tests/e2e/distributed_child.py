@@ -30,6 +30,7 @@ import sonde
 from sonde.metrics import Mean, Metric, Saturation, SpectralNorm
 from sonde.metrics.base import Capture
 from sonde.probe import distributed as sonde_distributed
+from sonde.probe.core import Probe
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -214,7 +215,27 @@ def main(mode: str, out: Path) -> None:
                              metrics=[SpectralNorm(where="device"),
                                       Saturation(compute_every=1, precision="float64", top_k=3)]) as p:
                 train(net, opt, p, rank, size)
-    (out / f"rank{rank}.json").write_text(json.dumps({"run": run, "switched_off": switched_off, "refused": refused}))
+    after_merge: dict[str, object] = {}
+    if mode == "fail":  # then a failure after a step's merge, on rank 1 only: both ranks go on
+        if rank == 1:
+            sonde_distributed.RankMerge._pack = original  # type: ignore[method-assign]
+        emit, emitted = Probe._emit, []
+
+        def failing_emit(self: Probe, records: list) -> None:  # type: ignore[type-arg]
+            emitted.append(1)
+            if rank == 1 and len(emitted) == 2:
+                raise RuntimeError("injected failure after the merge")
+            emit(self, records)
+
+        Probe._emit = failing_emit  # type: ignore[method-assign]
+        net = nn.parallel.DistributedDataParallel(make_net())
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with sonde.probe(net, optimizer=opt, store="after-merge.db", every=1) as p:
+            train(net, opt, p, rank, size)
+            after_merge = {"run": p.run, "switched_off": p.switched_off}
+        Probe._emit = emit  # type: ignore[method-assign]
+    (out / f"rank{rank}.json").write_text(json.dumps({"run": run, "switched_off": switched_off, "refused": refused,
+                                                      "after_merge": after_merge}))
     dist.destroy_process_group()
 
 

@@ -153,8 +153,9 @@ def test_ddp_two_ranks_record_one_run_equal_to_one_process_on_the_global_batch(t
 
 
 def test_a_failure_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
-    """A store rank 0 cannot open fails on both ranks; a monitoring failure on rank 1 switches
-    monitoring off on both, and training finishes on both (bounded by the launcher's timeout)."""
+    """A store rank 0 cannot open fails on both ranks; a monitoring failure on rank 1 before a merge
+    switches monitoring off on both, one after a merge only that part on rank 1; training finishes
+    on both (bounded by the launcher's timeout)."""
     results = launch("fail", tmp_path)  # returns (no hang) or fails after TIMEOUT
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["switched_off"] for r in ranks)
@@ -164,6 +165,12 @@ def test_a_failure_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     assert "switched off on every rank" in results[0].stderr
     df = sonde.load(tmp_path / "sonde.db")
     assert sorted(set(df[df["phase"] == "train"]["step"])) == [0]  # step 0 merged; none after the failure
+    # A failure after a merge (rank 1's step 1 emitting): that part is off on rank 1, which still
+    # meets rank 0 at every later merge, so no rank waits and rank 0 records every step.
+    assert "injected failure after the merge" in results[1].stderr
+    assert not any(r["after_merge"]["switched_off"] for r in ranks)
+    df = sonde.load(tmp_path / "after-merge.db")
+    assert sorted(set(df[df["phase"] == "train"]["step"])) == list(range(child.STEPS))
 
 
 def fsdp_reference() -> dict[tuple[int, str, str], np.ndarray]:

@@ -312,7 +312,7 @@ class Probe:
             self.step += 1
             self._step_closed = False
             self._step_started = True
-            self._heap.step()
+            self._guard("the heap's bookkeeping", self._heap.step)  # after the merge (see finish_step)
             return True
         new = not self._step_started
         self._step_started = True
@@ -352,7 +352,11 @@ class Probe:
         merger = self.bus.engine.merge_ranks
         try:
             if budget is None:
-                self._emit(self.bus.flush("train", self.step, final=final))
+                records = self.bus.flush("train", self.step, final=final)
+                # After the merge across ranks, a failure switches that part off (logged once) and the
+                # step goes on: raised, it would stop this rank's step bookkeeping, and the other
+                # ranks would wait for it at the next merge until the process group's timeout.
+                self._guard("recording a step", lambda: self._emit(records))
             else:
                 self._finish_budgeted_step(budget, final)
         except Exception as exc:
@@ -382,9 +386,11 @@ class Probe:
             capture = Capture(_NOTHING, layer=NETWORK, topic=SCHEDULE_TOPIC, step=step)
             self.bus.engine.update((NETWORK, SCHEDULE_TOPIC), [self._budget_plan], capture)
         records = self.bus.flush("train", step, final=final)
-        self._emit(records + budget.settled_records(self.run, step))
+        # After the merge: a failure switches that part off and the step goes on (see finish_step).
+        self._guard("recording a step", lambda: self._emit(records + budget.settled_records(self.run, step)))
         budget.add_own_time(budget.clock() - start)
-        budget.step_ended(step)
+        self._guard("the overhead budget's measurements", lambda: budget.step_ended(step))
+
 
     def finish_eval(self) -> None:
         """Record the evaluation pass that ran since the last flush (under torch.distributed its
