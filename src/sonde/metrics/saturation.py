@@ -228,7 +228,9 @@ class Saturation(Metric):
                 if not on_device:
                     self.shift_host = shift.cpu().numpy().astype(np.float64)
             else:
-                shift = self.shift = torch.from_numpy(self._shift_on_host()).to(device=rows.device, dtype=dtype)
+                host = self._shift_on_host()
+                assert host is not None
+                shift = self.shift = torch.from_numpy(host).to(device=rows.device, dtype=dtype)
         if on_device:
             if rows.device.type == "cuda":
                 self.stream = torch.cuda.current_stream(rows.device)
@@ -255,12 +257,11 @@ class Saturation(Metric):
         elif fresh:
             self.absorb("gram", target)
 
-    def _shift_on_host(self) -> np.ndarray:
-        """The shift as a float64 host array (read back, through an event, when it lives on a GPU)."""
-        if self.shift_host is None:
-            assert self.shift is not None, "no shift before the first batch"
-            with on_stream(self.stream):
-                self.shift_host = read_back(self.shift).astype(np.float64)
+    def _shift_on_host(self) -> np.ndarray | None:
+        """The shift as a float64 host array (read back, through an event, when it lives on a GPU);
+        None before the first batch."""
+        if self.shift_host is None and self.shift is not None:
+            self.shift_host = read_back(self.shift, self.stream).astype(np.float64)
         return self.shift_host
 
     def _fold(self) -> None:
@@ -272,20 +273,17 @@ class Saturation(Metric):
     def _gram_on_host(self) -> Any:
         """The state's sums as a host array (read back, through an event, when they live on a GPU)."""
         gram = self.state.get("gram")
-        if isinstance(gram, torch.Tensor):
-            with on_stream(self.stream):
-                return read_back(gram)
-        return gram
+        return read_back(gram, self.stream) if isinstance(gram, torch.Tensor) else gram
 
     def shared_state(self) -> dict[str, Any]:
         """The state with the sums on the host and re-expressed around zero, which every rank
         shares (each rank has its own shift), for adding across ranks."""
         self._fold()
         state = dict(self.state)
-        gram = self._gram_on_host()
-        if self.sketching or not isinstance(gram, np.ndarray) or (self.shift_host is None and self.shift is None):
+        gram, shift = self._gram_on_host(), self._shift_on_host()
+        if self.sketching or not isinstance(gram, np.ndarray) or shift is None:
             return state
-        state["gram"] = _recentre(np.asarray(gram, dtype=np.float64), self._shift_on_host())
+        state["gram"] = _recentre(np.asarray(gram, dtype=np.float64), shift)
         return state
 
     def absorb(self, name: str, value: Any) -> None:
@@ -298,8 +296,7 @@ class Saturation(Metric):
             if current is None or (np.ndim(current) == 0 and current == 0):
                 self.state[name] = value  # the sums update() made for the state
                 return
-            with on_stream(self.stream):
-                value = read_back(value)
+            value = read_back(value, self.stream)
         if name == "gram" and isinstance(value, np.ndarray):
             if isinstance(current, np.ndarray) and current.shape == value.shape:
                 np.add(current, value, out=current)  # in place: this instance owns its state arrays
@@ -314,14 +311,12 @@ class Saturation(Metric):
         """Fold another instance's state in, re-centring its sums when its shift differs from ours."""
         self._fold()
         self.state["gram"] = self._gram_on_host()
+        self._shift_on_host()  # sets shift_host, read below, once there is a shift
         theirs = None
         if isinstance(other, Saturation):
             other._fold()
             other.state["gram"] = other._gram_on_host()
-            if other.shift_host is not None or other.shift is not None:
-                theirs = other._shift_on_host()
-        if self.shift_host is None and self.shift is not None:
-            self._shift_on_host()
+            theirs = other._shift_on_host()
         gram = other.state.get("gram")
         if self.sketching or theirs is None or not isinstance(gram, np.ndarray):
             super().merge(other)
@@ -352,8 +347,7 @@ class Saturation(Metric):
             mean = np.asarray(self.state["sum"], dtype=np.float64) / n
             if self.omega is None:
                 return {}
-            with on_stream(self.stream):
-                omega = read_back(self.omega)
+            omega = read_back(self.omega, self.stream)
             c_omega = np.asarray(self.state["gram"]) / n - np.outer(mean, mean @ omega)
             values = nystrom_eigenvalues(c_omega, omega)
             trace = max(float(self.state["squares"]) / n - float(mean @ mean), 0.0)

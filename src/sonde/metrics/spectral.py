@@ -123,9 +123,8 @@ class SpectralNorm(Metric):
 
     def _matrices(self) -> list[tuple[str, np.ndarray]]:
         """Every weight as a float64 host matrix (a copy kept on a GPU read back here, on the worker)."""
-        with on_stream(self.stream):
-            return [(name, as_matrix(read_back(value) if isinstance(value, torch.Tensor) else value))
-                    for name, value in self.state.items() if value is not None]
+        return [(name, as_matrix(read_back(value, self.stream) if isinstance(value, torch.Tensor) else value))
+                for name, value in self.state.items() if value is not None]
 
     def compute(self) -> dict[str, Any]:
         norms = []

@@ -74,11 +74,12 @@ def on_stream(stream: Any) -> Iterator[None]:
         yield
 
 
-def read_back(tensor: torch.Tensor) -> np.ndarray:
+def read_back(tensor: torch.Tensor, stream: Any = None) -> np.ndarray:
     """For a background thread: ``tensor``'s values on the host. A CUDA tensor is copied into pinned
-    memory after the work already queued on the current stream, and the thread waits on an event
-    recorded after the copy: never on the device as a whole, and no synchronising call that
-    ``torch.cuda.set_sync_debug_mode`` reports. Other tensors are read with ``.cpu()``.
+    memory after the work already queued on ``stream`` (:func:`on_stream`; None: the current one),
+    and the thread waits on an event recorded after the copy: never on the device as a whole, and
+    no synchronising call that ``torch.cuda.set_sync_debug_mode`` reports. Other tensors are read
+    with ``.cpu()``.
 
     Example:
         >>> read_back(torch.tensor([[1.0, 2.0]])).tolist()
@@ -87,7 +88,8 @@ def read_back(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach()
     if tensor.device.type != "cuda":
         return tensor.cpu().numpy()
-    host, event = cuda_copy(tensor.reshape(-1))
+    with on_stream(stream):
+        host, event = cuda_copy(tensor.reshape(-1))
     event.synchronize()
     return host.numpy().reshape(tuple(tensor.shape))
 
