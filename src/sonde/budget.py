@@ -1,9 +1,9 @@
 """The overhead budget: each metric recorded as often as a fraction of training time allows.
 
 ``sonde.probe(model, budget=0.05, max_interval=100)`` (the default when ``every=`` is not given)
-records every step of the first ``warmup`` (8) steps, measuring what monitoring costs, then at
+records every step of the first ``warmup`` (4) steps, measuring what monitoring costs, then at
 most every other step until three unrecorded steps were measured, then spaces each metric's
-recordings so that the average cost stays under ``budget`` × the unmonitored step:
+recordings so that the average cost over the run stays under ``budget`` × the unmonitored step:
 
 * **what it measures**: on the training thread, the time between consecutive step boundaries,
   split into recorded and unrecorded steps (the difference is what a recorded step costs, hooks,
@@ -24,6 +24,12 @@ recordings so that the average cost stays under ``budget`` × the unmonitored st
   ``Probe.log`` (``loss``, ``train_accuracy``) cost one scalar and are recorded every step
   (under torch.distributed they follow the training-thread interval, so that no collective is
   added between recorded steps);
+* **what it owes**: what the run has cost so far beyond the budget (the warm-up, recorded in full
+  before anything was known; the steps recorded in full after trouble; a plan that turned out
+  dearer than measured) is a debt, paid back over the next :attr:`Budget.payback` steps by a
+  sparser plan (at most twice the cost's share: its target is never below half the budget); once
+  it is paid, the plan goes back to the one the budget alone allows. A run that stays under
+  the budget saves nothing for later: the debt is never negative;
 * **when it changes**: at recorded steps at least :attr:`Budget.period` steps apart, with
   hysteresis (sparser as soon as the measured cost exceeds the budget, denser only when the
   denser plan stays under 60% of it); a decision applies from the first step nobody asked about
@@ -138,8 +144,10 @@ class Budget:
     trouble_steps: ClassVar[int] = 5
     #: Unchanged decisions after which the intervals count as settled (logged, recorded).
     settle: ClassVar[int] = 1
+    #: Steps over which a debt (cost beyond the budget so far) is paid back.
+    payback: ClassVar[int] = 64
 
-    def __init__(self, fraction: float = 0.05, max_interval: int = 100, *, warmup: int = 8,
+    def __init__(self, fraction: float = 0.05, max_interval: int = 100, *, warmup: int = 4,
                  clock: Callable[[], float] = time.perf_counter,
                  background: Callable[[], float] = background_time.spent) -> None:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
@@ -155,15 +163,20 @@ class Budget:
         self.groups: dict[str, str] = {}  # metric name -> its group (TRAINING_THREAD or its own name)
         self.free: set[str] = set()  # metric names recorded every step
         self.intervals: dict[str, int] = {}  # group -> interval now decided
+        self._steady: dict[str, int] = {}  # group -> interval the budget alone allows (no debt)
         self._plans: list[tuple[int, dict[str, int]]] = [(0, {})]  # (from step, intervals by group)
         self._forced: list[tuple[int, int]] = []  # [start, end) step ranges recorded in full
         self.asked = -1  # the highest step anyone asked about: decisions apply after it
         #: A proposal for the other ranks: trouble seen here since the last recorded step.
         self.trouble_seen = False
         self.estimate = 0.0  # the measured cost of the plan in force, as a fraction of the step
+        #: Seconds of monitoring beyond the budget so far, as of the last decision (never negative).
+        self.debt = 0.0
+        self.paying = False  # the plan in force pays a debt back (merged across ranks)
         self.settled = False
         self._stable = 0
         self._last_decision = -1
+        self._informed = False  # a decision has seen recorded and unrecorded steps measured
         self._reported: dict[str, int] | None = None
         # measurements
         self._mark: float | None = None
@@ -175,6 +188,14 @@ class Budget:
         self._background_marks: deque[float] = deque(maxlen=33)
         self._metric_time: dict[str, float] = {}  # offloaded metric -> seconds (training thread + worker)
         self._metric_count: dict[str, int] = {}  # offloaded metric -> steps it was recorded at
+        # what the steps since the last settling of the debt cost: steps, recorded steps and their
+        # seconds on the training thread, offloaded metrics' seconds, background CPU seconds when
+        # they began
+        self._owed_steps = 0
+        self._owed_recorded = 0
+        self._owed_time = 0.0
+        self._owed_metric = 0.0
+        self._owed_background: float | None = None
 
     # -- what is budgeted ---------------------------------------------------------------------
     def register(self, name: str, *, expensive: bool, free: bool = False) -> None:
@@ -186,6 +207,7 @@ class Budget:
         group = name if expensive else TRAINING_THREAD
         self.groups[name] = group
         self.intervals.setdefault(group, 1)
+        self._steady.setdefault(group, 1)
         self._plans[-1][1].setdefault(group, 1)
 
     def schedule(self) -> dict[str, int]:
@@ -224,6 +246,7 @@ class Budget:
         the worker)."""
         if name in self.groups and self.groups[name] != TRAINING_THREAD:
             self._metric_time[name] = self._metric_time.get(name, 0.0) + seconds
+            self._owed_metric += seconds
             if training_thread:
                 self._metric_now += seconds
 
@@ -237,7 +260,12 @@ class Budget:
                     self._metric_count[name] = self._metric_count.get(name, 0) + 1
         if self._mark is not None and step > 0:  # step 0 pays for first calls
             duration = now - self._mark - self._metric_now
+            self._owed_steps += 1
+            if self._owed_background is None:
+                self._owed_background = self.background()
             if recorded:
+                self._owed_recorded += 1
+                self._owed_time += duration
                 self._recorded_steps.append((duration, max(0.0, self._own_now - self._metric_now)))
                 self._background_marks.append(self.background())
             else:
@@ -304,21 +332,53 @@ class Budget:
         return out
 
     def proposal(self) -> np.ndarray:
-        """This rank's proposal (each group's interval, sorted by group, then the trouble flag), for
-        the merge across ranks (the largest of every rank's is taken)."""
+        """This rank's proposal (each group's interval, sorted by group, then the trouble flag and
+        whether the plan pays a debt back), for the merge across ranks (the largest of every
+        rank's is taken)."""
         measured = self.costs()
-        wanted = dict(self.intervals) if measured is None else self._hysteresis(*measured)
+        paying = False
+        if measured is None:
+            wanted = dict(self.intervals)
+        else:
+            base, costs = measured
+            self._steady = wanted = self._hysteresis(base, costs)
+            if len(self._unrecorded_steps) >= 3:  # the unmonitored step is known: what was spent too
+                self._settle_debt(base, costs.get(EVERY_STEP, 0.0))
+            if self.debt > 0:
+                share = max(0.5 * self.fraction, self.fraction - self.debt / (self.payback * base))
+                owed = self.plan(base, costs, share)
+                paying = any(owed.get(g, i) > i for g, i in wanted.items())
+                wanted = self._aligned({g: max(i, owed.get(g, i)) for g, i in wanted.items()})
         if len(self._unrecorded_steps) < 3 and wanted.get(TRAINING_THREAD, 2) < 2:
             # no unrecorded step measured yet: leave some out, to measure what recording costs
             wanted = {g: max(i, 2) for g, i in wanted.items()}
         values = [float(wanted[g]) for g in sorted(self.intervals)]
-        return np.array([*values, 1.0 if self.trouble_seen else 0.0], dtype=np.float64)
+        return np.array([*values, 1.0 if self.trouble_seen else 0.0, 1.0 if paying else 0.0], dtype=np.float64)
+
+    def _settle_debt(self, base: float, always: float) -> None:
+        """Add what the steps since the last call cost beyond the budget to :attr:`debt`: each
+        recorded step's time over ``base`` (the unmonitored step), ``always`` per unrecorded step
+        (what sonde takes at every step: an unrecorded step's own noise is not sonde's), the
+        offloaded metrics' and the background threads' seconds, less ``fraction`` × ``base`` per
+        step. The debt never goes below zero."""
+        if self._owed_steps == 0:
+            return
+        now = self.background()
+        background = now - (now if self._owed_background is None else self._owed_background)
+        spent = (self._owed_time - self._owed_recorded * base + (self._owed_steps - self._owed_recorded) * always
+                 + self._owed_metric + background)
+        self.debt = max(0.0, self.debt + spent - self.fraction * base * self._owed_steps)
+        self._owed_steps = self._owed_recorded = 0
+        self._owed_time = self._owed_metric = 0.0
+        self._owed_background = now
 
     def _hysteresis(self, base: float, costs: dict[str, float]) -> dict[str, int]:
+        """The plan the budget alone allows, changed from the last one only when that one costs
+        more than the budget, or a denser one costs under 60% of it."""
         sparse = self.plan(base, costs, self.fraction)
         dense = self.plan(base, costs, 0.6 * self.fraction)
         out = {}
-        for group, now in self.intervals.items():
+        for group, now in self._steady.items():
             if sparse.get(group, now) > now:
                 out[group] = sparse[group]
             elif dense.get(group, now) < now:
@@ -328,30 +388,39 @@ class Budget:
         return out
 
     def due(self, step: int) -> bool:
-        """Whether a decision is taken at recorded ``step`` (the same on every rank)."""
-        return step >= self.warmup and step - self._last_decision >= self.period
+        """Whether a decision is taken at recorded ``step`` (the same on every rank): the first at
+        the end of the warm-up, then at least :attr:`period` steps apart, or sooner while no
+        decision has seen both kinds of step measured (three recorded and three unrecorded ones).
+        Every rank records and leaves out the same steps, so every rank's answer is the same."""
+        if step < self.warmup:
+            return False
+        if self._last_decision < 0 or step - self._last_decision >= self.period:
+            return True
+        return not self._informed and len(self._unrecorded_steps) >= 3
 
     def adopt(self, proposal: Any, step: int) -> None:
         """Adopt ``proposal`` (:meth:`proposal`, merged across ranks) at recorded ``step``: a change
         applies from the first step nobody asked about yet (step + 2 at the earliest)."""
         self._last_decision = step
+        self._informed = len(self._unrecorded_steps) >= 3
         groups = sorted(self.intervals)
         values = np.asarray(proposal, dtype=np.float64).reshape(-1)
-        if values.size != len(groups) + 1:
+        if values.size != len(groups) + 2:
             return
         start = max(step + 2, self.asked + 1)
-        if values[-1] > 0:
+        if values[-2] > 0:
             self.force(start)
         self.trouble_seen = False
+        self.paying = bool(values[-1] > 0)
         # the largest of each rank's intervals, aligned again (every rank computes the same)
-        wanted = self._aligned({g: min(self.cap, max(1, round(v))) for g, v in zip(groups, values[:-1], strict=True)})
+        wanted = self._aligned({g: min(self.cap, max(1, round(v))) for g, v in zip(groups, values[:-2], strict=True)})
         measured = self.costs()
         if measured is not None:
             base, costs = measured
             self.estimate = sum(c / wanted.get(g, 1) for g, c in costs.items()) / base
         if wanted == self.intervals:
             self._stable += 1
-            if self._stable >= self.settle:
+            if self._stable >= self.settle and not self.paying:  # paying back is a passing plan
                 self.settled = True
             return
         self.intervals = wanted

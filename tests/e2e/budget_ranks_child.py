@@ -20,7 +20,7 @@ from torch import nn
 
 import sonde
 
-STEPS = 160
+STEPS = 300
 
 
 class Clock:

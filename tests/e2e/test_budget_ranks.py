@@ -17,9 +17,13 @@ def test_the_ranks_adopt_one_schedule(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["recorded"] == ranks[1]["recorded"]
     assert ranks[0]["schedule"] == ranks[1]["schedule"]
-    # rank 1 pays 38% per recorded step: one step in 8 (4.75%); the sparser proposal wins
+    # rank 1 pays 38% per recorded step: one step in 8 (4.75%); the sparser proposal wins, once the
+    # warm-up and the trouble window below are paid back (sparser steps in between)
     assert ranks[0]["schedule"]["stats"] == 8
     recorded = ranks[0]["recorded"]
-    assert recorded[:8] == list(range(8))
-    # rank 1's NaN at step 100 reaches rank 0 at the next recorded step (104): steps 106-110 in full
-    assert [k for k in recorded if 100 <= k < 120] == [104, 106, 107, 108, 109, 110, 112]
+    assert recorded[:10] == [0, 1, 2, 3, 4, 5, 6, 8, 10, 12]
+    assert all(k % 8 == 0 for k in recorded if k >= 280)
+    # rank 1's NaN at step 100 reaches rank 0 at the next recorded step: the 5 steps after the one
+    # already answered are recorded in full on both ranks
+    seen = min(k for k in recorded if k >= 100)
+    assert [k for k in recorded if seen <= k <= seen + 6] == [seen, *range(seen + 2, seen + 7)]
