@@ -62,6 +62,18 @@ def _create(api: Api, name: str, layers: list[str], **extra: Any) -> httpx.Respo
                                              "layers": [{"name": n, "type": "Linear"} for n in layers], **extra})
 
 
+def test_runs_are_listed_a_page_at_a_time(api: Api) -> None:
+    for name in ("a", "b", "c"):
+        assert _create(api, name, ["fc1"]).status_code == 201
+    names = lambda url: [r["name"] for r in api("GET", url).json()]  # noqa: E731
+    assert names("/api/v1/runs") == ["a", "b", "c"]
+    assert names("/api/v1/runs?limit=2") == ["a", "b"]
+    assert names("/api/v1/runs?limit=2&offset=2") == ["c"]
+    assert names("/api/v1/runs?offset=3") == []
+    for bad in ("limit=0", "limit=1001", "offset=-1", "limit=x"):
+        assert api("GET", f"/api/v1/runs?{bad}").status_code == 422, bad
+
+
 def test_create_list_show_finish_and_resume(api: Api) -> None:
     layers = [{"name": "fc1", "type": "Linear", "params": {"weight": [8, 4], "bias": [8]}}]
     r = api("POST", "/api/v1/runs", json={"name": "mlp", "model": "MLP", "config": {"lr": 0.1}, "layers": layers})

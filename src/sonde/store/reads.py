@@ -189,11 +189,13 @@ class StoreReads:
         found = self._read(lambda conn: self._run_dicts(conn, run))
         return found[0] if found else None
 
-    def run_infos(self) -> list[dict[str, Any]]:
-        """Every run as :meth:`run_info` gives it, oldest first."""
-        return self._read(lambda conn: self._run_dicts(conn, None))
+    def run_infos(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """The runs as :meth:`run_info` gives them, oldest first: at most ``limit`` of them (None:
+        all), after skipping the first ``offset``."""
+        return self._read(lambda conn: self._run_dicts(conn, None, limit, offset))
 
-    def _run_dicts(self, conn: Connection, run: str | None) -> list[dict[str, Any]]:
+    def _run_dicts(self, conn: Connection, run: str | None, limit: int | None = None,
+                   offset: int = 0) -> list[dict[str, Any]]:
         counts = (select(layers.c.run_id, func.count().label("n")).group_by(layers.c.run_id)).subquery()
         columns = [c for c in runs.c if c.name != "heartbeat_at"] + [self._heartbeat.label("heartbeat_at")]
         query = (select(*columns, func.coalesce(counts.c.n, 0).label("n_layers"))
@@ -201,6 +203,8 @@ class StoreReads:
                  .order_by(runs.c.started_at, runs.c.id))
         if run is not None:
             query = query.where(runs.c.name == run)
+        if limit is not None or offset:
+            query = query.limit(limit).offset(offset)
         now = time.time()
         return [{"name": row["name"], "model": row["model"], "framework": row["framework"],
                  "config": shown_config(row["config"]), "status": self._status(row["status"], row["heartbeat_at"], now),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import AfterValidator, BaseModel, Field
 
 from sonde.errors import RunExistsError
@@ -79,10 +79,16 @@ def create_run(body: RunIn, request: Request) -> RunCreated:
     return RunCreated(name=body.name, first_step=first)
 
 
+#: The most runs one ``GET /runs`` lists (``limit``'s default and bound).
+MAX_LISTED = 1000
+
+
 @router.get("/runs")
-def list_runs(request: Request) -> list[dict[str, Any]]:
-    """Every run: name, model, framework, config, status, steps, started_at, updated_at, ended_at, layers."""
-    return store_of(request).run_infos()
+def list_runs(request: Request, limit: Annotated[int, Query(ge=1, le=MAX_LISTED)] = MAX_LISTED,
+              offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+    """The runs, oldest first, ``limit`` at most after skipping ``offset``: name, model, framework,
+    config, status, steps, started_at, updated_at, ended_at, layers."""
+    return store_of(request).run_infos(limit, offset)
 
 
 @router.get("/runs/{run}")
