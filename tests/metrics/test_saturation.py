@@ -115,7 +115,7 @@ def train_and_keep(model: nn.Module, layer: nn.Module, batches: list[torch.Tenso
         if m.training and torch.is_grad_enabled() else None
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with sonde.probe(model, store=None, optimizer=opt, metrics=[metric], sinks=[collect]):
+    with sonde.probe(model, store=None, optimizer=opt, metrics=[metric], sinks=[collect], every=1):
         for step, x in enumerate(batches):
             out = model(x)
             (out[0] if isinstance(out, tuple) else out).pow(2).mean().backward()

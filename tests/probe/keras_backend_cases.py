@@ -19,28 +19,9 @@ BACKEND = keras.backend.backend()
 if BACKEND not in ("torch", "jax"):  # pragma: no cover - run without KERAS_BACKEND by mistake
     pytest.skip("run with KERAS_BACKEND=torch or jax (test_keras_backends.py does)", allow_module_level=True)
 
+from keras_mlp import BATCH, LR, data, fit, mlp  # noqa: E402
+
 from sonde.keras import SondeCallback  # noqa: E402
-
-LR, BATCH = 0.1, 16
-
-
-def _data() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(3)
-    return rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 3, 64)
-
-
-def _model(seed: int = 0) -> Any:
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="fc1"),
-                              keras.layers.Dense(3, name="fc2")])
-    model.compile(optimizer=keras.optimizers.SGD(LR),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
-
-
-def _fit(model: Any, callback: Any = None, **kw: Any) -> None:
-    x, y = _data()
-    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[callback] if callback else [], **kw)
 
 
 def _mlp_gradients(params: list[np.ndarray], xb: np.ndarray, yb: np.ndarray) -> dict[str, Any]:
@@ -79,8 +60,8 @@ def _mlp_gradients(params: list[np.ndarray], xb: np.ndarray, yb: np.ndarray) -> 
 
 def _replay(epochs: int) -> list[dict[tuple[str, str], np.ndarray]]:
     """The same training by hand: per step, every topic's tensor."""
-    params = [w.copy() for w in _model().get_weights()]  # fc1 kernel, bias, fc2 kernel, bias
-    x, y = _data()
+    params = [w.copy() for w in mlp().get_weights()]  # fc1 kernel, bias, fc2 kernel, bias
+    x, y = data()
     steps = []
     for _epoch in range(epochs):
         for first in range(0, len(x), BATCH):
@@ -112,8 +93,8 @@ def _check(collect: Collect, step: int, seen: dict[tuple[str, str], np.ndarray])
 
 
 def test_every_topic_at_every_step_matches_the_training_replayed_by_hand(collect: Collect) -> None:
-    callback = SondeCallback(store=None, sinks=[collect], metrics=["mean", "norm", "loss", "train_accuracy"])
-    _fit(_model(), callback, epochs=2)
+    callback = SondeCallback(store=None, sinks=[collect], metrics=["mean", "norm", "loss", "train_accuracy"], every=1)
+    fit(mlp(), callback, epochs=2)
     assert callback.probe is None
     assert sorted({r.step for r in collect.records if r.phase == "train"}) == list(range(8))
     for k, seen in enumerate(_replay(2)):
@@ -121,10 +102,10 @@ def test_every_topic_at_every_step_matches_the_training_replayed_by_hand(collect
 
 
 def test_every_two_records_the_even_steps_and_leaves_training_unchanged(collect: Collect) -> None:
-    plain, probed = _model(), _model()
-    _fit(plain, epochs=2)
+    plain, probed = mlp(), mlp()
+    fit(plain, epochs=2)
     callback = SondeCallback(store=None, sinks=[collect], metrics=["mean", "norm", "loss", "train_accuracy"], every=2)
-    _fit(probed, callback, epochs=2)
+    fit(probed, callback, epochs=2)
     for a, b in zip(plain.get_weights(), probed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert sorted({r.step for r in collect.records if r.phase == "train"}) == [0, 2, 4, 6]
@@ -133,14 +114,14 @@ def test_every_two_records_the_even_steps_and_leaves_training_unchanged(collect:
         _check(collect, k, expected[k])
     assert "call" not in probed.get_layer("fc1").__dict__  # Keras's own again after fit
     assert not hasattr(probed, "_sonde_probe")
-    probed.fit(*_data(), verbose=0)  # and trains without the probe
+    probed.fit(*data(), verbose=0)  # and trains without the probe
 
 
 def test_validation_is_its_own_phase_at_the_step_whose_weights_it_used(collect: Collect) -> None:
     callback = SondeCallback(store=None, sinks=[collect], metrics=["loss", "mean"])
-    model = _model()
-    x, y = _data()
-    _fit(model, callback, epochs=2, validation_data=(x[:32], y[:32]))
+    model = mlp()
+    x, y = data()
+    fit(model, callback, epochs=2, validation_data=(x[:32], y[:32]))
     assert sorted({r.step for r in collect.records if r.phase == "eval"}) == [4, 8]
     params = model.get_weights()  # the weights after step 7: those the eval at step 8 used
     batches = [_mlp_gradients(params, x[i:i + 16], y[i:i + 16])["loss"] for i in (0, 16)]
@@ -210,10 +191,10 @@ def test_a_failure_inside_the_probe_leaves_training_as_it_was(
 
         monkeypatch.setattr(KerasTorchProbe, "publish", broken)
         said = "activations capture failed; training goes on without it"
-    plain, probed = _model(), _model()
-    _fit(plain, epochs=1)
+    plain, probed = mlp(), mlp()
+    fit(plain, epochs=1)
     with caplog.at_level("ERROR", logger="sonde"):
-        _fit(probed, SondeCallback(store=None, sinks=[collect], metrics=["norm"]), epochs=1)
+        fit(probed, SondeCallback(store=None, sinks=[collect], metrics=["norm"]), epochs=1)
     for a, b in zip(plain.get_weights(), probed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert said in caplog.text and "cannot record here" in caplog.text

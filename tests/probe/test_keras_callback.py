@@ -21,37 +21,17 @@ tf = pytest.importorskip("tensorflow")
 if keras.backend.backend() != "tensorflow":  # pragma: no cover - KERAS_BACKEND set to another backend
     pytest.skip("sonde.keras records the TensorFlow backend; unset KERAS_BACKEND", allow_module_level=True)
 
+from keras_mlp import BATCH, LR, data, fit, mlp  # noqa: E402
+
 from sonde.keras import SondeCallback  # noqa: E402
-
-LR, BATCH = 0.1, 16
-
-
-def _data() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(3)
-    return rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 3, 64)
-
-
-def _model(seed: int = 0) -> Any:
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="fc1"),
-                              keras.layers.Dense(3, name="fc2")])
-    model.compile(optimizer=keras.optimizers.SGD(LR),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
-
-
-def _fit(model: Any, callbacks: Any = None, **kw: Any) -> None:
-    x, y = _data()
-    listed = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks is not None else []
-    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=listed, **kw)
 
 
 def _replay(epochs: int) -> list[dict[tuple[str, str], np.ndarray]]:
     """The same training by hand: per step, every topic's tensor."""
-    model = _model()
+    model = mlp()
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     fc1, fc2 = model.get_layer("fc1"), model.get_layer("fc2")
-    x, y = _data()
+    x, y = data()
     steps = []
     for _epoch in range(epochs):
         for first in range(0, len(x), BATCH):
@@ -78,9 +58,9 @@ def _replay(epochs: int) -> list[dict[tuple[str, str], np.ndarray]]:
 
 
 def test_every_topic_at_every_step_matches_the_training_replayed_by_hand(collect: Collect) -> None:
-    callback = SondeCallback(store=None, sinks=[collect], metrics=["mean", "norm", "loss", "train_accuracy"])
-    model = _model()
-    _fit(model, callback, epochs=2)
+    callback = SondeCallback(store=None, sinks=[collect], metrics=["mean", "norm", "loss", "train_accuracy"], every=1)
+    model = mlp()
+    fit(model, callback, epochs=2)
     assert callback.probe is None
     expected = _replay(2)
     assert sorted({r.step for r in collect.records if r.phase == "train"}) == list(range(8))
@@ -97,24 +77,24 @@ def test_every_topic_at_every_step_matches_the_training_replayed_by_hand(collect
 
 
 def test_the_probe_leaves_training_unchanged_and_every_n_runs_keras_own_step(collect: Collect) -> None:
-    plain, probed = _model(), _model()
-    _fit(plain, epochs=2)
+    plain, probed = mlp(), mlp()
+    fit(plain, epochs=2)
     callback = SondeCallback(store=None, sinks=[collect], metrics=["norm"], every=3)
-    _fit(probed, callback, epochs=2)
+    fit(probed, callback, epochs=2)
     for a, b in zip(plain.get_weights(), probed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert sorted({r.step for r in collect.records if r.phase == "train"}) == [0, 3, 6]
     # after fit the model is Keras's own again: its functions, its layers' calls
     assert "call" not in probed.get_layer("fc1").__dict__
     assert not hasattr(probed, "_sonde_probe")
-    probed.fit(*_data(), verbose=0)  # and trains without the probe
+    probed.fit(*data(), verbose=0)  # and trains without the probe
 
 
 def test_validation_is_its_own_phase_at_the_step_whose_weights_it_used(collect: Collect) -> None:
     callback = SondeCallback(store=None, sinks=[collect], metrics=["loss", "mean"])
-    model = _model()
-    x, y = _data()
-    _fit(model, callback, epochs=2, validation_data=(x[:32], y[:32]))
+    model = mlp()
+    x, y = data()
+    fit(model, callback, epochs=2, validation_data=(x[:32], y[:32]))
     evals = sorted({r.step for r in collect.records if r.phase == "eval"})
     assert evals == [4, 8]  # after each epoch's 4 steps
     # the eval loss at step 8 is the loss of the final weights on the validation data, in two batches
@@ -134,7 +114,7 @@ def test_nested_models_one_hot_labels_and_layer_selection(collect: Collect) -> N
     model = keras.Model(inputs, outputs)
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     callback = SondeCallback(store=None, sinks=[collect], metrics=["mean", "train_accuracy"])
-    x, y = _data()
+    x, y = data()
     one_hot = np.eye(3, dtype="float32")[y]
     model.fit(x, one_hot, batch_size=64, epochs=1, verbose=0, callbacks=[callback])
     assert {r.layer for r in collect.records} == {"", "encoder.dense", "head"}
@@ -162,7 +142,7 @@ def test_a_fit_that_raises_keeps_what_it_recorded(tmp_path: Path) -> None:
 
     callback = SondeCallback(run="oom", store=tmp_path / "s.db", metrics=["loss"])
     with pytest.raises(RuntimeError, match="out of memory"):
-        _fit(_model(), [callback, Stop()], epochs=1)
+        fit(mlp(), [callback, Stop()], epochs=1)
     callback.close()
     with open_store(tmp_path / "s.db") as store:
         assert store.runs().set_index("name").loc["oom", "status"] == "failed"
@@ -173,7 +153,7 @@ def test_sonde_probe_points_a_keras_model_to_its_callback() -> None:
     import sonde
 
     with pytest.raises(ProbeError, match=r"got keras.*callbacks=\[sonde.keras.SondeCallback\(\)\]"):
-        sonde.probe(_model(), store=None)
+        sonde.probe(mlp(), store=None)
 
 
 def test_a_layer_with_several_weights_merges_them_into_one_statistic(collect: Collect) -> None:
@@ -211,10 +191,10 @@ def test_a_recording_step_that_cannot_be_built_leaves_training_as_it_was(
         raise RuntimeError("cannot record here")
 
     monkeypatch.setattr(sys.modules["sonde.probe.keras"]._Recorder, "layer_call", broken)
-    plain, probed = _model(), _model()
-    _fit(plain, epochs=1)
+    plain, probed = mlp(), mlp()
+    fit(plain, epochs=1)
     with caplog.at_level("ERROR", logger="sonde"):
-        _fit(probed, SondeCallback(store=None, sinks=[collect], metrics=["norm"]), epochs=1)
+        fit(probed, SondeCallback(store=None, sinks=[collect], metrics=["norm"]), epochs=1)
     for a, b in zip(plain.get_weights(), probed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert "could not build the recording train step; training goes on unrecorded" in caplog.text
@@ -229,11 +209,11 @@ def test_a_probe_that_cannot_attach_leaves_fit_training(
         raise AttributeError("'Sequential' object has no attribute '_make_function'")
 
     monkeypatch.setattr(sys.modules["sonde.probe.keras"].KerasProbe, "attach", incompatible)
-    plain, probed = _model(), _model()
-    _fit(plain, epochs=1)
+    plain, probed = mlp(), mlp()
+    fit(plain, epochs=1)
     callback = SondeCallback(store=None, metrics=["norm"])
     with caplog.at_level("ERROR", logger="sonde"):
-        _fit(probed, callback, epochs=1)
+        fit(probed, callback, epochs=1)
     assert "could not attach to" in caplog.text and "training goes on unrecorded" in caplog.text
     assert callback.probe is None
     for a, b in zip(plain.get_weights(), probed.get_weights(), strict=True):
