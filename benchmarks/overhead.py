@@ -3,7 +3,9 @@
 Everything is measured side by side in one process, interleaved in rounds so that machine
 noise hits all variants alike: each round runs every variant once. The table prints the median
 per-step time and the ratio of the *mean* step time (all rounds' timed steps) to the unmonitored
-loop's: a budgeted schedule pays for its recorded steps too.
+loop's: a budgeted schedule pays for its recorded steps too. The ``rounds`` column is the spread of
+the rounds' own ratios (each to the unmonitored loop of the same round): how far one round can be
+trusted on this machine.
 
     python benchmarks/overhead.py [--steps 200] [--rounds 3] [--no-peers] [--models mlp cnn bert gpt2] [--fresh]
         [--variants ...] [--device cpu|cuda] [--sync-steps 30]
@@ -343,7 +345,7 @@ def main() -> None:
     on = f"{torch.cuda.get_device_name()}, bf16 autocast, " if cuda else ""
     print(f"{where}: {on}torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps} steps")
-    print(f"{'model':8s} {'variant':18s} {'ms/step':>9s} {'mean ratio':>10s} {'faults/step':>12s}"
+    print(f"{'model':8s} {'variant':18s} {'ms/step':>9s} {'mean ratio':>10s} {'rounds':>11s} {'faults/step':>12s}"
           + (f" {'host syncs/step':>15s}" if count else ""))
     for model_name in args.models:
         times: dict[str, list[float]] = {name: [] for name in variants}
@@ -368,11 +370,14 @@ def main() -> None:
                       flush=True)
         for name, values in times.items():
             ratio = sum(values) / sum(times["unmonitored"])  # every round runs the same number of steps
+            # the spread: each round's ratio to the unmonitored loop of the same round
+            per_round = [v / u for v, u in zip(values, times["unmonitored"], strict=True)]
+            spread = f"{min(per_round):.2f}-{max(per_round):.2f}"
             syncs = ""
             if count:
                 added = len(censuses[name].training_path()) - len(censuses["unmonitored"].training_path())
                 syncs = f" {added / args.sync_steps:15.2f}"
-            print(f"{model_name:8s} {name:18s} {statistics.median(values) * 1e3:9.2f} {ratio:9.3f}x "
+            print(f"{model_name:8s} {name:18s} {statistics.median(values) * 1e3:9.2f} {ratio:9.3f}x {spread:>11s} "
                   f"{statistics.median(faulted[name]):12.0f}{syncs}")
         for name, census in censuses.items():
             timed, warm = census.training_path(), census.training_path(timed=False)
