@@ -59,14 +59,40 @@ def reference() -> dict[tuple[int, str, str], np.ndarray]:
         grads = {n: p.grad.double().numpy().copy() for n, p in net.named_parameters()}
         opt.step()
         seen[(step, "", "loss")] = np.array(loss.item())
-        for n, p in net.named_parameters():
-            layer, kind = n.split(".")
-            topics = ("weights", "weight_grads", "weight_updates") if kind == "weight" else (
-                "biases", "bias_grads", "bias_updates")
-            after = p.detach().double().numpy()
-            for topic, value in zip(topics, (before[n], grads[n], after - before[n]), strict=True):
-                seen[(step, layer, topic)] = value
+        keep_params(seen, step, net, before, grads)
     return seen
+
+
+def keep_params(seen: dict[tuple[int, str, str], np.ndarray], step: int, net: nn.Module,
+                before: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+    """Each parameter's value, gradient and update of ``step`` into ``seen`` (after the optimizer step)."""
+    for n, p in net.named_parameters():
+        layer, kind = n.split(".")
+        topics = ("weights", "weight_grads", "weight_updates") if kind == "weight" else (
+            "biases", "bias_grads", "bias_updates")
+        for topic, value in zip(topics, (before[n], grads[n], p.detach().double().numpy() - before[n]), strict=True):
+            seen[(step, layer, topic)] = value
+
+
+def compare_run(df: Any, ref: dict[tuple[int, str, str], np.ndarray], label: str = "") -> int:
+    """Check one stored run ``df`` (``sonde.load``) against the one-process ``ref``: each Record once
+    (not once per rank), every step recorded, every statistic of every tensor equal. Returns how
+    many values were compared."""
+    keys = df[["step", "phase", "layer", "topic", "metric"]].astype(str).agg("|".join, axis=1)
+    assert keys.is_unique, label  # written once, not once per rank (nor twice after a retry)
+    train = df[df["phase"] == "train"]
+    assert sorted(set(train["step"])) == list(range(child.STEPS)), label
+    values = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in train.itertuples()}
+    compared = 0
+    for (step, layer, topic), tensor in ref.items():
+        if topic == "loss":
+            assert values[(step, "", "loss", "loss")] == pytest.approx(float(tensor), rel=1e-6), label
+            continue
+        for metric, expected in numpy_stats(tensor).items():
+            got = values[(step, layer, topic, metric)]
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (label, step, layer, topic, metric)
+            compared += 1
+    return compared
 
 
 def numpy_stats(x: np.ndarray) -> dict[str, float]:
@@ -84,22 +110,8 @@ def test_ddp_two_ranks_record_one_run_equal_to_one_process_on_the_global_batch(t
         "extra.db", "offloaded-device.db", "offloaded-host.db", "sonde.db"]
     df = sonde.load(tmp_path / "sonde.db")
     assert set(df["run"]) == {ranks[0]["run"]}  # one run
-    keys = df[["step", "phase", "layer", "topic", "metric"]].astype(str).agg("|".join, axis=1)
-    assert keys.is_unique  # written once, not once per rank
-    train = df[df["phase"] == "train"]
-    assert sorted(set(train["step"])) == list(range(child.STEPS))
-
     ref = reference()
-    values = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in train.itertuples()}
-    compared = 0
-    for (step, layer, topic), tensor in ref.items():
-        if topic == "loss":
-            assert values[(step, "", "loss", "loss")] == pytest.approx(float(tensor), rel=1e-6)
-            continue
-        for metric, expected in numpy_stats(tensor).items():
-            got = values[(step, layer, topic, metric)]
-            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, layer, topic, metric)
-            compared += 1
+    compared = compare_run(df, ref)
     assert compared >= child.STEPS * 3 * 3 * 8  # three layers' inputs, activations, output_grads at least
 
     # Histograms: edges from the global batch's range at step 0; counts agree from step 1 on.
@@ -200,13 +212,7 @@ def fsdp_reference() -> dict[tuple[int, str, str], np.ndarray]:
         grads = {n: p.grad.double().numpy().copy() for n, p in net.named_parameters()}
         opt.step()
         seen[(step, "", "loss")] = np.array(loss.item())
-        for n, p in net.named_parameters():
-            layer, kind = n.split(".")
-            topics = ("weights", "weight_grads", "weight_updates") if kind == "weight" else (
-                "biases", "bias_grads", "bias_updates")
-            for topic, value in zip(topics, (before[n], grads[n], p.detach().double().numpy() - before[n]),
-                                    strict=True):
-                seen[(step, layer, topic)] = value
+        keep_params(seen, step, net, before, grads)
     return seen
 
 
@@ -222,28 +228,17 @@ def test_fsdp2_two_ranks_record_whole_parameters_from_their_shards(mode: str, tm
     assert not any(r["switched_off"] for r in ranks)
     assert ranks[0]["graph_error"] == ""
     df = sonde.load(tmp_path / "sonde.db")
-    keys = df[["step", "phase", "layer", "topic", "metric"]].astype(str).agg("|".join, axis=1)
-    assert keys.is_unique
+    ref = fsdp_reference()
+    params = 3 * 2 * 3  # three Linear layers, weights and biases, value / gradient / update
+    assert compare_run(df, ref) == child.STEPS * (5 * 3 + params) * 8
     train = df[df["phase"] == "train"]
     assert set(train["layer"]) - {""} == {"0", "1", "2", "3", "4"}  # no FSDP prefix
     values = {(int(r.step), r.layer, r.topic, r.metric): r.value for r in train.itertuples()}
-
-    ref = fsdp_reference()
-    compared = 0
     for (step, layer, topic), tensor in ref.items():
-        if topic == "loss":
-            assert values[(step, "", "loss", "loss")] == pytest.approx(float(tensor), rel=1e-6)
-            continue
-        for metric, expected in numpy_stats(tensor).items():
-            got = values[(step, layer, topic, metric)]
-            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, layer, topic, metric)
-            compared += 1
         if topic in ("weight_updates", "bias_updates"):
             weights = ref[(step, layer, "weights" if topic == "weight_updates" else "biases")]
             expected = np.sqrt((tensor * tensor).sum() / (weights * weights).sum())
             assert values[(step, layer, topic, "update_ratio")] == pytest.approx(expected, rel=1e-5), (step, layer)
-    params = 3 * 2 * 3  # three Linear layers, weights and biases, value / gradient / update
-    assert compared == child.STEPS * (5 * 3 + params) * 8
 
     # Histograms of the whole parameters: edges from the first step's range over both shards, counts from
     # step 1 on (a rank's empty shard adds none).
