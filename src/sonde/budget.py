@@ -27,8 +27,8 @@ recordings so that the average cost over the run stays under ``budget`` × the u
 * **what it owes**: what the run has cost so far beyond the budget (the warm-up, recorded in full
   before anything was known; the steps recorded in full after trouble; a plan that turned out
   dearer than measured) is a debt, paid back over the next :attr:`Budget.payback` steps by a
-  sparser plan (at most twice the cost's share: its target is never below half the budget); once
-  it is paid, the plan goes back to the one the budget alone allows. A run that stays under
+  sparser plan (its target is never below half the budget, so its intervals are at most about
+  twice those the budget alone allows); once it is paid, the plan goes back to the budget's own. A run that stays under
   the budget saves nothing for later: the debt is never negative;
 * **when it changes**: at recorded steps at least :attr:`Budget.period` steps apart, with
   hysteresis (sparser as soon as the measured cost exceeds the budget, denser only when the
