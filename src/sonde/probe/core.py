@@ -391,7 +391,6 @@ class Probe:
         budget.add_own_time(budget.clock() - start)
         self._guard("the overhead budget's measurements", lambda: budget.step_ended(step))
 
-
     def finish_eval(self) -> None:
         """Record the evaluation pass that ran since the last flush (under torch.distributed its
         merge across ranks is made here, by every rank that ran a batch of it)."""
