@@ -123,7 +123,8 @@ class Writer:
                     continue
                 try:
                     conn = self._usable(conn)
-                    with conn.begin(), charged():  # counted by a probe's overhead budget (sonde.background)
+                    # charged around the commit too: writing it is part of the job's CPU time
+                    with charged(), conn.begin():  # counted by a probe's overhead budget (sonde.background)
                         result = fn(conn)
                 except BaseException as exc:  # noqa: BLE001 - every failure belongs to the caller
                     future.set_exception(exc)
