@@ -14,7 +14,8 @@ Variants: ``sonde`` (the default probe: every topic of every layer, all default 
 to a SQLite store, spaced by the overhead budget of 5%; the table's last column says how often
 the budget recorded each metric), ``sonde every=1`` (the same, every step), ``sonde every=10``
 (one step in ten), ``sonde, torch only`` (every step, without the compiled statistics kernel, as on
-a machine without a C compiler), ``wandb.watch(log="all", log_freq=1)`` in offline mode, and
+a machine without a C compiler), ``reads only`` (not a monitor: the floor under ``every=1``, reading once each
+tensor it reads, see :func:`reads_only`), ``wandb.watch(log="all", log_freq=1)`` in offline mode, and
 TensorBoard ``add_histogram`` of every parameter and gradient every step. The peers are skipped,
 with a note, when their packages are missing (``pip install -e .[benchmark]``); ``--variants``
 picks some. The first 3 steps of every variant are not timed (allocator warm-up).
@@ -176,6 +177,48 @@ def with_sonde_torch_reductions(
 
 
 @contextlib.contextmanager
+def reads_only(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Iterator[Callable[..., None]]:
+    """The floor under ``sonde every=1``: the memory traffic of reading exactly what it reads, with
+    nothing computed but a norm, from torch's fused kernels, and no Python per tensor beyond a hook.
+
+    Each probed layer's output is read in its forward hook and its gradient in a tensor hook, as sonde
+    reads them (an in-place op may overwrite either later). At the optimizer's pre-step every parameter
+    is copied into a buffer (the value before the step, which an exact update needs; the copy is also
+    the read of the weights) and every gradient is read; after the step every parameter and its buffer
+    are read (the update after - before, which sonde's kernel reads in one pass without writing it).
+    """
+    from sonde.probe.torch import select_layers
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [torch.empty_like(p) for p in params]
+
+    def read(tensor: torch.Tensor) -> None:
+        torch.linalg.vector_norm(tensor.detach())
+
+    def forward(module: nn.Module, args: object, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            read(output)
+            if output.requires_grad:
+                output.register_hook(read)
+
+    def pre_step(*args: object) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(before, params)
+            torch._foreach_norm([p.grad for p in params if p.grad is not None])
+
+    def post_step(*args: object) -> None:
+        with torch.no_grad():
+            torch._foreach_norm(params)
+            torch._foreach_norm(before)
+
+    handles = [m.register_forward_hook(forward) for m in select_layers(model).values()]
+    handles += [opt.register_step_pre_hook(pre_step), opt.register_step_post_hook(post_step)]
+    yield lambda **kw: None
+    for handle in handles:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def with_wandb(model: nn.Module, opt: torch.optim.Optimizer, tmp: str) -> Iterator[Callable[..., None]]:
     import wandb
 
@@ -323,6 +366,7 @@ def main() -> None:
     variants: dict[str, Monitor] = {
         "unmonitored": unmonitored, "sonde": with_sonde, "sonde every=1": with_sonde_every_1,
         "sonde every=10": with_sonde_every_10, "sonde, torch only": with_sonde_torch_reductions,
+        "reads only": reads_only,
     }
     if not args.no_peers:
         peers = (("wandb.watch", "wandb", with_wandb), ("tensorboard", "tensorboard", with_tensorboard))

@@ -298,6 +298,8 @@ class ParameterPublisher:
         probe = self.probe
         self._before.clear()
         wants = {topic: probe.wants(topic) for topic in PARAM_TOPICS}  # one question per topic, not per parameter
+        if not any(wants.values()):
+            return  # a step that records no parameter topic (most steps, under a budget)
         for layer, name, param in params:
             kind = param_topic(name)
             grad_topic, update_topic = GRADS_AND_UPDATES[kind]
