@@ -7,9 +7,10 @@ recordings so that the average cost over the run stays under ``budget`` × the u
 
 * **what it measures**: on the training thread, the time between consecutive step boundaries,
   split into recorded and unrecorded steps (the difference is what a recorded step costs, hooks,
-  allocations and caches included), and the time spent inside sonde's own calls (publish and
-  flush: the only figure before the first unrecorded step, and at unrecorded steps what every
-  step costs, which is counted but cannot be spaced); off the training thread, the
+  allocations and caches included, plus what the step after it takes beyond the others: it
+  refills the caches the recording displaced), and the time spent inside sonde's own calls
+  (publish and flush: the only figure before the first unrecorded step, and at unrecorded steps
+  what every step costs, which is counted but cannot be spaced); off the training thread, the
   background worker's time per offloaded metric, and the CPU time of the threads that write the
   Records (:mod:`sonde.background`) per recorded step, both counted in full (they compete for
   the cores training uses, and for the GIL);
@@ -183,7 +184,12 @@ class Budget:
         self._own_now = 0.0  # sonde's training-thread time since the last boundary
         self._metric_now = 0.0  # of which offloaded metrics' updates
         self._recorded_steps: deque[tuple[float, float]] = deque(maxlen=32)  # (duration, own), cheap part
-        self._unrecorded_steps: deque[tuple[float, float]] = deque(maxlen=32)  # (duration, own)
+        self._unrecorded_steps: deque[tuple[float, float, bool]] = deque(maxlen=32)  # (duration, own, after)
+        # how much longer each unrecorded step right after a recorded one took than the median of the
+        # other unrecorded steps then (it refills the caches the recording filled)
+        self._after_steps: deque[float] = deque(maxlen=16)
+        self._previous_recorded = False
+        self._spill = 0.0  # what a recording costs the step after it, as last measured
         # sonde's background CPU seconds (sonde.background) at the end of each recent recorded step
         self._background_marks: deque[float] = deque(maxlen=33)
         self._metric_time: dict[str, float] = {}  # offloaded metric -> seconds (training thread + worker)
@@ -193,6 +199,7 @@ class Budget:
         # they began
         self._owed_steps = 0
         self._owed_recorded = 0
+        self._owed_after = 0
         self._owed_time = 0.0
         self._owed_metric = 0.0
         self._owed_background: float | None = None
@@ -269,7 +276,13 @@ class Budget:
                 self._recorded_steps.append((duration, max(0.0, self._own_now - self._metric_now)))
                 self._background_marks.append(self.background())
             else:
-                self._unrecorded_steps.append((duration, self._own_now))
+                if self._previous_recorded:
+                    self._owed_after += 1
+                    others = [d for d, _, after in self._unrecorded_steps if not after]
+                    if others:
+                        self._after_steps.append(duration - statistics.median(others))
+                self._unrecorded_steps.append((duration, self._own_now, self._previous_recorded))
+        self._previous_recorded = recorded
         self._mark = now
         self._own_now = 0.0
         self._metric_now = 0.0
@@ -277,17 +290,25 @@ class Budget:
     def costs(self) -> tuple[float, dict[str, float]] | None:
         """``(unmonitored step seconds, {group: seconds per recording})``, or None before there
         are enough measurements. What sonde's own calls take at every step (the loss, recorded
-        every step; the flush) is the group :data:`EVERY_STEP`, whose interval is always 1."""
+        every step; the flush) is the group :data:`EVERY_STEP`, whose interval is always 1. A
+        recording's cost includes what it costs the step after it: the median of how much longer
+        those steps took than the other unrecorded steps of their time (the caches the recording
+        filled are refilled there)."""
         if len(self._recorded_steps) < 3:
             return None
         durations = [d for d, _ in self._recorded_steps]
         own = statistics.median(o for _, o in self._recorded_steps)
         always = 0.0
         if len(self._unrecorded_steps) >= 3:
-            always = statistics.median(o for _, o in self._unrecorded_steps)
-            unrecorded = statistics.median(d for d, _ in self._unrecorded_steps)
+            always = statistics.median(o for _, o, _ in self._unrecorded_steps)
+            self._spill = 0.0 if len(self._after_steps) < 3 else max(0.0, statistics.median(self._after_steps))
+            others = [d for d, _, after in self._unrecorded_steps if not after]
+            if len(others) >= 3:
+                unrecorded = statistics.median(others)
+            else:  # every other step recorded: each unrecorded step follows a recorded one
+                unrecorded = statistics.median(d for d, _, _ in self._unrecorded_steps) - self._spill
             base = unrecorded - always
-            cheap = max(own - always, statistics.median(durations) - unrecorded)
+            cheap = max(own - always, statistics.median(durations) - unrecorded) + self._spill
         else:
             cheap = own
             base = statistics.median(durations) - own
@@ -352,23 +373,27 @@ class Budget:
         if len(self._unrecorded_steps) < 3 and wanted.get(TRAINING_THREAD, 2) < 2:
             # no unrecorded step measured yet: leave some out, to measure what recording costs
             wanted = {g: max(i, 2) for g, i in wanted.items()}
+        elif wanted.get(TRAINING_THREAD) == 2 and len(self._after_steps) < 3:
+            # every other step leaves none that does not follow a recording: leave two out, to
+            # measure what a recording costs the step after it
+            wanted = self._aligned({g: max(i, 3) for g, i in wanted.items()})
         values = [float(wanted[g]) for g in sorted(self.intervals)]
         return np.array([*values, 1.0 if self.trouble_seen else 0.0, 1.0 if paying else 0.0], dtype=np.float64)
 
     def _settle_debt(self, base: float, always: float) -> None:
         """Add what the steps since the last call cost beyond the budget to :attr:`debt`: each
         recorded step's time over ``base`` (the unmonitored step), ``always`` per unrecorded step
-        (what sonde takes at every step: an unrecorded step's own noise is not sonde's), the
-        offloaded metrics' and the background threads' seconds, less ``fraction`` × ``base`` per
-        step. The debt never goes below zero."""
+        (what sonde takes at every step: an unrecorded step's own noise is not sonde's) and the
+        measured spill per step after a recorded one, the offloaded metrics' and the background
+        threads' seconds, less ``fraction`` × ``base`` per step. The debt never goes below zero."""
         if self._owed_steps == 0:
             return
         now = self.background()
         background = now - (now if self._owed_background is None else self._owed_background)
         spent = (self._owed_time - self._owed_recorded * base + (self._owed_steps - self._owed_recorded) * always
-                 + self._owed_metric + background)
+                 + self._owed_after * self._spill + self._owed_metric + background)
         self.debt = max(0.0, self.debt + spent - self.fraction * base * self._owed_steps)
-        self._owed_steps = self._owed_recorded = 0
+        self._owed_steps = self._owed_recorded = self._owed_after = 0
         self._owed_time = self._owed_metric = 0.0
         self._owed_background = now
 
