@@ -129,6 +129,20 @@ def test_what_a_recording_costs_the_next_step_counts_against_the_budget() -> Non
     assert len(recorded) * 0.0019 + len(followed) * 0.0009 <= 0.05 * 0.010 * 600
 
 
+def test_a_cheap_recording_that_slows_the_next_step_is_measured_apart_from_it() -> None:
+    """8% of a step more when recorded and 4% more at the step after it. Recording every other
+    step, each unrecorded step follows a recording, so the two cannot be told apart there (the
+    recording would seem to cost 4%, and every step would be recorded at 8%): the budget leaves two
+    steps out until it has measured the next step's share, then records every third step (4%)."""
+    clock = Clock()
+    budget = Budget(0.05, 100, clock=clock, background=clock.background)
+    budget.register("stats", expensive=False)
+    recorded = simulate(budget, clock, 400, base=0.010, cost=0.0008, after=0.0004)
+    assert budget.schedule() == {"stats": 3}
+    followed = [k for k in recorded if k + 1 < 400 and k + 1 not in recorded]
+    assert len(recorded) * 0.0008 + len(followed) * 0.0004 <= 0.05 * 0.010 * 400
+
+
 def test_the_warm_up_and_trouble_windows_are_paid_back() -> None:
     """The warm-up (recorded in full before the cost is known) and a trouble window cost more than
     5%: sparser plans pay that back, then the budget's own plan returns. Over the whole run,

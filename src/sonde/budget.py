@@ -373,9 +373,9 @@ class Budget:
         if len(self._unrecorded_steps) < 3 and wanted.get(TRAINING_THREAD, 2) < 2:
             # no unrecorded step measured yet: leave some out, to measure what recording costs
             wanted = {g: max(i, 2) for g, i in wanted.items()}
-        elif wanted.get(TRAINING_THREAD) == 2 and len(self._after_steps) < 3:
-            # every other step leaves none that does not follow a recording: leave two out, to
-            # measure what a recording costs the step after it
+        elif wanted.get(TRAINING_THREAD, 3) < 3 and len(self._after_steps) < 3:
+            # every step or every other one leaves no unrecorded step that does not follow a
+            # recording: leave two out for a while, to measure what a recording costs the next step
             wanted = self._aligned({g: max(i, 3) for g, i in wanted.items()})
         values = [float(wanted[g]) for g in sorted(self.intervals)]
         return np.array([*values, 1.0 if self.trouble_seen else 0.0, 1.0 if paying else 0.0], dtype=np.float64)
