@@ -65,5 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    ranks.leave()
+    ranks.run(main)

@@ -81,5 +81,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(Path(sys.argv[2]))
-    ranks.leave()
+    ranks.run(main, Path(sys.argv[2]))

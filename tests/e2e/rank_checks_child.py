@@ -131,5 +131,4 @@ def main(mode: str, out: Path) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], Path(sys.argv[2]))
-    ranks.leave()
+    ranks.run(main, sys.argv[1], Path(sys.argv[2]))

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -59,9 +61,24 @@ def succeeded(results: list[subprocess.CompletedProcess[str]]) -> None:
     assert not failed, "\n".join(failed)
 
 
-def leave() -> None:
+def run(main: Callable[..., None], *args: object) -> None:
+    """Run a rank child's ``main(*args)``, then :func:`leave`: with status 0, or, where ``main``
+    raised (a test that makes a rank fail), with its traceback printed and status 1, as the
+    interpreter would have ended it, without the teardown that can abort a child whose process
+    group is still up."""
+    try:
+        main(*args)
+    except Exception:
+        if os.environ.get("SONDE_TEST_RANKS_EXIT") == "interpreter":
+            raise
+        traceback.print_exc()
+        leave(1)
+    leave()
+
+
+def leave(status: int = 0) -> None:
     """End a rank's child process once its work is done and written: output flushed, then
-    ``os._exit(0)``, without the interpreter's teardown. A 2-rank gloo child has been seen to abort
+    ``os._exit(status)``, without the interpreter's teardown. A 2-rank gloo child has been seen to abort
     in that teardown ("terminate called without an active exception": a process group's worker
     thread freeing a tensor's Python object while the interpreter finalizes) a few times in a hundred
     runs on a loaded 2-core machine. sonde's own collectives keep their tensors referenced from
@@ -75,4 +92,4 @@ def leave() -> None:
     sys.stderr.flush()
     if os.environ.get("SONDE_TEST_RANKS_EXIT") == "interpreter":
         return
-    os._exit(0)
+    os._exit(status)

@@ -46,5 +46,4 @@ def remote(out: Path, url: str, run: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    remote(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
-    ranks.leave()
+    ranks.run(remote, Path(sys.argv[1]), sys.argv[2], sys.argv[3])
